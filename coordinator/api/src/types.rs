@@ -1,0 +1,197 @@
+//! Desired state (what users asked for) and observed state (what the network reports).
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Desired-state revision: increases by one with every committed change.
+pub type Revision = u64;
+
+/// A region: a group of edges near each other. Coordinates drive "nearest region" ordering.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Region {
+    pub name: String,
+    #[serde(default)]
+    pub latitude: Option<f64>,
+    #[serde(default)]
+    pub longitude: Option<f64>,
+}
+
+/// How an edge picks among a service's backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// Power of two choices over in-flight requests.
+    #[default]
+    P2c,
+    RoundRobin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    #[serde(default)]
+    pub lb_policy: LbPolicy,
+}
+
+/// Host + path prefix → service. Identity is (host, path_prefix).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// Lower-case host name without port, e.g. `edge.meridian.test`.
+    pub host: String,
+    /// Starts with `/`; `/` mounts the whole host. Matched on whole path segments.
+    pub path_prefix: String,
+    pub service: String,
+    /// Remove the prefix before the request reaches the origin.
+    #[serde(default)]
+    pub strip_prefix: bool,
+}
+
+/// An agent token as edges see it: never the secret, only its SHA-256.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentTokenRecord {
+    pub id: String,
+    /// The one service this token may serve.
+    pub service: String,
+    /// Lower-case hex SHA-256 of the whole token string.
+    pub sha256: String,
+    /// Unix milliseconds.
+    pub created_at_ms: u64,
+}
+
+/// What an edge says about itself in each heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeInfo {
+    pub id: String,
+    pub region: String,
+    /// Addresses GeoDNS hands out for this edge.
+    pub public_ips: Vec<IpAddr>,
+    pub http_addr: Option<String>,
+    pub https_addr: Option<String>,
+    /// `ip:port` of the QUIC tunnel listener agents dial.
+    pub tunnel_addr: Option<String>,
+}
+
+/// One agent connection held by an edge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentConn {
+    pub agent_id: String,
+    pub service: String,
+    pub token_id: String,
+    pub remote_addr: String,
+    /// Unix milliseconds.
+    pub connected_at_ms: u64,
+}
+
+/// Sent by every edge every [`HEARTBEAT_INTERVAL_MS`] and whenever its agent set changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeHeartbeat {
+    pub info: EdgeInfo,
+    pub agents: Vec<AgentConn>,
+}
+
+pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+/// An edge not heard from for this long is not alive.
+pub const EDGE_DEAD_AFTER_MS: u64 = 3_500;
+
+/// An edge as the coordinator observes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeStatus {
+    pub info: EdgeInfo,
+    pub alive: bool,
+    /// Unix milliseconds of the last heartbeat.
+    pub last_seen_ms: u64,
+    pub agents: Vec<AgentConn>,
+}
+
+/// Everything a subscriber needs, at one desired revision and one observed version.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub revision: Revision,
+    /// Bumped whenever observed state (edge liveness, agent connections) changes.
+    pub observed_version: u64,
+    pub regions: Vec<Region>,
+    pub services: Vec<Service>,
+    pub mounts: Vec<Mount>,
+    pub agent_tokens: Vec<AgentTokenRecord>,
+    pub edges: Vec<EdgeStatus>,
+}
+
+impl Snapshot {
+    /// Checks internal consistency; subscribers refuse snapshots that fail it and keep the last good one.
+    pub fn validate(&self) -> Result<(), String> {
+        let services: std::collections::HashSet<&str> =
+            self.services.iter().map(|s| s.name.as_str()).collect();
+        for m in &self.mounts {
+            if !m.path_prefix.starts_with('/') {
+                return Err(format!("mount {}{}: path prefix must start with '/'", m.host, m.path_prefix));
+            }
+            if !services.contains(m.service.as_str()) {
+                return Err(format!("mount {}{}: unknown service {:?}", m.host, m.path_prefix, m.service));
+            }
+        }
+        for t in &self.agent_tokens {
+            if !services.contains(t.service.as_str()) {
+                return Err(format!("token {}: unknown service {:?}", t.id, t.service));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One line of the NDJSON watch stream (`GET /v1/watch`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WatchEvent {
+    /// The whole state; sent first and on every change.
+    Snapshot(Snapshot),
+    /// Nothing changed; sent every few seconds so subscribers know the stream is alive.
+    Progress { revision: Revision, observed_version: u64 },
+}
+
+// ---- request / response bodies of the admin API ----
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateService {
+    pub name: String,
+    #[serde(default)]
+    pub lb_policy: LbPolicy,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateToken {
+    pub service: String,
+}
+
+/// Returned once by `POST /v1/tokens`; the secret is never shown again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub id: String,
+    pub service: String,
+    pub token: String,
+}
+
+/// A token as listed by the API: no secret, no hash.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub service: String,
+    pub created_at_ms: u64,
+}
+
+/// An agent connection with the edge that holds it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentView {
+    pub edge_id: String,
+    pub region: String,
+    #[serde(flatten)]
+    pub conn: AgentConn,
+}
+
+/// Every API error: a message, and the request field at fault when there is one.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
