@@ -48,23 +48,39 @@ pub enum Frame {
         other_edges: Vec<EdgeEndpoint>,
     },
     /// Edge → agent: not registered; the connection closes after it.
-    Reject { reason: String },
-    Heartbeat { seq: u64 },
-    HeartbeatAck { seq: u64 },
+    Reject {
+        reason: String,
+    },
+    Heartbeat {
+        seq: u64,
+    },
+    HeartbeatAck {
+        seq: u64,
+    },
     /// Agent → edge: its origin for `service` became healthy or unhealthy.
-    OriginHealth { service: String, healthy: bool },
+    OriginHealth {
+        service: String,
+        healthy: bool,
+    },
     /// Either side: take no new streams on this connection; finish in-flight ones.
     Drain,
     /// Either side: closing now, with a reason.
-    GoAway { reason: String },
+    GoAway {
+        reason: String,
+    },
 
     // ---- data streams ----
     RequestHead(RequestHead),
     /// Raw TCP to the service's TCP origin; raw bytes follow.
-    TcpHead { service: String },
+    TcpHead {
+        service: String,
+    },
     ResponseHead(ResponseHead),
     /// Agent → edge instead of a response head: the origin could not be reached.
-    Error { code: u16, message: String },
+    Error {
+        code: u16,
+        message: String,
+    },
     Data(Bytes),
     Trailers(Headers),
     /// End of this direction's body.

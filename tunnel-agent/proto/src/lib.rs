@@ -14,7 +14,10 @@
 mod codec;
 mod frame;
 
-pub use codec::{DecodeError, Decoder, EncodeError, decode_preamble, encode, encode_preamble};
+pub use codec::{
+    DecodeError, Decoder, EncodeError, FRAME_HEADER_LEN, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD,
+    MAX_HEAD_PAYLOAD, decode_preamble, encode, encode_preamble, encode_to_bytes, frame_type_limit,
+};
 pub use frame::{EdgeEndpoint, Frame, Headers, RequestHead, ResponseHead};
 
 /// QUIC/TLS application protocol name.
