@@ -1,1 +1,357 @@
-//! stub
+//! Meridian's edge: TLS termination, HTTP routing by host and path prefix, and the QUIC tunnel
+//! server that agents dial into. Requests are forwarded over one QUIC stream each to an agent of
+//! the mounted service, chosen by power of two choices over in-flight requests.
+//!
+//! The edge runs on the coordinator's snapshots (`watch` channel) and keeps serving the last one
+//! when the coordinator is away. [`serve`] takes the snapshot channel directly, so tests need no
+//! coordinator; [`run`] wires it to the coordinator client.
+
+mod admission;
+mod balance;
+mod config;
+mod error;
+mod forward;
+mod headers;
+mod heartbeat;
+mod registry;
+mod routing;
+mod server;
+mod state;
+mod tls;
+mod tunnel;
+mod wire;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use coordinator_api::{Client, EdgeInfo, Snapshot, Subscriber, SubscriberConfig};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::Config;
+pub use error::Error;
+pub use routing::{RouteMatch, RouteTable, normalize_host};
+pub use tls::transport_config;
+
+use registry::Registry;
+use state::Shared;
+
+/// File name of the snapshot cache inside `--state-dir`.
+pub const SNAPSHOT_CACHE_FILE: &str = "edge-snapshot.json";
+
+/// An edge whose listeners are bound but not yet serving.
+pub struct Edge {
+    config: Config,
+    http: Option<TcpListener>,
+    https: Option<(TcpListener, TlsAcceptor)>,
+    endpoint: quinn::Endpoint,
+    info: EdgeInfo,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { what, addr, source })
+}
+
+/// The address to advertise for a bound socket: a wildcard bind is advertised with a public IP.
+fn advertise(bound: SocketAddr, public_ips: &[IpAddr]) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let ip = public_ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == bound.is_ipv4())
+        .or_else(|| public_ips.first())
+        .copied()
+        .unwrap_or(bound.ip());
+    SocketAddr::new(ip, bound.port()).to_string()
+}
+
+impl Edge {
+    /// Loads TLS material and binds every listener; nothing is served until [`Edge::serve`].
+    pub async fn bind(config: Config) -> Result<Self, Error> {
+        if ::http::HeaderValue::from_str(&config.id).is_err() || config.id.is_empty() {
+            return Err(Error::Config(format!(
+                "edge id {:?} is not a valid header value",
+                config.id
+            )));
+        }
+        if ::http::HeaderValue::from_str(&config.region).is_err() || config.region.is_empty() {
+            return Err(Error::Config(format!(
+                "region {:?} is not a valid header value",
+                config.region
+            )));
+        }
+        let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+            return Err(Error::Config(
+                "--tls-cert and --tls-key are required (the tunnel listener always uses TLS)"
+                    .into(),
+            ));
+        };
+        let identity = tls::Identity::load(cert, key)?;
+
+        let http = match config.http_listen {
+            Some(addr) => Some(bind_tcp("HTTP", addr).await?),
+            None => None,
+        };
+        let https = match config.https_listen {
+            Some(addr) => {
+                let acceptor = TlsAcceptor::from(tls::https_config(&identity)?);
+                Some((bind_tcp("HTTPS", addr).await?, acceptor))
+            }
+            None => None,
+        };
+        let endpoint =
+            quinn::Endpoint::server(tls::tunnel_config(&identity)?, config.tunnel_listen).map_err(
+                |source| Error::Bind {
+                    what: "tunnel (QUIC)",
+                    addr: config.tunnel_listen,
+                    source,
+                },
+            )?;
+
+        let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| {
+            l.local_addr()
+                .map_err(|source| Error::Bind { what, addr, source })
+        };
+        let http_addr = match (&http, config.http_listen) {
+            (Some(l), Some(a)) => Some(local(l, "HTTP", a)?),
+            _ => None,
+        };
+        let https_addr = match (&https, config.https_listen) {
+            (Some((l, _)), Some(a)) => Some(local(l, "HTTPS", a)?),
+            _ => None,
+        };
+        let tunnel_addr = endpoint.local_addr().map_err(|source| Error::Bind {
+            what: "tunnel (QUIC)",
+            addr: config.tunnel_listen,
+            source,
+        })?;
+
+        let mut public_ips = config.public_ips.clone();
+        if public_ips.is_empty() {
+            for a in [http_addr, https_addr, Some(tunnel_addr)]
+                .into_iter()
+                .flatten()
+            {
+                if !a.ip().is_unspecified() && !public_ips.contains(&a.ip()) {
+                    public_ips.push(a.ip());
+                }
+            }
+            if public_ips.is_empty() {
+                warn!(
+                    "listening on wildcard addresses and no --public-ip given: GeoDNS will have no address for this edge"
+                );
+            }
+        }
+        let info = EdgeInfo {
+            id: config.id.clone(),
+            region: config.region.clone(),
+            http_addr: http_addr.map(|a| advertise(a, &public_ips)),
+            https_addr: https_addr.map(|a| advertise(a, &public_ips)),
+            tunnel_addr: Some(advertise(tunnel_addr, &public_ips)),
+            public_ips,
+        };
+        Ok(Self {
+            config,
+            http,
+            https,
+            endpoint,
+            info,
+        })
+    }
+
+    /// Bound plain-HTTP address.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Bound HTTPS address.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// Bound UDP address of the tunnel listener.
+    pub fn tunnel_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// What this edge reports in heartbeats.
+    pub fn info(&self) -> &EdgeInfo {
+        &self.info
+    }
+
+    /// Serves on `snapshots` until `shutdown`, without talking to a coordinator.
+    pub async fn serve(
+        self,
+        snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        self.serve_with(snapshots, None, shutdown).await
+    }
+
+    async fn serve_with(
+        self,
+        snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+        heartbeats: Option<Client>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let Self {
+            config,
+            http,
+            https,
+            endpoint,
+            info,
+        } = self;
+        info!(
+            edge = %config.id,
+            region = %config.region,
+            http = ?http.as_ref().and_then(|l| l.local_addr().ok()),
+            https = ?https.as_ref().and_then(|(l, _)| l.local_addr().ok()),
+            tunnel = ?endpoint.local_addr().ok(),
+            "ready"
+        );
+
+        let initial = snapshots.borrow().clone();
+        let shared = Arc::new(Shared {
+            region_header: ::http::HeaderValue::from_str(&config.region)
+                .map_err(|_| Error::Config("region is not a valid header value".into()))?,
+            edge_header: ::http::HeaderValue::from_str(&config.id)
+                .map_err(|_| Error::Config("edge id is not a valid header value".into()))?,
+            edge_id: config.id.clone(),
+            region: config.region.clone(),
+            routes: ArcSwap::from_pointee(
+                initial
+                    .as_deref()
+                    .map(|s| RouteTable::from_mounts(&s.mounts))
+                    .unwrap_or_default(),
+            ),
+            agents: Registry::default(),
+            snapshots: snapshots.clone(),
+        });
+
+        let tracker = TaskTracker::new();
+        tracker.spawn(update_routes(snapshots, shared.clone(), shutdown.clone()));
+        let conn_limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        if let Some(l) = http {
+            tracker.spawn(server::serve_listener(
+                l,
+                None,
+                shared.clone(),
+                conn_limit.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some((l, acceptor)) = https {
+            tracker.spawn(server::serve_listener(
+                l,
+                Some(acceptor),
+                shared.clone(),
+                conn_limit.clone(),
+                shutdown.clone(),
+            ));
+        }
+        tracker.spawn(tunnel::accept_loop(
+            endpoint.clone(),
+            shared.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        if let Some(client) = heartbeats {
+            tracker.spawn(heartbeat::run(
+                client,
+                info,
+                shared.clone(),
+                shutdown.clone(),
+            ));
+        }
+
+        shutdown.cancelled().await;
+        info!("shutting down: draining in-flight requests");
+        tracker.close();
+        // Every task bounds its own drain at 10 s; the margin covers farewells to agents.
+        if tokio::time::timeout(
+            server::DRAIN_TIMEOUT + Duration::from_secs(3),
+            tracker.wait(),
+        )
+        .await
+        .is_err()
+        {
+            warn!("drain did not finish in time; closing");
+        }
+        endpoint.close(quinn::VarInt::from_u32(0), b"edge shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// Rebuilds the route table on every snapshot.
+async fn update_routes(
+    mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = snapshots.changed() => if changed.is_err() { return },
+        }
+        let snap = snapshots.borrow_and_update().clone();
+        if let Some(snap) = snap {
+            shared
+                .routes
+                .store(Arc::new(RouteTable::from_mounts(&snap.mounts)));
+            tracing::debug!(
+                revision = snap.revision,
+                mounts = snap.mounts.len(),
+                "routes updated"
+            );
+        }
+    }
+}
+
+/// Binds and serves on a snapshot channel, without a coordinator (tests, embedding).
+pub async fn serve(
+    config: Config,
+    snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    Edge::bind(config).await?.serve(snapshots, shutdown).await
+}
+
+/// The edge role: binds, follows the coordinator's snapshots, heartbeats, serves until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let Some(coordinator) = config.coordinator.clone() else {
+        return Err(Error::Config(
+            "--coordinator (MERIDIAN_COORDINATOR) is required".into(),
+        ));
+    };
+    let edge = Edge::bind(config.clone()).await?;
+    let client = Client::new(coordinator, config.node_token.clone().unwrap_or_default())?;
+    let (snapshots, subscriber) = Subscriber::spawn(SubscriberConfig {
+        client: client.clone(),
+        cache_path: config
+            .state_dir
+            .as_ref()
+            .map(|d| d.join(SNAPSHOT_CACHE_FILE)),
+    });
+    let res = edge.serve_with(snapshots, Some(client), shutdown).await;
+    subscriber.abort();
+    res
+}

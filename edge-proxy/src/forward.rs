@@ -1,0 +1,386 @@
+//! Forwarding one routed request over a QUIC stream to an agent, streaming both bodies.
+//!
+//! Retry policy lives here and only here: a request is retried (once, on another connection) only
+//! when opening the stream failed, i.e. when nothing has reached any agent.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::debug;
+use tunnel_proto::{Frame, Headers, RequestHead};
+
+use crate::headers::response_headers;
+use crate::registry::Lease;
+use crate::state::Shared;
+use crate::wire::{FrameReader, WireError, code, write_frame};
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body of every response the edge sends.
+pub(crate) type RespBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// How long the agent may take to send the response head.
+pub(crate) const UPSTREAM_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest `Data` frame the edge writes.
+const MAX_CHUNK: usize = 64 * 1024;
+
+/// A fully routed request, ready to go upstream.
+pub(crate) struct Outgoing {
+    pub(crate) service: String,
+    pub(crate) head: RequestHead,
+    /// Set for HTTP/1.1 requests that ask to switch protocols.
+    pub(crate) upgrade: Option<OnUpgrade>,
+    pub(crate) body: Incoming,
+}
+
+pub(crate) fn full(body: impl Into<Bytes>) -> RespBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn empty() -> RespBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A plain-text response the edge itself generates.
+pub(crate) fn text(status: StatusCode, msg: impl Into<String>) -> Response<RespBody> {
+    let mut msg = msg.into();
+    msg.push('\n');
+    let mut resp = Response::new(full(msg));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn no_agent(service: &str) -> Response<RespBody> {
+    let mut resp = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("no agent connected for service {service}"),
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+/// Sends the request to an agent of its service and returns the (streaming) response.
+pub(crate) async fn forward(shared: &Shared, out: Outgoing) -> Response<RespBody> {
+    let service = out.service.clone();
+    match tokio::time::timeout(UPSTREAM_HEAD_TIMEOUT, exchange(shared, out)).await {
+        Ok(resp) => resp,
+        Err(_) => text(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "service {service} did not answer within {} s",
+                UPSTREAM_HEAD_TIMEOUT.as_secs()
+            ),
+        ),
+    }
+}
+
+async fn open(
+    lease: &Lease,
+) -> Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError> {
+    lease.agent().conn.open_bi().await
+}
+
+async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
+    let Outgoing {
+        service,
+        head,
+        upgrade,
+        body,
+    } = out;
+
+    let mut prelude = BytesMut::new();
+    tunnel_proto::encode_preamble(&mut prelude);
+    if let Err(e) = tunnel_proto::encode(&Frame::RequestHead(head), &mut prelude) {
+        return text(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("request head cannot be forwarded: {e}"),
+        );
+    }
+
+    let Some(first) = shared.agents.pick(&service, None) else {
+        return no_agent(&service);
+    };
+    let (lease, mut send, recv) = match open(&first).await {
+        Ok((s, r)) => (first, s, r),
+        Err(e) => {
+            debug!(service, agent = %first.agent().info.agent_id, error = %e, "opening a tunnel stream failed; retrying once");
+            let Some(second) = shared.agents.pick(&service, Some(first.agent().key)) else {
+                return no_agent(&service);
+            };
+            drop(first);
+            match open(&second).await {
+                Ok((s, r)) => (second, s, r),
+                Err(e) => {
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("tunnel to service {service} failed: {e}"),
+                    );
+                }
+            }
+        }
+    };
+
+    if let Err(e) = send.write_all(&prelude).await {
+        return text(
+            StatusCode::BAD_GATEWAY,
+            format!("tunnel to service {service} failed: {e}"),
+        );
+    }
+
+    // Request body: inline for upgrades (it is empty, and the stream is needed afterwards for raw
+    // bytes), otherwise in its own task so a large upload streams while we wait for the response.
+    let cancel = CancellationToken::new();
+    let mut upgrade_send = None;
+    if upgrade.is_some() {
+        if let Err(e) = upload(&mut send, body).await {
+            let _ = send.reset(quinn::VarInt::from_u32(code::CANCELLED));
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("sending the request failed: {e}"),
+            );
+        }
+        upgrade_send = Some(send);
+    } else {
+        let cancelled = cancel.clone();
+        tokio::spawn(async move {
+            let res = tokio::select! {
+                _ = cancelled.cancelled() => Err(UploadError::Abandoned),
+                r = upload(&mut send, body) => r,
+            };
+            match res {
+                Ok(()) => {
+                    let _ = send.finish();
+                }
+                Err(e) => {
+                    debug!(error = %e, "request body not fully forwarded");
+                    let _ = send.reset(quinn::VarInt::from_u32(code::CANCELLED));
+                }
+            }
+        });
+    }
+    // Dropping the guard (on every early return, or when the response body ends) stops the upload.
+    let cancel_guard = cancel.drop_guard();
+
+    let mut reader = FrameReader::new(recv);
+    let head = match reader.next().await {
+        Ok(Some(Frame::ResponseHead(h))) => h,
+        Ok(Some(Frame::Error { code, message })) => {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("service {service} failed ({code}): {message}"),
+            );
+        }
+        Ok(Some(other)) => {
+            reader.stop(code::PROTOCOL);
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "agent protocol error: expected a response head, got frame type {}",
+                    other.type_code()
+                ),
+            );
+        }
+        Ok(None) => {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("agent for service {service} closed the stream without a response"),
+            );
+        }
+        Err(e) => {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("tunnel to service {service} failed: {e}"),
+            );
+        }
+    };
+
+    let Ok(status) = StatusCode::from_u16(head.status) else {
+        return text(
+            StatusCode::BAD_GATEWAY,
+            format!("agent sent an invalid status {}", head.status),
+        );
+    };
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        let (Some(on_upgrade), Some(send)) = (upgrade, upgrade_send) else {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "origin switched protocols on a request that did not ask to",
+            );
+        };
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = status;
+        *resp.headers_mut() = response_headers(&head.headers, true);
+        tokio::spawn(splice(on_upgrade, reader, send, lease));
+        return resp;
+    }
+    if status.is_informational() {
+        return text(
+            StatusCode::BAD_GATEWAY,
+            format!("origin sent an unexpected {status}"),
+        );
+    }
+    if let Some(mut send) = upgrade_send {
+        // The upgrade was declined: the request is complete.
+        let _ = send.finish();
+    }
+
+    let mut resp = Response::new(response_body(reader, lease, cancel_guard));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = response_headers(&head.headers, false);
+    resp
+}
+
+#[derive(Debug, thiserror::Error)]
+enum UploadError {
+    #[error("client body: {0}")]
+    Client(#[from] hyper::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("response finished or request abandoned")]
+    Abandoned,
+}
+
+/// Streams the client's body as `Data` frames of at most 64 KiB, then `Trailers` and `End`.
+async fn upload(send: &mut quinn::SendStream, mut body: Incoming) -> Result<(), UploadError> {
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        match frame.into_data() {
+            Ok(mut data) => {
+                while !data.is_empty() {
+                    let chunk = data.split_to(data.len().min(MAX_CHUNK));
+                    write_frame(send, &Frame::Data(chunk)).await?;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    write_frame(send, &Frame::Trailers(to_wire(&trailers))).await?;
+                }
+            }
+        }
+    }
+    write_frame(send, &Frame::End).await?;
+    Ok(())
+}
+
+fn to_wire(map: &HeaderMap) -> Headers {
+    map.iter()
+        .map(|(n, v)| {
+            (
+                Bytes::copy_from_slice(n.as_str().as_bytes()),
+                Bytes::copy_from_slice(v.as_bytes()),
+            )
+        })
+        .collect()
+}
+
+fn from_wire(headers: &Headers) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for (n, v) in headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n),
+            HeaderValue::from_maybe_shared(v.clone()),
+        ) {
+            map.append(n, v);
+        }
+    }
+    map
+}
+
+/// What the response body keeps alive: the stream, the balancing lease, the upload's cancel guard.
+struct BodyState {
+    reader: FrameReader,
+    _lease: Lease,
+    _cancel: DropGuard,
+    done: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("agent closed the stream before the end of the response body")]
+    Truncated,
+    #[error("origin failed mid-response ({code}): {message}")]
+    Upstream { code: u16, message: String },
+    #[error("agent protocol error: unexpected frame type {0} in a response body")]
+    Protocol(u8),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+fn response_body(reader: FrameReader, lease: Lease, cancel: DropGuard) -> RespBody {
+    let state = BodyState {
+        reader,
+        _lease: lease,
+        _cancel: cancel,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            let item = match st.reader.next().await {
+                Ok(Some(Frame::Data(b))) if b.is_empty() => continue,
+                Ok(Some(Frame::Data(b))) => Ok(hyper::body::Frame::data(b)),
+                Ok(Some(Frame::Trailers(h))) => Ok(hyper::body::Frame::trailers(from_wire(&h))),
+                Ok(Some(Frame::End)) => return None,
+                Ok(Some(Frame::Error { code, message })) => {
+                    Err(BodyError::Upstream { code, message })
+                }
+                Ok(Some(other)) => Err(BodyError::Protocol(other.type_code())),
+                Ok(None) => Err(BodyError::Truncated),
+                Err(e) => Err(BodyError::Wire(e)),
+            };
+            if item.is_err() {
+                st.done = true;
+                st.reader.stop(code::CANCELLED);
+            }
+            return Some((item.map_err(|e| Box::new(e) as BoxError), st));
+        }
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
+/// After a `101`: raw bytes both ways between the client's upgraded connection and the stream.
+async fn splice(
+    on_upgrade: OnUpgrade,
+    reader: FrameReader,
+    mut send: quinn::SendStream,
+    _lease: Lease,
+) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            debug!(error = %e, "client upgrade failed");
+            let _ = send.reset(quinn::VarInt::from_u32(code::CANCELLED));
+            return;
+        }
+    };
+    let mut client = TokioIo::new(upgraded);
+    let (recv, leftover) = reader.into_parts();
+    if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
+        let _ = send.reset(quinn::VarInt::from_u32(code::CANCELLED));
+        return;
+    }
+    let mut tunnel = tokio::io::join(recv, send);
+    match tokio::io::copy_bidirectional(&mut client, &mut tunnel).await {
+        Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
+        Err(e) => debug!(error = %e, "upgraded connection ended with an error"),
+    }
+}

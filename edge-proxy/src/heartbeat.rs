@@ -1,0 +1,52 @@
+//! Tells the coordinator this edge is alive and which agents it holds.
+//!
+//! Never fatal: when the coordinator is away the edge keeps serving on its last snapshot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use coordinator_api::{Client, EdgeHeartbeat, EdgeInfo, HEARTBEAT_INTERVAL_MS};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::state::Shared;
+
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn send(client: &Client, hb: &EdgeHeartbeat, limit: Duration) {
+    match tokio::time::timeout(limit, client.heartbeat(hb)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "heartbeat failed"),
+        Err(_) => debug!("heartbeat timed out"),
+    }
+}
+
+/// Every [`HEARTBEAT_INTERVAL_MS`] and at once whenever the agent set changes; a last heartbeat
+/// without agents on shutdown so the coordinator stops counting them here.
+pub(crate) async fn run(
+    client: Client,
+    info: EdgeInfo,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+            _ = shared.agents.changed.notified() => {}
+        }
+        let hb = EdgeHeartbeat {
+            info: info.clone(),
+            agents: shared.agents.agent_conns(),
+        };
+        send(&client, &hb, SEND_TIMEOUT).await;
+    }
+    let hb = EdgeHeartbeat {
+        info,
+        agents: Vec::new(),
+    };
+    send(&client, &hb, Duration::from_secs(1)).await;
+}

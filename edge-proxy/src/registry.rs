@@ -1,0 +1,145 @@
+//! Live agent connections per service.
+//!
+//! Readers (every proxied request) load an immutable map through `ArcSwap`; writers (agent connect
+//! and disconnect, rare) clone-and-swap under a plain mutex that is never held across `.await`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use coordinator_api::AgentConn;
+use tokio::sync::Notify;
+
+use crate::balance;
+
+/// One registered agent connection.
+#[derive(Debug)]
+pub(crate) struct AgentHandle {
+    /// Unique per connection for this process.
+    pub(crate) key: u64,
+    pub(crate) conn: quinn::Connection,
+    pub(crate) info: AgentConn,
+    in_flight: AtomicUsize,
+}
+
+impl AgentHandle {
+    pub(crate) fn new(conn: quinn::Connection, info: AgentConn) -> Arc<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Arc::new(Self {
+            key: NEXT.fetch_add(1, Ordering::Relaxed),
+            conn,
+            info,
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request against this connection until the returned lease is dropped.
+    pub(crate) fn lease(self: &Arc<Self>) -> Lease {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Lease(self.clone())
+    }
+}
+
+/// An in-flight request on an agent connection; dropping it ends the request for balancing.
+#[derive(Debug)]
+pub(crate) struct Lease(Arc<AgentHandle>);
+
+impl Lease {
+    pub(crate) fn agent(&self) -> &Arc<AgentHandle> {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type Map = HashMap<String, Arc<[Arc<AgentHandle>]>>;
+
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    by_service: ArcSwap<Map>,
+    write: Mutex<()>,
+    /// Signalled on every connect/disconnect so the heartbeat goes out at once.
+    pub(crate) changed: Notify,
+}
+
+impl Registry {
+    fn update(&self, f: impl FnOnce(&mut Map)) {
+        // A poisoned lock only means another writer panicked mid-update; the map itself is
+        // immutable behind the ArcSwap, so carrying on is safe.
+        let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next: Map = (**self.by_service.load()).clone();
+        f(&mut next);
+        self.by_service.store(Arc::new(next));
+        self.changed.notify_one();
+    }
+
+    pub(crate) fn add(&self, handle: Arc<AgentHandle>) {
+        self.update(|m| {
+            let service = handle.info.service.clone();
+            let mut list: Vec<Arc<AgentHandle>> =
+                m.get(&service).map(|l| l.to_vec()).unwrap_or_default();
+            list.push(handle);
+            m.insert(service, list.into());
+        });
+    }
+
+    /// Stops routing to a connection; `false` if it was not registered.
+    pub(crate) fn remove(&self, handle: &AgentHandle) -> bool {
+        let present = self
+            .by_service
+            .load()
+            .get(&handle.info.service)
+            .is_some_and(|l| l.iter().any(|h| h.key == handle.key));
+        if !present {
+            return false;
+        }
+        self.update(|m| {
+            if let Some(list) = m.get(&handle.info.service) {
+                let rest: Vec<Arc<AgentHandle>> = list
+                    .iter()
+                    .filter(|h| h.key != handle.key)
+                    .cloned()
+                    .collect();
+                if rest.is_empty() {
+                    m.remove(&handle.info.service);
+                } else {
+                    m.insert(handle.info.service.clone(), rest.into());
+                }
+            }
+        });
+        true
+    }
+
+    /// Picks a connection for `service` by P2C over in-flight requests, skipping `exclude`.
+    pub(crate) fn pick(&self, service: &str, exclude: Option<u64>) -> Option<Lease> {
+        let map = self.by_service.load();
+        let list = map.get(service)?;
+        let mut rng = rand::rng();
+        let chosen = match exclude {
+            None => balance::p2c(list.len(), |i| list[i].in_flight(), &mut rng).map(|i| &list[i]),
+            Some(key) => {
+                let rest: Vec<&Arc<AgentHandle>> = list.iter().filter(|h| h.key != key).collect();
+                balance::p2c(rest.len(), |i| rest[i].in_flight(), &mut rng).map(|i| rest[i])
+            }
+        }?;
+        Some(chosen.lease())
+    }
+
+    /// Every registered connection, for the heartbeat.
+    pub(crate) fn agent_conns(&self) -> Vec<AgentConn> {
+        self.by_service
+            .load()
+            .values()
+            .flat_map(|l| l.iter().map(|h| h.info.clone()))
+            .collect()
+    }
+}

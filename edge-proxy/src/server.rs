@@ -1,0 +1,243 @@
+//! Client-facing HTTP/1.1 + HTTP/2 listeners (plain and TLS) and the per-request entry point.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use tunnel_proto::RequestHead;
+
+use crate::forward::{self, Outgoing, RespBody, text};
+use crate::headers::{self, ForwardCtx};
+use crate::routing::normalize_host;
+use crate::state::Shared;
+
+/// Request headers, in bytes (HTTP/1 read buffer; HTTP/2 header list).
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Request header count (HTTP/1); beyond it hyper answers 431.
+pub(crate) const MAX_HEADERS: usize = 100;
+/// Time for a client to send a complete request head (and to finish the TLS handshake).
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long in-flight requests may run after shutdown starts.
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const H2_MAX_STREAMS: u32 = 256;
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// What a request handler knows about its client connection.
+#[derive(Clone, Copy, Debug)]
+struct ConnInfo {
+    remote: SocketAddr,
+    proto: &'static str,
+}
+
+fn builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .keep_alive_interval(H2_KEEPALIVE)
+        .keep_alive_timeout(H2_KEEPALIVE);
+    b
+}
+
+/// Accepts until `shutdown`, then lets open connections finish for up to [`DRAIN_TIMEOUT`].
+pub(crate) async fn serve_listener(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    conn_limit: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder());
+    let proto = if tls.is_some() { "https" } else { "http" };
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = conn_limit.clone().try_acquire_owned() else {
+            debug!(%remote, "connection limit reached; closing new connection");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let shared = shared.clone();
+        let tls = tls.clone();
+        let info = ConnInfo { remote, proto };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, info, req).await) }
+            });
+            let res = match tls {
+                None => {
+                    if !first_byte_within(&stream, HEADER_READ_TIMEOUT).await {
+                        return;
+                    }
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    let tls_stream =
+                        match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                debug!(%remote, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(%remote, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = res {
+                debug!(%remote, error = %e, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        debug!(proto, "drain timeout: closing remaining client connections");
+    }
+}
+
+/// Waits for the first byte so an idle connection cannot sit in protocol detection forever
+/// (hyper's header timeout only starts once HTTP/1 is chosen).
+async fn first_byte_within(stream: &TcpStream, limit: Duration) -> bool {
+    let mut b = [0u8; 1];
+    matches!(tokio::time::timeout(limit, stream.peek(&mut b)).await, Ok(Ok(n)) if n > 0)
+}
+
+async fn handle(shared: &Shared, conn: ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
+    let mut resp = route(shared, conn, req).await;
+    headers::stamp_response(
+        resp.headers_mut(),
+        &shared.region_header,
+        &shared.edge_header,
+    );
+    resp
+}
+
+/// Longest piece of client input echoed back in an error message.
+const ECHO_LIMIT: usize = 200;
+
+fn echo(s: &str) -> &str {
+    match s.char_indices().nth(ECHO_LIMIT) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> Response<RespBody> {
+    if req.method() == Method::CONNECT {
+        let mut resp = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported: this edge is not a forward proxy",
+        );
+        resp.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+        return resp;
+    }
+    let uri = req.uri();
+    if let Some(scheme) = uri.scheme_str()
+        && !scheme.eq_ignore_ascii_case("http")
+        && !scheme.eq_ignore_ascii_case("https")
+    {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("unsupported scheme {:?}", echo(scheme)),
+        );
+    }
+    // HTTP/2 :authority and HTTP/1 absolute-form both land in the URI and win over Host (RFC 9112 §3.2.2).
+    let authority = match uri.authority() {
+        Some(a) => a
+            .as_str()
+            .rsplit_once('@')
+            .map_or(a.as_str(), |(_, h)| h)
+            .to_owned(),
+        None => match req.headers().get(header::HOST).map(|v| v.to_str()) {
+            Some(Ok(h)) => h.to_owned(),
+            Some(Err(_)) => return text(StatusCode::BAD_REQUEST, "invalid Host header"),
+            None => return text(StatusCode::BAD_REQUEST, "missing Host header"),
+        },
+    };
+    let Some(host) = normalize_host(&authority) else {
+        return text(StatusCode::BAD_REQUEST, "invalid Host header");
+    };
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    let Some(matched) = shared.routes.load().route(&host, path_and_query) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no route for {}{}: nothing is mounted there on this edge",
+                echo(&host),
+                echo(uri.path())
+            ),
+        );
+    };
+
+    let wants_upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
+    let ctx = ForwardCtx {
+        client_ip: conn.remote.ip().to_canonical(),
+        proto: conn.proto,
+        host: &authority,
+        upgrade: wants_upgrade,
+    };
+    let head = RequestHead {
+        service: matched.service.to_string(),
+        method: Bytes::copy_from_slice(req.method().as_str().as_bytes()),
+        uri: Bytes::from(matched.path_and_query),
+        headers: headers::request_headers(req.headers(), &ctx),
+    };
+    let upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let out = Outgoing {
+        service: matched.service.to_string(),
+        head,
+        upgrade,
+        body: req.into_body(),
+    };
+    forward::forward(shared, out).await
+}
