@@ -1,0 +1,173 @@
+//! Command-line configuration of the GeoDNS role.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+
+/// Flags of `meridian geodns`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Address to serve DNS on, UDP and TCP (repeatable).
+    #[arg(long = "listen", default_value = "127.0.0.1:5353")]
+    pub listen: Vec<SocketAddr>,
+
+    /// The zone this server is authoritative for.
+    #[arg(long, default_value = "meridian.test")]
+    pub zone: String,
+
+    /// Name under the zone answered per client, e.g. `edge` for `edge.<zone>` (repeatable).
+    #[arg(long = "geo-name", default_value = "edge")]
+    pub geo_names: Vec<String>,
+
+    /// Client prefix → ordered region preference, `CIDR=REGION[,REGION...]` (repeatable;
+    /// longest prefix wins).
+    #[arg(long = "net", value_name = "CIDR=REGION[,REGION...]")]
+    pub nets: Vec<NetRule>,
+
+    /// Region for clients no `--net` matches (then the regions nearest to it).
+    #[arg(long)]
+    pub default_region: Option<String>,
+
+    /// TTL of answers, in seconds; while any region is down answers use min(ttl, 10).
+    #[arg(long, default_value_t = 30)]
+    pub ttl: u32,
+
+    /// Coordinator base URL, e.g. `http://127.0.0.1:7700`.
+    #[arg(long, env = "MERIDIAN_COORDINATOR")]
+    pub coordinator: Option<String>,
+
+    /// Token this node presents to the coordinator.
+    #[arg(long, env = "MERIDIAN_NODE_TOKEN", hide_env_values = true)]
+    pub node_token: Option<String>,
+
+    /// Directory for the last-known-good snapshot, so a restart can answer before the
+    /// coordinator is reachable.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+
+    /// Address of `ns1.<zone>` (glue); defaults to the first listen IP.
+    #[arg(long)]
+    pub ns_ip: Option<IpAddr>,
+}
+
+impl Config {
+    /// A config with the flag defaults and nothing else; handy in tests and embedders.
+    pub fn with_defaults() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 5353))],
+            zone: "meridian.test".to_owned(),
+            geo_names: vec!["edge".to_owned()],
+            nets: Vec::new(),
+            default_region: None,
+            ttl: 30,
+            coordinator: None,
+            node_token: None,
+            state_dir: None,
+            ns_ip: None,
+        }
+    }
+}
+
+/// One `--net` flag: a client prefix and the regions it prefers, best first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetRule {
+    /// Normalised (host bits cleared).
+    pub net: IpNet,
+    /// Non-empty, without duplicates.
+    pub regions: Vec<String>,
+}
+
+/// Why a `--net` value was rejected.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid --net {value:?}: {reason} (expected CIDR=REGION[,REGION...])")]
+pub struct NetRuleError {
+    value: String,
+    reason: &'static str,
+}
+
+impl FromStr for NetRule {
+    type Err = NetRuleError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| NetRuleError {
+            value: s.to_owned(),
+            reason,
+        };
+        let (cidr, regions) = s.split_once('=').ok_or_else(|| err("missing '='"))?;
+        let net: IpNet = cidr.trim().parse().map_err(|_| err("bad CIDR"))?;
+        let mut list: Vec<String> = Vec::new();
+        for r in regions.split(',') {
+            let r = r.trim();
+            if r.is_empty() {
+                return Err(err("empty region name"));
+            }
+            if !list.iter().any(|x| x == r) {
+                list.push(r.to_owned());
+            }
+        }
+        Ok(Self {
+            net: net.trunc(),
+            regions: list,
+        })
+    }
+}
+
+impl fmt::Display for NetRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.net, self.regions.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn parses_net_rules() {
+        let r: NetRule = "198.51.100.9/24=iad, ams".parse().unwrap();
+        assert_eq!(r.net.to_string(), "198.51.100.0/24");
+        assert_eq!(r.regions, vec!["iad", "ams"]);
+        let r: NetRule = "2001:db8::/32=sin".parse().unwrap();
+        assert_eq!(r.net.prefix_len(), 32);
+        assert!("198.51.100.0/24".parse::<NetRule>().is_err());
+        assert!("198.51.100.0/24=".parse::<NetRule>().is_err());
+        assert!("nope=ams".parse::<NetRule>().is_err());
+        assert!("10.0.0.0/8=a,,b".parse::<NetRule>().is_err());
+    }
+
+    #[test]
+    fn flag_defaults_match_with_defaults() {
+        let cli = Cli::parse_from(["geodns"]);
+        let d = Config::with_defaults();
+        assert_eq!(cli.config.listen, d.listen);
+        assert_eq!(cli.config.zone, d.zone);
+        assert_eq!(cli.config.geo_names, d.geo_names);
+        assert_eq!(cli.config.ttl, d.ttl);
+        let cli = Cli::parse_from([
+            "geodns",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "[::1]:0",
+            "--net",
+            "192.0.2.0/24=ams",
+            "--net",
+            "198.51.100.0/24=iad",
+            "--default-region",
+            "ams",
+        ]);
+        assert_eq!(cli.config.listen.len(), 2);
+        assert_eq!(cli.config.nets.len(), 2);
+        assert_eq!(cli.config.default_region.as_deref(), Some("ams"));
+    }
+}

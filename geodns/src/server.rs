@@ -1,0 +1,417 @@
+//! UDP and TCP drivers: move bytes between sockets and [`respond`], nothing else.
+//!
+//! Why not `hickory_server::Server`: its UDP loop spawns a task per packet without bound, its
+//! TCP loop has no connection limit, and its `Catalog` drops the ECS option we must echo. A
+//! `RequestHandler` could fix the last point only; owning these ~200 lines fixes all three and
+//! lets queries be answered inline from a precomputed table. hickory-proto still does all
+//! parsing and encoding.
+
+use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use coordinator_api::Snapshot;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::Error;
+use crate::config::Config;
+use crate::gslb::AnswerTable;
+use crate::respond::{MAX_QUERY_LEN, Outcome, Transport, respond};
+use crate::zone::{Zone, ZoneConfig};
+
+/// Open TCP connections across all listeners; more are closed on accept.
+pub const MAX_TCP_CONNECTIONS: usize = 256;
+/// A TCP connection with no complete query (or unsent reply) for this long is closed.
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Queries served on one TCP connection before we close it.
+pub const MAX_QUERIES_PER_TCP_CONNECTION: usize = 1000;
+/// UDP receive tasks per socket (each answers inline, so this is the parallelism).
+const MAX_UDP_WORKERS: usize = 4;
+/// Attempts to find a port free for both UDP and TCP when listening on port 0.
+const EPHEMERAL_BIND_ATTEMPTS: usize = 16;
+
+/// Counters since start; read them with `Ordering::Relaxed`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub queries: AtomicU64,
+    pub malformed: AtomicU64,
+    pub truncated: AtomicU64,
+    pub tcp_rejected: AtomicU64,
+    pub io_errors: AtomicU64,
+    /// Bugs caught at the packet boundary; must stay 0.
+    pub panics: AtomicU64,
+}
+
+impl Stats {
+    fn record(&self, out: &Outcome) {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        if out.malformed {
+            self.malformed.fetch_add(1, Ordering::Relaxed);
+        }
+        if out.truncated {
+            self.truncated.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A bound but not yet serving GeoDNS server.
+#[derive(Debug)]
+pub struct Server {
+    zone_config: Arc<ZoneConfig>,
+    udp: Vec<Arc<UdpSocket>>,
+    tcp: Vec<TcpListener>,
+    addrs: Vec<SocketAddr>,
+    state: Arc<ArcSwap<Zone>>,
+    stats: Arc<Stats>,
+}
+
+impl Server {
+    /// Validates the config and binds UDP and TCP on every `--listen` address (port 0 picks one
+    /// free port for both).
+    pub async fn bind(config: &Config) -> Result<Self, Error> {
+        let zone_config =
+            Arc::new(ZoneConfig::from_config(config).map_err(|e| Error::Config(e.to_string()))?);
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        let mut addrs = Vec::new();
+        for &addr in &config.listen {
+            let (u, t, bound) = bind_pair(addr).await?;
+            udp.push(Arc::new(u));
+            tcp.push(t);
+            addrs.push(bound);
+        }
+        let state = Arc::new(ArcSwap::from_pointee(Zone::new(zone_config.clone(), None)));
+        Ok(Self {
+            zone_config,
+            udp,
+            tcp,
+            addrs,
+            state,
+            stats: Arc::default(),
+        })
+    }
+
+    /// The bound addresses (UDP and TCP share each), in `--listen` order.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, answering from the latest snapshot in `snapshots`.
+    pub async fn run(
+        self,
+        snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let Self {
+            zone_config,
+            udp,
+            tcp,
+            addrs,
+            state,
+            stats,
+        } = self;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(follow_snapshots(
+            snapshots,
+            zone_config.clone(),
+            state.clone(),
+            shutdown.clone(),
+        ));
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_UDP_WORKERS);
+        for sock in udp {
+            for _ in 0..workers {
+                tasks.spawn(udp_worker(
+                    sock.clone(),
+                    state.clone(),
+                    stats.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        }
+        let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+        for listener in tcp {
+            tasks.spawn(tcp_acceptor(
+                listener,
+                limit.clone(),
+                state.clone(),
+                stats.clone(),
+                shutdown.clone(),
+            ));
+        }
+        info!(listen = ?addrs, zone = %zone_config.origin, "ready");
+
+        shutdown.cancelled().await;
+        while let Some(res) = tasks.join_next().await {
+            if let Err(e) = res
+                && e.is_panic()
+            {
+                error!(error = %e, "geodns task panicked");
+            }
+        }
+        info!(
+            queries = stats.queries.load(Ordering::Relaxed),
+            malformed = stats.malformed.load(Ordering::Relaxed),
+            truncated = stats.truncated.load(Ordering::Relaxed),
+            tcp_rejected = stats.tcp_rejected.load(Ordering::Relaxed),
+            "geodns stopped"
+        );
+        Ok(())
+    }
+}
+
+async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), Error> {
+    let attempts = if addr.port() == 0 {
+        EPHEMERAL_BIND_ATTEMPTS
+    } else {
+        1
+    };
+    let mut last_err = None;
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(addr).await.map_err(|source| Error::Bind {
+            addr,
+            proto: "udp",
+            source,
+        })?;
+        let bound = udp.local_addr().map_err(|source| Error::Bind {
+            addr,
+            proto: "udp",
+            source,
+        })?;
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp, bound)),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    let source = last_err.unwrap_or_else(|| std::io::Error::other("no bind attempt made"));
+    Err(Error::Bind {
+        addr,
+        proto: "tcp",
+        source,
+    })
+}
+
+/// Rebuilds the answer table whenever the subscriber publishes a new snapshot.
+async fn follow_snapshots(
+    mut rx: watch::Receiver<Option<Arc<Snapshot>>>,
+    zone_config: Arc<ZoneConfig>,
+    state: Arc<ArcSwap<Zone>>,
+    shutdown: CancellationToken,
+) {
+    let mut last: Option<Arc<Snapshot>> = None;
+    loop {
+        let current = rx.borrow_and_update().clone();
+        if let Some(snap) = current
+            && !last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &snap))
+        {
+            let table = AnswerTable::build(zone_config.policy.clone(), &snap);
+            let live: Vec<&str> = table
+                .regions()
+                .iter()
+                .filter(|r| r.live)
+                .map(|r| r.name.as_str())
+                .collect();
+            let down: Vec<&str> = table
+                .regions()
+                .iter()
+                .filter(|r| !r.live)
+                .map(|r| r.name.as_str())
+                .collect();
+            info!(
+                revision = snap.revision,
+                observed_version = snap.observed_version,
+                ?live,
+                ?down,
+                ttl = table.ttl(),
+                "answer table updated"
+            );
+            state.store(Arc::new(Zone::new(zone_config.clone(), Some(table))));
+            last = Some(snap);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() {
+                // The subscriber is gone: keep serving the last table until shutdown.
+                warn!("snapshot source closed; serving the last answer table");
+                shutdown.cancelled().await;
+                return;
+            }
+        }
+    }
+}
+
+/// Answers one packet, containing any panic to this packet.
+fn answer(
+    state: &ArcSwap<Zone>,
+    stats: &Stats,
+    packet: &[u8],
+    peer: SocketAddr,
+    transport: Transport,
+) -> Outcome {
+    let zone = state.load();
+    match catch_unwind(AssertUnwindSafe(|| {
+        respond(&zone, packet, peer.ip(), transport)
+    })) {
+        Ok(out) => {
+            stats.record(&out);
+            out
+        }
+        Err(_) => {
+            stats.panics.fetch_add(1, Ordering::Relaxed);
+            error!(%peer, len = packet.len(), "panic while answering a query; dropped");
+            Outcome {
+                reply: None,
+                malformed: true,
+                truncated: false,
+            }
+        }
+    }
+}
+
+async fn udp_worker(
+    sock: Arc<UdpSocket>,
+    state: Arc<ArcSwap<Zone>>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) {
+    // One byte more than we accept, so oversized datagrams are seen as such and dropped.
+    let mut buf = vec![0u8; MAX_QUERY_LEN + 1];
+    loop {
+        let received = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            r = sock.recv_from(&mut buf) => r,
+        };
+        let (n, peer) = match received {
+            Ok(x) => x,
+            Err(e) => {
+                stats.io_errors.fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, "udp receive failed");
+                // ICMP-induced errors are per-peer; anything else may repeat, so back off.
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                ) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                continue;
+            }
+        };
+        if peer.port() == 0 {
+            stats.malformed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let out = answer(
+            &state,
+            &stats,
+            buf.get(..n).unwrap_or_default(),
+            peer,
+            Transport::Udp,
+        );
+        if let Some(reply) = out.reply
+            && let Err(e) = sock.send_to(&reply, peer).await
+        {
+            stats.io_errors.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, error = %e, "udp send failed");
+        }
+    }
+}
+
+async fn tcp_acceptor(
+    listener: TcpListener,
+    limit: Arc<Semaphore>,
+    state: Arc<ArcSwap<Zone>>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        while conns.try_join_next().is_some() {}
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Usually EMFILE: give the process a moment to free descriptors.
+                stats.io_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            stats.tcp_rejected.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
+        let (state, stats, shutdown) = (state.clone(), stats.clone(), shutdown.clone());
+        conns.spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tcp_connection(stream, peer, &state, &stats) => {}
+            }
+        });
+    }
+    conns.shutdown().await;
+}
+
+/// RFC 7766 framing: two-byte length, then the message; queries answered in order.
+async fn tcp_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    state: &ArcSwap<Zone>,
+    stats: &Stats,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = vec![0u8; MAX_QUERY_LEN];
+    for _ in 0..MAX_QUERIES_PER_TCP_CONNECTION {
+        let mut len = [0u8; 2];
+        if !matches!(
+            tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_exact(&mut len)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let n = usize::from(u16::from_be_bytes(len));
+        let Some(query) = buf.get_mut(..n).filter(|_| n >= 12) else {
+            stats.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if !matches!(
+            tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_exact(query)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let out = answer(state, stats, query, peer, Transport::Tcp);
+        let Some(reply) = out.reply else { return };
+        let Ok(reply_len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut frame = Vec::with_capacity(2 + reply.len());
+        frame.extend_from_slice(&reply_len.to_be_bytes());
+        frame.extend_from_slice(&reply);
+        if !matches!(
+            tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.write_all(&frame)).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! End to end over real sockets: a static snapshot in, DNS packets over UDP and TCP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use coordinator_api::{EdgeInfo, EdgeStatus, Region, Snapshot};
+use geodns::{Config, Server};
+use hickory_proto::op::{Edns, Message, Query, ResponseCode};
+use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
+use hickory_proto::rr::{Name, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn dev_snapshot() -> Snapshot {
+    let region = |name: &str, lat, lon| Region {
+        name: name.into(),
+        latitude: Some(lat),
+        longitude: Some(lon),
+    };
+    let edge = |region: &str, ip: &str| EdgeStatus {
+        info: EdgeInfo {
+            id: format!("{region}-1"),
+            region: region.into(),
+            public_ips: vec![ip.parse().unwrap()],
+            http_addr: None,
+            https_addr: None,
+            tunnel_addr: None,
+        },
+        alive: true,
+        last_seen_ms: 0,
+        agents: Vec::new(),
+    };
+    Snapshot {
+        revision: 3,
+        regions: vec![
+            region("ams", 52.37, 4.90),
+            region("iad", 38.95, -77.45),
+            region("sin", 1.35, 103.99),
+        ],
+        edges: vec![
+            edge("ams", "127.0.0.11"),
+            edge("iad", "127.0.0.12"),
+            edge("sin", "127.0.0.13"),
+        ],
+        ..Snapshot::default()
+    }
+}
+
+fn dev_config() -> Config {
+    let mut c = Config::with_defaults();
+    c.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    c.nets = [
+        "192.0.2.0/24=ams",
+        "198.51.100.0/24=iad",
+        "203.0.113.0/24=sin",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    c.default_region = Some("ams".into());
+    c
+}
+
+struct Running {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), geodns::Error>>,
+    stats: Arc<geodns::Stats>,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+}
+
+async fn start(snapshot: Option<Snapshot>) -> Running {
+    let server = Server::bind(&dev_config()).await.unwrap();
+    let addr = server.local_addrs()[0];
+    let stats = server.stats();
+    let (tx, rx) = watch::channel(snapshot.map(Arc::new));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(rx, shutdown.clone()));
+    Running {
+        addr,
+        shutdown,
+        task,
+        stats,
+        snapshots: tx,
+    }
+}
+
+fn query(name: &str, qtype: RecordType, ecs: Option<&str>) -> Message {
+    let mut m = Message::query();
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    if let Some(ecs) = ecs {
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        e.options_mut()
+            .insert(EdnsOption::Subnet(ClientSubnet::from_str(ecs).unwrap()));
+        m.set_edns(e);
+    }
+    m
+}
+
+async fn udp_raw(addr: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(bytes, addr).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf)).await {
+        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+async fn udp(addr: SocketAddr, q: &Message) -> Message {
+    let reply = tokio::time::timeout(TIMEOUT, udp_raw(addr, &q.to_vec().unwrap()))
+        .await
+        .unwrap()
+        .expect("udp reply");
+    let r = Message::from_vec(&reply).unwrap();
+    assert_eq!(r.id, q.id);
+    r
+}
+
+async fn tcp(stream: &mut TcpStream, q: &Message) -> Message {
+    let bytes = q.to_vec().unwrap();
+    let mut frame = (bytes.len() as u16).to_be_bytes().to_vec();
+    frame.extend_from_slice(&bytes);
+    stream.write_all(&frame).await.unwrap();
+    let mut len = [0u8; 2];
+    tokio::time::timeout(TIMEOUT, stream.read_exact(&mut len))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut buf).await.unwrap();
+    let r = Message::from_vec(&buf).unwrap();
+    assert_eq!(r.id, q.id);
+    r
+}
+
+fn ips(m: &Message) -> Vec<IpAddr> {
+    m.answers.iter().filter_map(|r| r.data.ip_addr()).collect()
+}
+
+fn scope(m: &Message) -> Option<u8> {
+    match m.edns.as_ref()?.option(EdnsCode::Subnet)? {
+        EdnsOption::Subnet(cs) => Some(cs.scope_prefix()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn answers_over_udp_and_tcp() {
+    let s = start(Some(dev_snapshot())).await;
+
+    // ECS from iad's net → the iad edge, with the scope echoed.
+    let r = udp(
+        s.addr,
+        &query(
+            "edge.meridian.test.",
+            RecordType::A,
+            Some("198.51.100.7/24"),
+        ),
+    )
+    .await;
+    assert_eq!(r.response_code, ResponseCode::NoError);
+    assert!(r.authoritative && !r.recursion_available);
+    assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 12])]);
+    assert_eq!(scope(&r), Some(24));
+
+    // No ECS: the source is 127.0.0.1, unmatched → default ams.
+    let r = udp(s.addr, &query("edge.meridian.test.", RecordType::A, None)).await;
+    assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 11])]);
+
+    let r = udp(s.addr, &query("example.com.", RecordType::A, None)).await;
+    assert_eq!(r.response_code, ResponseCode::Refused);
+    let r = udp(s.addr, &query("nope.meridian.test.", RecordType::A, None)).await;
+    assert_eq!(r.response_code, ResponseCode::NXDomain);
+    assert_eq!(r.authorities.len(), 1);
+
+    // Garbage and a truncated query: no reply or FORMERR, and the server keeps answering.
+    assert!(udp_raw(s.addr, &[0xde, 0xad]).await.is_none());
+    let good = query("edge.meridian.test.", RecordType::A, None)
+        .to_vec()
+        .unwrap();
+    let cut = udp_raw(s.addr, &good[..good.len() - 3])
+        .await
+        .expect("FORMERR");
+    assert_eq!(
+        Message::from_vec(&cut).unwrap().response_code,
+        ResponseCode::FormErr
+    );
+    let r = udp(
+        s.addr,
+        &query(
+            "edge.meridian.test.",
+            RecordType::A,
+            Some("203.0.113.50/24"),
+        ),
+    )
+    .await;
+    assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 13])]);
+
+    // TCP: several queries on one connection.
+    let mut conn = TcpStream::connect(s.addr).await.unwrap();
+    let r = tcp(
+        &mut conn,
+        &query(
+            "edge.meridian.test.",
+            RecordType::A,
+            Some("198.51.100.7/24"),
+        ),
+    )
+    .await;
+    assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 12])]);
+    assert_eq!(scope(&r), Some(24));
+    let r = tcp(&mut conn, &query("meridian.test.", RecordType::SOA, None)).await;
+    assert_eq!(r.answers.len(), 1);
+    let r = tcp(&mut conn, &query("example.com.", RecordType::A, None)).await;
+    assert_eq!(r.response_code, ResponseCode::Refused);
+
+    // A garbage TCP frame closes that connection only.
+    let mut bad = TcpStream::connect(s.addr).await.unwrap();
+    bad.write_all(&[0x00, 0x03, 1, 2, 3]).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(TIMEOUT, bad.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed");
+    let r = tcp(
+        &mut conn,
+        &query("edge.meridian.test.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 11])]);
+
+    assert!(s.stats.malformed.load(std::sync::atomic::Ordering::Relaxed) >= 3);
+    assert_eq!(s.stats.panics.load(std::sync::atomic::Ordering::Relaxed), 0);
+    s.shutdown.cancel();
+    tokio::time::timeout(TIMEOUT, s.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn follows_snapshot_changes() {
+    let s = start(None).await;
+    let q = query(
+        "edge.meridian.test.",
+        RecordType::A,
+        Some("198.51.100.7/24"),
+    );
+    assert_eq!(udp(s.addr, &q).await.response_code, ResponseCode::ServFail);
+
+    let mut snap = dev_snapshot();
+    s.snapshots.send_replace(Some(Arc::new(snap.clone())));
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while ips(&udp(s.addr, &q).await).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "snapshot never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        ips(&udp(s.addr, &q).await),
+        vec![IpAddr::from([127, 0, 0, 12])]
+    );
+
+    // iad goes down: its clients move to the nearest live region (ams), with a short TTL.
+    snap.revision = 4;
+    snap.edges[1].alive = false;
+    s.snapshots.send_replace(Some(Arc::new(snap)));
+    loop {
+        let r = udp(s.addr, &q).await;
+        if ips(&r) == vec![IpAddr::from([127, 0, 0, 11])] {
+            assert_eq!(r.answers[0].ttl, 10);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "change never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.shutdown.cancel();
+    tokio::time::timeout(TIMEOUT, s.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn serve_helper_and_bind_errors() {
+    // Binding the same fixed port twice fails with a clear error, not a panic.
+    let first = Server::bind(&dev_config()).await.unwrap();
+    let mut c = dev_config();
+    c.listen = vec![first.local_addrs()[0]];
+    let err = Server::bind(&c).await.unwrap_err();
+    assert!(err.to_string().contains("cannot bind"), "{err}");
+
+    let mut c = dev_config();
+    c.zone = String::new();
+    assert!(matches!(
+        Server::bind(&c).await,
+        Err(geodns::Error::Config(_))
+    ));
+
+    let (_tx, rx) = watch::channel(None);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(geodns::serve(dev_config(), rx, shutdown.clone()));
+    shutdown.cancel();
+    tokio::time::timeout(TIMEOUT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
