@@ -1,0 +1,653 @@
+//! End to end: an edge fed an injected snapshot, a fake agent speaking the tunnel protocol over
+//! quinn, and raw HTTP/1.1 clients.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use coordinator_api::{AgentTokenRecord, Mount, Service, Snapshot, token};
+use edge_proxy::{Config, Edge};
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tunnel_proto::{Decoder, Frame, RequestHead, ResponseHead};
+
+const GOOD_TOKEN: &str = "mrd_agent_t1_goodsecret";
+const API_TOKEN: &str = "mrd_agent_t2_apisecret";
+
+fn snapshot() -> Snapshot {
+    let svc = |n: &str| Service {
+        name: n.into(),
+        lb_policy: Default::default(),
+    };
+    let tok = |id: &str, service: &str, secret: &str| AgentTokenRecord {
+        id: id.into(),
+        service: service.into(),
+        sha256: token::sha256_hex(secret),
+        created_at_ms: 0,
+    };
+    Snapshot {
+        revision: 1,
+        services: vec![svc("web"), svc("api")],
+        mounts: vec![
+            Mount {
+                host: "app.test".into(),
+                path_prefix: "/demo".into(),
+                service: "web".into(),
+                strip_prefix: true,
+            },
+            Mount {
+                host: "app.test".into(),
+                path_prefix: "/api".into(),
+                service: "api".into(),
+                strip_prefix: false,
+            },
+        ],
+        agent_tokens: vec![tok("t1", "web", GOOD_TOKEN), tok("t2", "api", API_TOKEN)],
+        ..Default::default()
+    }
+}
+
+struct Harness {
+    http: SocketAddr,
+    tunnel: SocketAddr,
+    cert: CertificateDer<'static>,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), edge_proxy::Error>>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn start(snap: Option<Snapshot>) -> Harness {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("edge-proxy-test-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(&cert_path, ck.cert.pem()).unwrap();
+    std::fs::write(&key_path, ck.signing_key.serialize_pem()).unwrap();
+
+    let mut config = Config::new("eu", "127.0.0.1:0".parse().unwrap());
+    config.id = "edge-test".into();
+    config.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.tls_cert = Some(cert_path);
+    config.tls_key = Some(key_path);
+    let edge = Edge::bind(config).await.unwrap();
+    let http = edge.http_addr().unwrap();
+    let tunnel = edge.tunnel_addr().unwrap();
+    assert_eq!(
+        edge.info().tunnel_addr.as_deref(),
+        Some(tunnel.to_string().as_str())
+    );
+    let (tx, rx) = watch::channel(snap.map(Arc::new));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(edge.serve(rx, shutdown.clone()));
+    Harness {
+        http,
+        tunnel,
+        cert: ck.cert.der().clone(),
+        snapshots: tx,
+        shutdown,
+        task,
+        _dir: TempDir(dir),
+    }
+}
+
+// ---------------------------------------------------------------- fake agent
+
+struct Reader {
+    recv: quinn::RecvStream,
+    decoder: Decoder,
+    buf: BytesMut,
+}
+
+impl Reader {
+    fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            decoder: Decoder::new(),
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn fill(&mut self) -> bool {
+        match self.recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(c)) => {
+                self.buf.extend_from_slice(&c.bytes);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn preamble(&mut self) {
+        loop {
+            if tunnel_proto::decode_preamble(&mut self.buf)
+                .unwrap()
+                .is_some()
+            {
+                return;
+            }
+            assert!(self.fill().await, "stream ended before the preamble");
+        }
+    }
+
+    async fn next(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = self.decoder.decode(&mut self.buf).unwrap() {
+                return Some(f);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+}
+
+async fn write(send: &mut quinn::SendStream, frame: &Frame) {
+    let mut buf = BytesMut::new();
+    tunnel_proto::encode(frame, &mut buf).unwrap();
+    send.write_all(&buf).await.unwrap();
+}
+
+struct Agent {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    control_send: quinn::SendStream,
+    control: Reader,
+    reply: Frame,
+}
+
+async fn connect_agent(h: &Harness, token: &str, services: &[&str]) -> Agent {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(h.cert.clone()).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![tunnel_proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut client_cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    client_cfg.transport_config(Arc::new(edge_proxy::transport_config()));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_cfg);
+    let conn = endpoint
+        .connect(h.tunnel, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    write(
+        &mut send,
+        &Frame::Hello {
+            version: tunnel_proto::VERSION,
+            token: token.into(),
+            agent_id: "agent-1".into(),
+            services: services.iter().map(|s| s.to_string()).collect(),
+        },
+    )
+    .await;
+    let mut control = Reader::new(recv);
+    let reply = tokio::time::timeout(Duration::from_secs(5), control.next())
+        .await
+        .expect("edge answers Hello")
+        .expect("a reply frame");
+    Agent {
+        _endpoint: endpoint,
+        conn,
+        control_send: send,
+        control,
+        reply,
+    }
+}
+
+fn header<'a>(h: &'a RequestHead, name: &str) -> Option<&'a str> {
+    h.headers
+        .iter()
+        .find(|(n, _)| n.as_ref() == name.as_bytes())
+        .map(|(_, v)| std::str::from_utf8(v).unwrap())
+}
+
+/// Serves data streams: echoes what it saw in headers and the body, or switches to a raw echo
+/// on an upgrade request.
+fn serve_streams(conn: quinn::Connection) {
+    tokio::spawn(async move {
+        while let Ok((mut send, recv)) = conn.accept_bi().await {
+            tokio::spawn(async move {
+                let mut r = Reader::new(recv);
+                r.preamble().await;
+                let Some(Frame::RequestHead(head)) = r.next().await else {
+                    panic!("expected a request head")
+                };
+                let mut body_len = 0usize;
+                loop {
+                    match r.next().await {
+                        Some(Frame::Data(d)) => {
+                            assert!(d.len() <= 64 * 1024);
+                            body_len += d.len();
+                        }
+                        Some(Frame::Trailers(_)) => {}
+                        Some(Frame::End) => break,
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                let h = |n: &str| Bytes::from(header(&head, n).unwrap_or("-").to_owned());
+                if header(&head, "upgrade").is_some() {
+                    write(
+                        &mut send,
+                        &Frame::ResponseHead(ResponseHead {
+                            status: 101,
+                            headers: vec![
+                                (Bytes::from_static(b"upgrade"), Bytes::from_static(b"echo")),
+                                (
+                                    Bytes::from_static(b"connection"),
+                                    Bytes::from_static(b"upgrade"),
+                                ),
+                            ],
+                        }),
+                    )
+                    .await;
+                    // Raw echo from here on.
+                    if !r.buf.is_empty() {
+                        send.write_all(&r.buf).await.unwrap();
+                    }
+                    let mut recv = r.recv;
+                    let _ = tokio::io::copy(&mut recv, &mut send).await;
+                    let _ = send.finish();
+                    return;
+                }
+                let body = format!(
+                    "{} {} body={}",
+                    String::from_utf8_lossy(&head.method),
+                    String::from_utf8_lossy(&head.uri),
+                    body_len
+                );
+                write(
+                    &mut send,
+                    &Frame::ResponseHead(ResponseHead {
+                        status: 200,
+                        headers: vec![
+                            (
+                                Bytes::from_static(b"content-type"),
+                                Bytes::from_static(b"text/plain"),
+                            ),
+                            (Bytes::from_static(b"x-seen-xff"), h("x-forwarded-for")),
+                            (Bytes::from_static(b"x-seen-proto"), h("x-forwarded-proto")),
+                            (Bytes::from_static(b"x-seen-host"), h("host")),
+                            (
+                                Bytes::from_static(b"x-seen-fwd-host"),
+                                h("x-forwarded-host"),
+                            ),
+                            (Bytes::from_static(b"x-seen-request-id"), h("x-request-id")),
+                            (Bytes::from_static(b"x-seen-via"), h("via")),
+                            (Bytes::from_static(b"x-seen-connection"), h("connection")),
+                            (
+                                Bytes::from_static(b"connection"),
+                                Bytes::from_static(b"x-hop"),
+                            ),
+                        ],
+                    }),
+                )
+                .await;
+                write(&mut send, &Frame::Data(Bytes::from(body))).await;
+                write(&mut send, &Frame::End).await;
+                let _ = send.finish();
+            });
+        }
+    });
+}
+
+// ---------------------------------------------------------------- raw HTTP/1.1 client
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(i) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&b[..i]).unwrap().trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[i + 2..i + 2 + size]);
+        b = &b[i + 2 + size + 2..];
+    }
+}
+
+fn parse(raw: &[u8]) -> Resp {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(raw)));
+    let head = std::str::from_utf8(&raw[..end]).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let body = &raw[end + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
+    Resp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// Sends raw bytes on a fresh connection and reads until the server closes.
+async fn raw(addr: SocketAddr, request: &[u8]) -> Resp {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("response in time")
+        .unwrap();
+    parse(&buf)
+}
+
+async fn get(addr: SocketAddr, host: &str, path: &str) -> Resp {
+    raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+}
+
+fn assert_stamped(r: &Resp) {
+    assert_eq!(r.header("meridian-region"), Some("eu"), "{r:?}");
+    assert_eq!(r.header("meridian-edge"), Some("edge-test"), "{r:?}");
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn proxies_to_agent_with_forwarding_headers() {
+    let h = start(Some(snapshot())).await;
+    let agent = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    let Frame::Welcome {
+        edge_id, region, ..
+    } = &agent.reply
+    else {
+        panic!("expected Welcome, got {:?}", agent.reply)
+    };
+    assert_eq!((edge_id.as_str(), region.as_str()), ("edge-test", "eu"));
+    serve_streams(agent.conn.clone());
+
+    let r = get(h.http, "App.Test:8080", "/demo/hello?x=1").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "GET /hello?x=1 body=0");
+    assert_eq!(r.header("x-seen-xff"), Some("127.0.0.1"));
+    assert_eq!(r.header("x-seen-proto"), Some("http"));
+    assert_eq!(r.header("x-seen-host"), Some("App.Test:8080"));
+    assert_eq!(r.header("x-seen-fwd-host"), Some("App.Test:8080"));
+    assert_eq!(r.header("x-seen-via"), Some("1.1 meridian"));
+    assert_eq!(r.header("x-seen-request-id").map(str::len), Some(32));
+    assert_eq!(
+        r.header("x-seen-connection"),
+        Some("-"),
+        "hop-by-hop header leaked"
+    );
+    assert!(r.header("x-hop").is_none());
+    assert_stamped(&r);
+
+    // Client-chosen request id is kept; XFF is appended to.
+    let r = raw(
+        h.http,
+        b"GET /demo HTTP/1.1\r\nHost: app.test\r\nX-Request-Id: abc\r\nX-Forwarded-For: 198.51.100.9\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "GET / body=0");
+    assert_eq!(r.header("x-seen-request-id"), Some("abc"));
+    assert_eq!(r.header("x-seen-xff"), Some("198.51.100.9, 127.0.0.1"));
+
+    // A streamed request body larger than one frame, chunked by the client.
+    let big = vec![b'x'; 300 * 1024];
+    let mut req = b"POST /demo/upload HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for part in big.chunks(100 * 1024) {
+        req.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        req.extend_from_slice(part);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let r = raw(h.http, &req).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, format!("POST /upload body={}", big.len()));
+
+    h.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), h.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unknown_mount_is_404_and_no_agent_is_503() {
+    let h = start(Some(snapshot())).await;
+    let r = get(h.http, "app.test", "/demox").await;
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(r.body.contains("no route"), "{r:?}");
+    assert_stamped(&r);
+    let r = get(h.http, "unknown.test", "/demo").await;
+    assert_eq!(r.status, 404, "{r:?}");
+
+    // Absolute-form for a host we do not serve: never an open proxy.
+    let r = raw(
+        h.http,
+        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 404, "{r:?}");
+    let r = raw(
+        h.http,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 405, "{r:?}");
+    assert_stamped(&r);
+
+    let r = get(h.http, "app.test", "/api/x").await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        r.body.contains("no agent connected for service api"),
+        "{r:?}"
+    );
+    assert_stamped(&r);
+}
+
+#[tokio::test]
+async fn bad_tokens_are_rejected_while_a_good_agent_serves() {
+    let h = start(Some(snapshot())).await;
+    let good = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    assert!(
+        matches!(good.reply, Frame::Welcome { .. }),
+        "{:?}",
+        good.reply
+    );
+    serve_streams(good.conn.clone());
+
+    let bad = connect_agent(&h, "mrd_agent_t1_wrong", &["web"]).await;
+    assert_eq!(
+        bad.reply,
+        Frame::Reject {
+            reason: "invalid agent token".into()
+        }
+    );
+    // A valid token of another service cannot claim this one.
+    let cross = connect_agent(&h, API_TOKEN, &["web"]).await;
+    assert!(
+        matches!(&cross.reply, Frame::Reject { reason } if reason.contains("api")),
+        "{:?}",
+        cross.reply
+    );
+    tokio::time::timeout(Duration::from_secs(5), bad.conn.closed())
+        .await
+        .unwrap();
+
+    let r = get(h.http, "app.test", "/demo/ok").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "GET /ok body=0");
+}
+
+#[tokio::test]
+async fn no_snapshot_means_reject() {
+    let h = start(None).await;
+    let a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    assert_eq!(
+        a.reply,
+        Frame::Reject {
+            reason: "edge has no configuration yet".into()
+        }
+    );
+    let r = get(h.http, "app.test", "/demo").await;
+    assert_eq!(r.status, 404, "{r:?}");
+}
+
+#[tokio::test]
+async fn revoked_token_gets_goaway() {
+    let h = start(Some(snapshot())).await;
+    let mut a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    assert!(matches!(a.reply, Frame::Welcome { .. }));
+    serve_streams(a.conn.clone());
+    // Heartbeats are answered.
+    write(&mut a.control_send, &Frame::Heartbeat { seq: 7 }).await;
+    assert_eq!(a.control.next().await, Some(Frame::HeartbeatAck { seq: 7 }));
+    assert_eq!(get(h.http, "app.test", "/demo").await.status, 200);
+
+    let mut snap = snapshot();
+    snap.revision = 2;
+    snap.agent_tokens.retain(|t| t.service != "web");
+    h.snapshots.send_replace(Some(Arc::new(snap)));
+    let f = tokio::time::timeout(Duration::from_secs(5), a.control.next())
+        .await
+        .unwrap();
+    assert_eq!(
+        f,
+        Some(Frame::GoAway {
+            reason: "token revoked".into()
+        })
+    );
+    tokio::time::timeout(Duration::from_secs(5), a.conn.closed())
+        .await
+        .unwrap();
+    let r = get(h.http, "app.test", "/demo").await;
+    assert_eq!(r.status, 503, "{r:?}");
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_and_the_edge_keeps_serving() {
+    let h = start(Some(snapshot())).await;
+    let a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    serve_streams(a.conn.clone());
+
+    let big = "a".repeat(70 * 1024);
+    let r = raw(
+        h.http,
+        format!(
+            "GET /demo HTTP/1.1\r\nHost: app.test\r\nX-Big: {big}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 431, "{r:?}");
+
+    let mut many = String::from("GET /demo HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n");
+    for i in 0..120 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let r = raw(h.http, many.as_bytes()).await;
+    assert_eq!(r.status, 431, "{r:?}");
+
+    let r = raw(h.http, b"GARBAGE\r\n\r\n").await;
+    assert_eq!(r.status / 100, 4, "{r:?}");
+
+    let r = get(h.http, "app.test", "/demo/after").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "GET /after body=0");
+}
+
+#[tokio::test]
+async fn upgrade_becomes_a_raw_byte_stream() {
+    let h = start(Some(snapshot())).await;
+    let a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    serve_streams(a.conn.clone());
+
+    let mut s = TcpStream::connect(h.http).await.unwrap();
+    s.write_all(
+        b"GET /demo/ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    let resp = parse(&head);
+    assert_eq!(resp.status, 101, "{resp:?}");
+    assert_eq!(resp.header("upgrade"), Some("echo"));
+    assert_stamped(&resp);
+    s.write_all(b"ping over the tunnel").await.unwrap();
+    let mut got = [0u8; 20];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"ping over the tunnel");
+}
