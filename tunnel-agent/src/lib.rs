@@ -1,1 +1,95 @@
-//! stub
+//! Meridian's tunnel agent: runs beside an app, dials out to edges over QUIC, and proxies the
+//! requests the edges send down the tunnel to the local origin.
+//!
+//! Layout: sans-IO policy in `backoff`, `targets`, `heartbeat` and `headers`; IO in
+//! `conn` (connection slots, control stream, drain) and `stream` (one request per QUIC stream).
+
+mod backoff;
+mod config;
+mod conn;
+mod error;
+mod headers;
+mod heartbeat;
+mod origin;
+mod quic;
+mod stream;
+mod targets;
+mod wire;
+
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+pub use config::Config;
+pub use error::Error;
+
+/// Runs the agent until `shutdown` is cancelled, then drains every connection (sends `Drain`,
+/// lets in-flight requests finish for up to 10 s, closes with code 0) and returns.
+///
+/// Errors only for bad configuration; unreachable or rejecting edges are retried forever.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    if config.edges.is_empty() {
+        return Err(Error::Config("at least one --edge is required".into()));
+    }
+    if config.token.is_empty() {
+        return Err(Error::Config("--token must not be empty".into()));
+    }
+    if config.service.is_empty() {
+        return Err(Error::Config("--service must not be empty".into()));
+    }
+    let ca = std::fs::read(&config.ca).map_err(|source| Error::Ca {
+        path: config.ca.clone(),
+        source,
+    })?;
+    let client_config = quic::client_config(&ca)?;
+    let origin = origin::Origin::new(&config.to)?;
+    let agent_id = config.agent_id.clone().unwrap_or_else(random_agent_id);
+
+    let shared = Arc::new(conn::Shared {
+        token: config.token.clone(),
+        agent_id: agent_id.clone(),
+        service: config.service.clone(),
+        server_name: config.server_name.clone(),
+        client_config,
+        targets: Mutex::new(targets::Targets::new(config.edges.clone(), config.regions)),
+        stream_ctx: Arc::new(stream::StreamCtx {
+            origin,
+            service: config.service.clone(),
+        }),
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+    });
+    info!(
+        agent_id = %agent_id,
+        service = %config.service,
+        origin = %config.to,
+        edges = ?config.edges,
+        regions = config.regions,
+        "ready"
+    );
+    conn::spawn_slot(&shared, 0);
+
+    shutdown.cancelled().await;
+    info!("shutting down: draining tunnel connections");
+    shared.tasks.close();
+    shared.tasks.wait().await;
+    info!("stopped");
+    Ok(())
+}
+
+fn random_agent_id() -> String {
+    let bytes: [u8; 6] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn agent_id_is_12_hex() {
+        let id = super::random_agent_id();
+        assert_eq!(id.len(), 12);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+}

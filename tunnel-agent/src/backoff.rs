@@ -1,0 +1,127 @@
+//! Capped exponential backoff with full jitter (AWS "full jitter"): the delay before retry `n` is
+//! uniform in `[0, min(cap, base * 2^n)]`, so a fleet of agents reconnecting after an edge
+//! restart spreads out instead of arriving in waves.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+/// First retry ceiling.
+pub(crate) const BASE: Duration = Duration::from_millis(100);
+/// Largest retry ceiling.
+pub(crate) const CAP: Duration = Duration::from_secs(10);
+/// A connection that stayed up this long counts as healthy and resets the backoff; one that
+/// drops sooner keeps growing it, so a flapping edge is not hammered.
+pub(crate) const HEALTHY_AFTER: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(BASE, CAP)
+    }
+}
+
+impl Backoff {
+    pub(crate) fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// Upper bound of the next delay.
+    pub(crate) fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    /// Delay before the next attempt; each call grows the ceiling until the cap.
+    pub(crate) fn next_delay<R: Rng + ?Sized>(&mut self, rng: &mut R) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(rng.random_range(0..=nanos))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// A registered connection ended: reset if it was up long enough to count as healthy.
+    pub(crate) fn on_disconnect(&mut self, connected_at: Instant, now: Instant) {
+        if now.saturating_duration_since(connected_at) >= HEALTHY_AFTER {
+            self.reset();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{SeedableRng, rngs::StdRng};
+
+    #[test]
+    fn ceiling_doubles_then_caps() {
+        let mut b = Backoff::default();
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut ceilings = Vec::new();
+        for _ in 0..12 {
+            ceilings.push(b.ceiling());
+            let d = b.next_delay(&mut rng);
+            assert!(d <= *ceilings.last().unwrap_or(&CAP));
+        }
+        assert_eq!(ceilings[0], Duration::from_millis(100));
+        assert_eq!(ceilings[1], Duration::from_millis(200));
+        assert_eq!(ceilings[6], Duration::from_millis(6400));
+        assert_eq!(ceilings[7], CAP);
+        assert_eq!(ceilings[11], CAP);
+    }
+
+    #[test]
+    fn never_overflows() {
+        let mut b = Backoff::default();
+        let mut rng = StdRng::seed_from_u64(2);
+        for _ in 0..1000 {
+            assert!(b.next_delay(&mut rng) <= CAP);
+        }
+    }
+
+    #[test]
+    fn full_jitter_spreads() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let delays: Vec<Duration> = (0..200)
+            .map(|_| {
+                let mut b = Backoff::default();
+                for _ in 0..10 {
+                    b.next_delay(&mut rng);
+                }
+                b.next_delay(&mut rng)
+            })
+            .collect();
+        let min = delays.iter().min().copied().unwrap_or_default();
+        let max = delays.iter().max().copied().unwrap_or_default();
+        assert!(min < Duration::from_secs(1), "min {min:?}");
+        assert!(max > Duration::from_secs(9), "max {max:?}");
+    }
+
+    #[test]
+    fn resets_only_after_healthy_connection() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut b = Backoff::default();
+        for _ in 0..5 {
+            b.next_delay(&mut rng);
+        }
+        let t0 = Instant::now();
+        b.on_disconnect(t0, t0 + Duration::from_secs(1));
+        assert_eq!(b.ceiling(), Duration::from_millis(3200));
+        b.on_disconnect(t0, t0 + HEALTHY_AFTER);
+        assert_eq!(b.ceiling(), BASE);
+    }
+}

@@ -1,0 +1,98 @@
+//! Flags of `meridian agent`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Configuration of the tunnel agent.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// UDP `ip:port` of an edge tunnel listener to start from (repeatable). The edge's `Welcome`
+    /// names edges in other regions; these are only the first to try.
+    #[arg(
+        long = "edge",
+        env = "MERIDIAN_EDGES",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub edges: Vec<SocketAddr>,
+    /// Agent token presented in `Hello`.
+    #[arg(long, env = "MERIDIAN_AGENT_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Service this agent serves.
+    #[arg(long)]
+    pub service: String,
+    /// Origin base URL (`http://` only), e.g. `http://127.0.0.1:3000`.
+    #[arg(long = "to")]
+    pub to: String,
+    /// PEM file with the CA certificate(s) that sign the edges' tunnel certificates.
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// TLS server name to verify the edge certificate against; default: the edge's IP address.
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Agent identity; default: 12 random hex characters.
+    #[arg(long)]
+    pub agent_id: Option<String>,
+    /// Keep connections to edges in this many distinct regions (fewer if fewer exist).
+    #[arg(long, default_value_t = 2)]
+    pub regions: usize,
+}
+
+impl Config {
+    /// A config with the required fields set and defaults elsewhere (for tests and `meridian dev`).
+    pub fn new(
+        edges: Vec<SocketAddr>,
+        token: impl Into<String>,
+        service: impl Into<String>,
+        to: impl Into<String>,
+        ca: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            edges,
+            token: token.into(),
+            service: service.into(),
+            to: to.into(),
+            ca: ca.into(),
+            server_name: None,
+            agent_id: None,
+            regions: 2,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn parses_flags() {
+        let cli = Cli::try_parse_from([
+            "agent",
+            "--edge",
+            "127.0.0.1:7844",
+            "--edge",
+            "127.0.0.2:7844,127.0.0.3:7844",
+            "--token",
+            "t",
+            "--service",
+            "shop",
+            "--to",
+            "http://127.0.0.1:3000",
+            "--ca",
+            "/tmp/ca.pem",
+        ])
+        .unwrap();
+        assert_eq!(cli.config.edges.len(), 3);
+        assert_eq!(cli.config.regions, 2);
+        assert!(cli.config.agent_id.is_none());
+    }
+}

@@ -1,0 +1,369 @@
+//! Connection slots: each dials an edge, registers on the control stream, serves the streams the
+//! edge opens, and reconnects with backoff. Which edge to dial is decided by [`Targets`]; how long
+//! to wait by [`Backoff`]. This module is only the IO around them.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+use tunnel_proto::{EdgeEndpoint, Frame, VERSION};
+
+use crate::backoff::Backoff;
+use crate::heartbeat::Heartbeat;
+use crate::stream::{self, StreamCtx};
+use crate::targets::{SlotId, Targets};
+use crate::wire::{FrameReader, code, write_frame};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// In-flight requests get this long to finish once a connection drains.
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// State every slot shares (immutable except the small `targets` map, locked without `.await`).
+pub(crate) struct Shared {
+    pub(crate) token: String,
+    pub(crate) agent_id: String,
+    pub(crate) service: String,
+    pub(crate) server_name: Option<String>,
+    pub(crate) client_config: quinn::ClientConfig,
+    pub(crate) targets: Mutex<Targets>,
+    pub(crate) stream_ctx: Arc<StreamCtx>,
+    pub(crate) shutdown: CancellationToken,
+    /// Slots and background drains; `run` waits for all of them.
+    pub(crate) tasks: TaskTracker,
+}
+
+impl Shared {
+    fn targets(&self) -> MutexGuard<'_, Targets> {
+        // A panic while holding this lock cannot leave Targets half-updated in a harmful way.
+        self.targets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub(crate) fn spawn_slot(shared: &Arc<Shared>, slot: SlotId) {
+    shared.tasks.spawn(run_slot(shared.clone(), slot));
+}
+
+enum Outcome {
+    /// Registered and served until the connection ended.
+    Served {
+        connected_at: Instant,
+    },
+    Failed,
+    Shutdown,
+}
+
+async fn run_slot(shared: Arc<Shared>, slot: SlotId) {
+    let mut backoff = Backoff::default();
+    let mut rng = StdRng::from_os_rng();
+    let mut endpoint: Option<quinn::Endpoint> = None;
+    while !shared.shutdown.is_cancelled() {
+        let addr = shared.targets().next_addr(slot);
+        if let Some(addr) = addr {
+            match attempt(&shared, slot, addr, &mut endpoint).await {
+                Outcome::Served { connected_at } => {
+                    backoff.on_disconnect(connected_at, Instant::now());
+                }
+                Outcome::Failed => shared.targets().on_failure(slot),
+                Outcome::Shutdown => break,
+            }
+        }
+        let delay = backoff.next_delay(&mut rng);
+        debug!(slot, ?delay, "next connection attempt after");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shared.shutdown.cancelled() => break,
+        }
+    }
+    if let Some(ep) = endpoint {
+        // Let CONNECTION_CLOSE frames go out.
+        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    }
+    debug!(slot, "slot stopped");
+}
+
+/// One endpoint (one local UDP port) per slot, kept across reconnects; rebound if the address
+/// family changes.
+fn endpoint_for(
+    ep: &mut Option<quinn::Endpoint>,
+    addr: SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    if let Some(e) = ep.as_ref()
+        && e.local_addr().is_ok_and(|l| l.is_ipv4() == addr.is_ipv4())
+    {
+        return Ok(e.clone());
+    }
+    let bind: SocketAddr = if addr.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let e = quinn::Endpoint::client(bind)?;
+    *ep = Some(e.clone());
+    Ok(e)
+}
+
+struct Welcome {
+    edge_id: String,
+    region: String,
+    other_edges: Vec<EdgeEndpoint>,
+}
+
+enum RegisterError {
+    Rejected(String),
+    Failed(String),
+}
+
+async fn attempt(
+    shared: &Arc<Shared>,
+    slot: SlotId,
+    addr: SocketAddr,
+    endpoint: &mut Option<quinn::Endpoint>,
+) -> Outcome {
+    let ep = match endpoint_for(endpoint, addr) {
+        Ok(ep) => ep,
+        Err(e) => {
+            warn!(slot, edge = %addr, error = %e, "binding a UDP socket failed");
+            return Outcome::Failed;
+        }
+    };
+    let server_name = shared
+        .server_name
+        .clone()
+        .unwrap_or_else(|| addr.ip().to_string());
+    let connecting = match ep.connect_with(shared.client_config.clone(), addr, &server_name) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(slot, edge = %addr, error = %e, "QUIC connect failed");
+            return Outcome::Failed;
+        }
+    };
+    let conn = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting) => match r {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                warn!(slot, edge = %addr, error = %e, "QUIC handshake failed");
+                return Outcome::Failed;
+            }
+            Err(_) => {
+                warn!(slot, edge = %addr, "QUIC handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+                return Outcome::Failed;
+            }
+        },
+        _ = shared.shutdown.cancelled() => return Outcome::Shutdown,
+    };
+    let registered = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, register(shared, &conn)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(RegisterError::Failed(format!("no Welcome within {HANDSHAKE_TIMEOUT:?}"))),
+        },
+        _ = shared.shutdown.cancelled() => {
+            conn.close(quinn::VarInt::from_u32(0), b"shutdown");
+            return Outcome::Shutdown;
+        }
+    };
+    let (ctl_send, ctl_recv, welcome) = match registered {
+        Ok(r) => r,
+        Err(RegisterError::Rejected(reason)) => {
+            error!(slot, edge = %addr, %reason, "edge rejected this agent; retrying with backoff");
+            conn.close(quinn::VarInt::from_u32(0), b"rejected");
+            return Outcome::Failed;
+        }
+        Err(RegisterError::Failed(why)) => {
+            warn!(slot, edge = %addr, error = %why, "registration failed");
+            conn.close(
+                quinn::VarInt::from_u32(code::PROTOCOL),
+                b"registration failed",
+            );
+            return Outcome::Failed;
+        }
+    };
+    let others: Vec<String> = welcome
+        .other_edges
+        .iter()
+        .map(|e| format!("{}@{}={}", e.edge_id, e.region, e.addr))
+        .collect();
+    info!(
+        slot,
+        edge = %addr,
+        edge_id = %welcome.edge_id,
+        region = %welcome.region,
+        other_edges = ?others,
+        "registered with edge"
+    );
+    let (new_slots, bad) =
+        shared
+            .targets()
+            .on_welcome(slot, addr, &welcome.region, &welcome.other_edges);
+    if bad > 0 {
+        warn!(slot, edge = %addr, bad, "Welcome listed edges with unparsable addresses");
+    }
+    for s in new_slots {
+        let region = shared.targets().slot_region(s).map(str::to_owned);
+        info!(slot = s, ?region, "connecting to another region");
+        spawn_slot(shared, s);
+    }
+    let connected_at = Instant::now();
+    serve(shared, slot, addr, conn, ctl_send, ctl_recv).await;
+    Outcome::Served { connected_at }
+}
+
+async fn register(
+    shared: &Shared,
+    conn: &quinn::Connection,
+) -> Result<(quinn::SendStream, FrameReader, Welcome), RegisterError> {
+    let fail =
+        |what: &str, e: &dyn std::fmt::Display| RegisterError::Failed(format!("{what}: {e}"));
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| fail("opening control stream", &e))?;
+    let hello = Frame::Hello {
+        version: VERSION,
+        token: shared.token.clone(),
+        agent_id: shared.agent_id.clone(),
+        services: vec![shared.service.clone()],
+    };
+    let mut buf = BytesMut::new();
+    tunnel_proto::encode(&hello, &mut buf).map_err(|e| fail("encoding Hello", &e))?;
+    send.write_all(&buf)
+        .await
+        .map_err(|e| fail("sending Hello", &e))?;
+    let mut reader = FrameReader::new(recv);
+    match reader.next().await {
+        Ok(Some(Frame::Welcome {
+            edge_id,
+            region,
+            other_edges,
+        })) => Ok((
+            send,
+            reader,
+            Welcome {
+                edge_id,
+                region,
+                other_edges,
+            },
+        )),
+        Ok(Some(Frame::Reject { reason })) => Err(RegisterError::Rejected(reason)),
+        Ok(Some(Frame::GoAway { reason })) => {
+            Err(RegisterError::Failed(format!("edge sent GoAway: {reason}")))
+        }
+        Ok(Some(other)) => Err(RegisterError::Failed(format!(
+            "expected Welcome, got frame type {}",
+            other.type_code()
+        ))),
+        Ok(None) => Err(RegisterError::Failed(
+            "edge closed the control stream".into(),
+        )),
+        Err(e) => Err(fail("reading Welcome", &e)),
+    }
+}
+
+enum Stop {
+    Shutdown,
+    EdgeDrain(String),
+    Lost(String),
+}
+
+/// Serves a registered connection until shutdown, an edge `Drain`/`GoAway`, or loss.
+async fn serve(
+    shared: &Arc<Shared>,
+    slot: SlotId,
+    addr: SocketAddr,
+    conn: quinn::Connection,
+    mut ctl_send: quinn::SendStream,
+    mut ctl: FrameReader,
+) {
+    let streams = TaskTracker::new();
+    let mut hb = Heartbeat::new(Instant::now());
+    let stop = loop {
+        let deadline = tokio::time::Instant::from_std(hb.deadline());
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break Stop::Shutdown,
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    streams.spawn(stream::handle(send, recv, shared.stream_ctx.clone()));
+                }
+                Err(e) => break Stop::Lost(format!("connection lost: {e}")),
+            },
+            f = ctl.next() => match f {
+                Ok(Some(Frame::HeartbeatAck { seq })) => hb.on_ack(seq, Instant::now()),
+                Ok(Some(Frame::Heartbeat { seq })) => {
+                    if let Err(e) = write_frame(&mut ctl_send, &Frame::HeartbeatAck { seq }).await {
+                        break Stop::Lost(format!("control stream: {e}"));
+                    }
+                }
+                Ok(Some(Frame::Drain)) => break Stop::EdgeDrain("edge sent Drain".into()),
+                Ok(Some(Frame::GoAway { reason })) => {
+                    break Stop::EdgeDrain(format!("edge sent GoAway: {reason}"));
+                }
+                Ok(Some(other)) => debug!(slot, type_code = other.type_code(), "ignoring control frame"),
+                Ok(None) => break Stop::Lost("edge closed the control stream".into()),
+                Err(e) => break Stop::Lost(format!("control stream: {e}")),
+            },
+            _ = tokio::time::sleep_until(deadline) => match hb.poll(Instant::now()) {
+                Ok(Some(seq)) => {
+                    if let Err(e) = write_frame(&mut ctl_send, &Frame::Heartbeat { seq }).await {
+                        break Stop::Lost(format!("control stream: {e}"));
+                    }
+                }
+                Ok(None) => {}
+                Err(dead) => {
+                    break Stop::Lost(format!("no HeartbeatAck for {:?}", dead.since.elapsed()));
+                }
+            },
+        }
+    };
+    streams.close();
+    match stop {
+        Stop::Shutdown => {
+            info!(slot, edge = %addr, in_flight = streams.len(), "draining connection");
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                write_frame(&mut ctl_send, &Frame::Drain),
+            )
+            .await;
+            drain(conn, streams, ctl_send).await;
+        }
+        Stop::EdgeDrain(why) => {
+            info!(slot, edge = %addr, %why, in_flight = streams.len(), "edge is draining; reconnecting");
+            // Finish in-flight requests in the background while the slot reconnects.
+            shared.tasks.spawn(drain(conn, streams, ctl_send));
+        }
+        Stop::Lost(why) => {
+            warn!(slot, edge = %addr, %why, "tunnel connection lost; reconnecting");
+            conn.close(quinn::VarInt::from_u32(code::CANCELLED), b"lost");
+        }
+    }
+}
+
+/// Takes no new streams (refusing them so the edge may retry elsewhere), lets in-flight ones
+/// finish for up to [`DRAIN_TIMEOUT`], then closes the connection with code 0.
+async fn drain(conn: quinn::Connection, streams: TaskTracker, mut ctl_send: quinn::SendStream) {
+    let deadline = tokio::time::sleep(DRAIN_TIMEOUT);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = streams.wait() => break,
+            _ = &mut deadline => {
+                warn!(in_flight = streams.len(), "drain timed out; closing with requests in flight");
+                break;
+            }
+            s = conn.accept_bi() => match s {
+                Ok((mut send, mut recv)) => {
+                    let _ = send.reset(quinn::VarInt::from_u32(code::REFUSED));
+                    let _ = recv.stop(quinn::VarInt::from_u32(code::REFUSED));
+                }
+                Err(_) => break,
+            },
+        }
+    }
+    // `close` drops unacknowledged data: make sure the `Drain` frame got there first.
+    stream::finish(&mut ctl_send).await;
+    conn.close(quinn::VarInt::from_u32(0), b"drained");
+}

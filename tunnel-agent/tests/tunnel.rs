@@ -1,0 +1,479 @@
+//! End-to-end: a fake edge (quinn server, rcgen certs) and a local hyper origin around the real
+//! agent. Checks registration, a streamed POST, an upgrade, an unreachable origin, Reject retry
+//! and drain on shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tunnel_proto::{Decoder, Frame, RequestHead};
+
+struct Pki {
+    ca_path: PathBuf,
+    server: quinn::ServerConfig,
+}
+
+fn pki(name: &str) -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+
+    let ca_path = std::env::temp_dir().join(format!(
+        "meridian-agent-test-{name}-{}.pem",
+        std::process::id()
+    ));
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf.der().clone()], key)
+    .unwrap();
+    tls.alpn_protocols = vec![tunnel_proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    Pki {
+        ca_path,
+        server: quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+    }
+}
+
+/// Origin: `/echo` answers "METHOD URI BODY" with an `x-origin` header and a trailer-less
+/// body; `/ws` upgrades to a raw echo.
+async fn origin() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
+                    if req.uri().path() == "/ws" {
+                        let on_upgrade = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            let mut io = TokioIo::new(on_upgrade.await.unwrap());
+                            let mut buf = [0u8; 1024];
+                            loop {
+                                let n = io.read(&mut buf).await.unwrap_or(0);
+                                if n == 0 {
+                                    break;
+                                }
+                                io.write_all(&buf[..n]).await.unwrap();
+                            }
+                        });
+                        let resp = http::Response::builder()
+                            .status(101)
+                            .header("connection", "upgrade")
+                            .header("upgrade", "echo")
+                            .body(Full::new(Bytes::new()))
+                            .unwrap();
+                        return Ok::<_, Infallible>(resp);
+                    }
+                    let head = format!("{} {} ", req.method(), req.uri());
+                    let hop = req.headers().contains_key("keep-alive");
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let mut out = head.into_bytes();
+                    out.extend_from_slice(&body);
+                    let resp = http::Response::builder()
+                        .header("x-origin", "yes")
+                        .header("x-saw-keep-alive", if hop { "1" } else { "0" })
+                        .body(Full::new(Bytes::from(out)))
+                        .unwrap();
+                    Ok(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Reader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    dec: Decoder,
+}
+
+impl Reader {
+    fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            buf: BytesMut::new(),
+            dec: Decoder::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = self.dec.decode(&mut self.buf).unwrap() {
+                return Some(f);
+            }
+            match self.recv.read_chunk(65536, true).await {
+                Ok(Some(c)) => self.buf.extend_from_slice(&c.bytes),
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+}
+
+async fn write(send: &mut quinn::SendStream, frames: &[Frame], preamble: bool) {
+    let mut buf = BytesMut::new();
+    if preamble {
+        tunnel_proto::encode_preamble(&mut buf);
+    }
+    for f in frames {
+        tunnel_proto::encode(f, &mut buf).unwrap();
+    }
+    send.write_all(&buf).await.unwrap();
+}
+
+fn head(method: &str, uri: &str, headers: &[(&str, &str)]) -> Frame {
+    Frame::RequestHead(RequestHead {
+        service: "shop".into(),
+        method: Bytes::copy_from_slice(method.as_bytes()),
+        uri: Bytes::copy_from_slice(uri.as_bytes()),
+        headers: headers
+            .iter()
+            .map(|(n, v)| {
+                (
+                    Bytes::copy_from_slice(n.as_bytes()),
+                    Bytes::copy_from_slice(v.as_bytes()),
+                )
+            })
+            .collect(),
+    })
+}
+
+/// Reads a whole response: head, concatenated data, whether End arrived.
+async fn response(r: &mut Reader) -> (Frame, Vec<u8>, bool) {
+    let head = r.next().await.unwrap();
+    let mut body = Vec::new();
+    let mut ended = false;
+    while let Some(f) = r.next().await {
+        match f {
+            Frame::Data(d) => body.extend_from_slice(&d),
+            Frame::End => ended = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (head, body, ended)
+}
+
+fn agent_config(edge: SocketAddr, origin: &str, ca: &PathBuf) -> tunnel_agent::Config {
+    let mut c = tunnel_agent::Config::new(vec![edge], "tok", "shop", origin, ca);
+    c.agent_id = Some("agent-test".into());
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_requests_upgrades_and_drains() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("debug")
+        .with_test_writer()
+        .try_init();
+    let pki = pki("main");
+    let edge = quinn::Endpoint::server(pki.server.clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let edge_addr = edge.local_addr().unwrap();
+    let origin = origin().await;
+
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(tunnel_agent::run(
+        agent_config(edge_addr, &format!("http://{origin}"), &pki.ca_path),
+        shutdown.clone(),
+    ));
+
+    let conn = tokio::time::timeout(Duration::from_secs(10), edge.accept())
+        .await
+        .unwrap()
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut ctl_send, ctl_recv) = conn.accept_bi().await.unwrap();
+    let mut ctl = Reader::new(ctl_recv);
+    match ctl.next().await.unwrap() {
+        Frame::Hello {
+            version,
+            token,
+            agent_id,
+            services,
+        } => {
+            assert_eq!(version, tunnel_proto::VERSION);
+            assert_eq!(token, "tok");
+            assert_eq!(agent_id, "agent-test");
+            assert_eq!(services, vec!["shop".to_owned()]);
+        }
+        other => panic!("expected Hello, got {other:?}"),
+    }
+    write(
+        &mut ctl_send,
+        &[Frame::Welcome {
+            edge_id: "edge-1".into(),
+            region: "eu".into(),
+            other_edges: vec![],
+        }],
+        false,
+    )
+    .await;
+
+    // Control loop: ack heartbeats, report Drain.
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel();
+    let (hb_tx, mut hb_rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        let mut drain_tx = Some(drain_tx);
+        while let Some(f) = ctl.next().await {
+            match f {
+                Frame::Heartbeat { seq } => {
+                    write(&mut ctl_send, &[Frame::HeartbeatAck { seq }], false).await;
+                    let _ = hb_tx.send(seq).await;
+                }
+                Frame::Drain => {
+                    if let Some(tx) = drain_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                other => panic!("unexpected control frame {other:?}"),
+            }
+        }
+    });
+
+    // A streamed POST.
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    write(
+        &mut send,
+        &[
+            head(
+                "POST",
+                "/echo?x=1",
+                &[("host", "example.com"), ("keep-alive", "timeout=5")],
+            ),
+            Frame::Data(Bytes::from_static(b"hello ")),
+        ],
+        true,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    write(
+        &mut send,
+        &[Frame::Data(Bytes::from_static(b"world")), Frame::End],
+        false,
+    )
+    .await;
+    send.finish().unwrap();
+    let (rh, body, ended) = response(&mut Reader::new(recv)).await;
+    let Frame::ResponseHead(rh) = rh else {
+        panic!("expected head, got {rh:?}")
+    };
+    assert_eq!(rh.status, 200);
+    let has = |n: &str, v: &str| {
+        rh.headers
+            .iter()
+            .any(|(hn, hv)| hn == n.as_bytes() && hv == v.as_bytes())
+    };
+    assert!(has("x-origin", "yes"));
+    assert!(
+        has("x-saw-keep-alive", "0"),
+        "hop-by-hop header was forwarded"
+    );
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        "POST /echo?x=1 hello world"
+    );
+    assert!(ended);
+
+    // Many concurrent GETs on one connection.
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            write(
+                &mut send,
+                &[head("GET", &format!("/echo/{i}"), &[]), Frame::End],
+                true,
+            )
+            .await;
+            send.finish().unwrap();
+            let (_, body, ended) = response(&mut Reader::new(recv)).await;
+            assert!(ended);
+            assert_eq!(String::from_utf8(body).unwrap(), format!("GET /echo/{i} "));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    // An upgrade: 101 head, then raw bytes both ways.
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    write(
+        &mut send,
+        &[
+            head(
+                "GET",
+                "/ws",
+                &[("connection", "upgrade"), ("upgrade", "echo")],
+            ),
+            Frame::End,
+        ],
+        true,
+    )
+    .await;
+    let mut r = Reader::new(recv);
+    let Frame::ResponseHead(rh) = r.next().await.unwrap() else {
+        panic!("expected 101 head")
+    };
+    assert_eq!(rh.status, 101);
+    assert!(
+        rh.headers
+            .iter()
+            .any(|(n, v)| n == "upgrade" && v == "echo")
+    );
+    send.write_all(b"ping-raw").await.unwrap();
+    let mut got = r.buf.to_vec();
+    while got.len() < 8 {
+        let c = r.recv.read_chunk(1024, true).await.unwrap().unwrap();
+        got.extend_from_slice(&c.bytes);
+    }
+    assert_eq!(&got, b"ping-raw");
+    send.finish().unwrap();
+
+    // A TCP head is refused with 501.
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    write(
+        &mut send,
+        &[Frame::TcpHead {
+            service: "db".into(),
+        }],
+        true,
+    )
+    .await;
+    let mut r = Reader::new(recv);
+    assert!(matches!(
+        r.next().await,
+        Some(Frame::Error { code: 501, .. })
+    ));
+
+    // Heartbeats flow.
+    let seq = tokio::time::timeout(Duration::from_secs(5), hb_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seq, 0);
+
+    // Shutdown: Drain on the control stream, then the connection closes with code 0.
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), drain_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(15), conn.closed())
+        .await
+        .unwrap();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(0))
+        }
+        other => panic!("unexpected close {other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(15), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(&pki.ca_path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_is_retried_and_unreachable_origin_is_502() {
+    let pki = pki("reject");
+    let edge = quinn::Endpoint::server(pki.server.clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let edge_addr = edge.local_addr().unwrap();
+    // A port nothing listens on.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(tunnel_agent::run(
+        agent_config(edge_addr, &format!("http://{dead_addr}"), &pki.ca_path),
+        shutdown.clone(),
+    ));
+
+    // First attempt: Reject.
+    let conn = edge.accept().await.unwrap().await.unwrap();
+    let (mut ctl_send, ctl_recv) = conn.accept_bi().await.unwrap();
+    let mut ctl = Reader::new(ctl_recv);
+    assert!(matches!(ctl.next().await, Some(Frame::Hello { .. })));
+    write(
+        &mut ctl_send,
+        &[Frame::Reject {
+            reason: "bad token".into(),
+        }],
+        false,
+    )
+    .await;
+
+    // The agent comes back (backoff ≤ 100 ms on the first retry).
+    let conn = tokio::time::timeout(Duration::from_secs(5), edge.accept())
+        .await
+        .unwrap()
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut ctl_send, ctl_recv) = conn.accept_bi().await.unwrap();
+    let mut ctl = Reader::new(ctl_recv);
+    assert!(matches!(ctl.next().await, Some(Frame::Hello { .. })));
+    write(
+        &mut ctl_send,
+        &[Frame::Welcome {
+            edge_id: "edge-1".into(),
+            region: "eu".into(),
+            other_edges: vec![],
+        }],
+        false,
+    )
+    .await;
+
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    write(&mut send, &[head("GET", "/", &[]), Frame::End], true).await;
+    let mut r = Reader::new(recv);
+    match r.next().await {
+        Some(Frame::Error { code, message }) => {
+            assert_eq!(code, 502);
+            assert!(message.contains("origin unreachable"), "{message}");
+        }
+        other => panic!("expected Error 502, got {other:?}"),
+    }
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(&pki.ca_path);
+}
