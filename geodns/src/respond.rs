@@ -530,6 +530,36 @@ mod tests {
         assert_eq!(r.answers.len(), 2);
     }
 
+    /// Bytes as `dig edge.meridian.test A +subnet=198.51.100.7/24` sends them: RD and AD set,
+    /// EDNS with ECS and a client cookie (which we ignore, per RFC 7873 §5.2).
+    #[test]
+    fn dig_style_packet() {
+        let zone = zone_with(Some(&dev_snapshot()));
+        let mut p = vec![0x12, 0x34, 0x01, 0x20, 0, 1, 0, 0, 0, 0, 0, 1];
+        for label in ["edge", "meridian", "test"] {
+            p.push(label.len() as u8);
+            p.extend_from_slice(label.as_bytes());
+        }
+        p.extend_from_slice(&[0, 0, 1, 0, 1]);
+        p.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 23]);
+        p.extend_from_slice(&[0, 8, 0, 7, 0, 1, 24, 0, 198, 51, 100]);
+        p.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        let out = respond(&zone, &p, SRC, Transport::Udp);
+        assert!(!out.malformed);
+        let r = Message::from_vec(&out.reply.unwrap()).unwrap();
+        assert_eq!(r.id, 0x1234);
+        assert!(
+            r.authoritative && r.recursion_desired && !r.recursion_available && !r.authentic_data
+        );
+        assert_eq!(a_records(&r), vec![IpAddr::from([127, 0, 0, 12])]);
+        let cs = ecs_of(&r).unwrap();
+        assert_eq!(
+            (cs.addr(), cs.source_prefix(), cs.scope_prefix()),
+            (IpAddr::from([198, 51, 100, 0]), 24, 24)
+        );
+        assert!(r.edns.as_ref().unwrap().option(EdnsCode::Cookie).is_none());
+    }
+
     #[test]
     fn malformed_input_never_panics() {
         let zone = zone_with(Some(&dev_snapshot()));

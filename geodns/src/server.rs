@@ -122,11 +122,18 @@ impl Server {
             state,
             stats,
         } = self;
+        let mut snapshots = snapshots;
+        // A cached snapshot is usually already there: answer from it from the first packet.
+        let initial = snapshots.borrow_and_update().clone();
+        if let Some(snap) = &initial {
+            apply(snap, &zone_config, &state);
+        }
         let mut tasks = JoinSet::new();
         tasks.spawn(follow_snapshots(
             snapshots,
             zone_config.clone(),
             state.clone(),
+            initial,
             shutdown.clone(),
         ));
         let workers = std::thread::available_parallelism()
@@ -209,38 +216,10 @@ async fn follow_snapshots(
     mut rx: watch::Receiver<Option<Arc<Snapshot>>>,
     zone_config: Arc<ZoneConfig>,
     state: Arc<ArcSwap<Zone>>,
+    mut last: Option<Arc<Snapshot>>,
     shutdown: CancellationToken,
 ) {
-    let mut last: Option<Arc<Snapshot>> = None;
     loop {
-        let current = rx.borrow_and_update().clone();
-        if let Some(snap) = current
-            && !last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &snap))
-        {
-            let table = AnswerTable::build(zone_config.policy.clone(), &snap);
-            let live: Vec<&str> = table
-                .regions()
-                .iter()
-                .filter(|r| r.live)
-                .map(|r| r.name.as_str())
-                .collect();
-            let down: Vec<&str> = table
-                .regions()
-                .iter()
-                .filter(|r| !r.live)
-                .map(|r| r.name.as_str())
-                .collect();
-            info!(
-                revision = snap.revision,
-                observed_version = snap.observed_version,
-                ?live,
-                ?down,
-                ttl = table.ttl(),
-                "answer table updated"
-            );
-            state.store(Arc::new(Zone::new(zone_config.clone(), Some(table))));
-            last = Some(snap);
-        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             changed = rx.changed() => if changed.is_err() {
@@ -250,7 +229,40 @@ async fn follow_snapshots(
                 return;
             }
         }
+        let current = rx.borrow_and_update().clone();
+        if let Some(snap) = current
+            && !last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &snap))
+        {
+            apply(&snap, &zone_config, &state);
+            last = Some(snap);
+        }
     }
+}
+
+/// Builds the table for `snap` and swaps it in.
+fn apply(snap: &Snapshot, zone_config: &Arc<ZoneConfig>, state: &ArcSwap<Zone>) {
+    let table = AnswerTable::build(zone_config.policy.clone(), snap);
+    let live: Vec<&str> = table
+        .regions()
+        .iter()
+        .filter(|r| r.live)
+        .map(|r| r.name.as_str())
+        .collect();
+    let down: Vec<&str> = table
+        .regions()
+        .iter()
+        .filter(|r| !r.live)
+        .map(|r| r.name.as_str())
+        .collect();
+    info!(
+        revision = snap.revision,
+        observed_version = snap.observed_version,
+        ?live,
+        ?down,
+        ttl = table.ttl(),
+        "answer table updated"
+    );
+    state.store(Arc::new(Zone::new(zone_config.clone(), Some(table))));
 }
 
 /// Answers one packet, containing any panic to this packet.

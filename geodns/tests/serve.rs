@@ -325,3 +325,52 @@ async fn serve_helper_and_bind_errors() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn tcp_connection_limit_and_idle_timeout() {
+    let s = start(Some(dev_snapshot())).await;
+    let mut held = Vec::new();
+    for _ in 0..geodns::server::MAX_TCP_CONNECTIONS {
+        held.push(TcpStream::connect(s.addr).await.unwrap());
+    }
+    // One over the limit: accepted and closed at once.
+    let mut extra = TcpStream::connect(s.addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(TIMEOUT, extra.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        s.stats
+            .tcp_rejected
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    // UDP is unaffected.
+    let r = udp(s.addr, &query("edge.meridian.test.", RecordType::A, None)).await;
+    assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 11])]);
+
+    // Idle connections are closed after the timeout, which frees slots.
+    let started = tokio::time::Instant::now();
+    let n = tokio::time::timeout(geodns::server::TCP_IDLE_TIMEOUT * 2, held[0].read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() >= geodns::server::TCP_IDLE_TIMEOUT - Duration::from_millis(500));
+    drop(held);
+    let mut conn = TcpStream::connect(s.addr).await.unwrap();
+    let r = tcp(
+        &mut conn,
+        &query("edge.meridian.test.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 11])]);
+    s.shutdown.cancel();
+    tokio::time::timeout(TIMEOUT, s.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
