@@ -1,0 +1,513 @@
+//! The HTTP API (axum): bearer auth by token hash, JSON bodies, NDJSON watch streams.
+//!
+//! Scope `admin` may call everything; scope `node` (edges, GeoDNS) only the watch, snapshot and
+//! heartbeat routes. Every error body is an [`ApiError`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use coordinator_api::{
+    AgentTokenRecord, ApiError, CreateService, CreateToken, CreatedToken, EdgeHeartbeat, Mount,
+    Region, Service, Snapshot, TokenInfo, token,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use crate::bootstrap::{MAX_TOKEN_LEN, new_secret, new_token_id};
+use crate::hub::Hub;
+use crate::observed::ObservedError;
+use crate::store::{Scope, StoreError};
+use crate::validate::{self, Invalid};
+
+/// Largest request body accepted on any route.
+pub(crate) const MAX_BODY: usize = 64 * 1024;
+/// Most concurrent watch streams; more get 503 so one misbehaving fleet cannot exhaust us.
+pub(crate) const MAX_WATCHERS: usize = 4096;
+/// A progress line goes out after this long without a snapshot line.
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub(crate) struct AppState {
+    pub(crate) hub: Arc<Hub>,
+    /// Cancelled at shutdown so watch streams end and graceful shutdown can complete.
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) watchers: Arc<Semaphore>,
+    /// Quiet time before a progress line ([`PROGRESS_EVERY`]; shorter in tests).
+    pub(crate) progress_every: Duration,
+}
+
+impl AppState {
+    pub(crate) fn new(hub: Arc<Hub>, shutdown: CancellationToken) -> Self {
+        Self {
+            hub,
+            shutdown,
+            watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
+            progress_every: PROGRESS_EVERY,
+        }
+    }
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    let node = Router::new()
+        .route("/v1/watch", get(watch_stream))
+        .route("/v1/snapshot", get(snapshot))
+        .route("/v1/edges/heartbeat", post(heartbeat))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_node));
+    let admin = Router::new()
+        .route("/v1/services", post(create_service).get(list_services))
+        .route("/v1/services/{name}", delete(delete_service))
+        .route(
+            "/v1/mounts",
+            post(add_mount).get(list_mounts).delete(delete_mount),
+        )
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{id}", delete(revoke_token))
+        .route("/v1/regions", post(create_region).get(list_regions))
+        .route("/v1/edges", get(list_edges))
+        .route("/v1/agents", get(list_agents))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(node)
+        .merge(admin)
+        .fallback(|| async { ApiErr::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+// ---- errors ----
+
+/// An error response: status plus an [`ApiError`] body.
+#[derive(Debug)]
+pub(crate) struct ApiErr {
+    status: StatusCode,
+    body: ApiError,
+}
+
+impl ApiErr {
+    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ApiError {
+                error: msg.into(),
+                field: None,
+            },
+        }
+    }
+
+    fn field(status: StatusCode, msg: impl Into<String>, field: &str) -> Self {
+        Self {
+            status,
+            body: ApiError {
+                error: msg.into(),
+                field: Some(field.to_owned()),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<Invalid> for ApiErr {
+    fn from(e: Invalid) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            body: e.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiErr {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::Duplicate { .. } | StoreError::InUse(_) => {
+                Self::new(StatusCode::CONFLICT, e.to_string())
+            }
+            StoreError::NotFound { .. } => Self::new(StatusCode::NOT_FOUND, e.to_string()),
+            StoreError::UnknownService(_) => {
+                Self::field(StatusCode::UNPROCESSABLE_ENTITY, e.to_string(), "service")
+            }
+            StoreError::SchemaTooNew { .. } | StoreError::Backend(_) => {
+                error!(error = %e, "store error");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal storage error")
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiErr {
+    fn from(r: JsonRejection) -> Self {
+        Self::new(r.status(), r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiErr {
+    fn from(r: QueryRejection) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, r.body_text())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiErr>;
+
+/// `Json<T>` whose rejections are [`ApiError`] bodies rather than plain text.
+fn body<T>(r: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
+    r.map(|Json(v)| v).map_err(ApiErr::from)
+}
+
+// ---- auth ----
+
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiErr> {
+    let unauthorized = |m: &str| ApiErr::new(StatusCode::UNAUTHORIZED, m);
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing Authorization: Bearer token"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| unauthorized("malformed Authorization header"))?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or_else(|| unauthorized("expected Authorization: Bearer <token>"))?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(unauthorized("expected Authorization: Bearer <token>"));
+    }
+    let token = token.trim();
+    if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+        return Err(unauthorized("invalid token"));
+    }
+    Ok(token)
+}
+
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Scope> {
+    let hash = token::sha256_hex(bearer(headers)?);
+    state
+        .hub
+        .store()
+        .call(move |s| s.api_token_scope(&hash))
+        .await?
+        .ok_or_else(|| ApiErr::new(StatusCode::UNAUTHORIZED, "invalid token"))
+}
+
+async fn require_node(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match authenticate(&state, req.headers()).await {
+        Ok(Scope::Admin | Scope::Node) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match authenticate(&state, req.headers()).await {
+        Ok(Scope::Admin) => next.run(req).await,
+        Ok(Scope::Node) => ApiErr::new(
+            StatusCode::FORBIDDEN,
+            "this token's scope (node) does not allow this call",
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+// ---- services ----
+
+async fn create_service(
+    State(st): State<AppState>,
+    req: Result<Json<CreateService>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Service>)> {
+    let req = body(req)?;
+    validate::name("name", &req.name)?;
+    let svc = Service {
+        name: req.name,
+        lb_policy: req.lb_policy,
+    };
+    let s = svc.clone();
+    st.hub
+        .store()
+        .call(move |store| store.create_service(&s))
+        .await?;
+    st.hub.refresh_desired().await?;
+    Ok((StatusCode::CREATED, Json(svc)))
+}
+
+async fn list_services(State(st): State<AppState>) -> ApiResult<Json<Vec<Service>>> {
+    Ok(Json(st.hub.store().call(|s| s.list_services()).await?))
+}
+
+async fn delete_service(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.hub
+        .store()
+        .call(move |s| s.delete_service(&name))
+        .await?;
+    st.hub.refresh_desired().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- mounts ----
+
+async fn add_mount(
+    State(st): State<AppState>,
+    req: Result<Json<Mount>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Mount>)> {
+    let m = validate::mount(&body(req)?)?;
+    let m2 = m.clone();
+    st.hub.store().call(move |s| s.add_mount(&m2)).await?;
+    st.hub.refresh_desired().await?;
+    Ok((StatusCode::CREATED, Json(m)))
+}
+
+async fn list_mounts(State(st): State<AppState>) -> ApiResult<Json<Vec<Mount>>> {
+    Ok(Json(st.hub.store().call(|s| s.list_mounts()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct MountKey {
+    host: String,
+    path_prefix: String,
+}
+
+async fn delete_mount(
+    State(st): State<AppState>,
+    q: Result<Query<MountKey>, QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let Query(q) = q?;
+    // Normalise the same way as on insert, so `/api/` deletes the mount stored as `/api`.
+    let host = validate::host(&q.host)?;
+    let prefix = validate::path_prefix(&q.path_prefix)?;
+    st.hub
+        .store()
+        .call(move |s| s.delete_mount(&host, &prefix))
+        .await?;
+    st.hub.refresh_desired().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- agent tokens ----
+
+async fn create_token(
+    State(st): State<AppState>,
+    req: Result<Json<CreateToken>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
+    let req = body(req)?;
+    validate::name("service", &req.service)?;
+    let id = new_token_id();
+    let secret = token::format(token::AGENT, &id, &new_secret());
+    let rec = AgentTokenRecord {
+        id: id.clone(),
+        service: req.service.clone(),
+        sha256: token::sha256_hex(&secret),
+        created_at_ms: crate::clock::unix_ms(),
+    };
+    st.hub
+        .store()
+        .call(move |s| s.create_agent_token(&rec))
+        .await?;
+    st.hub.refresh_desired().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            id,
+            service: req.service,
+            token: secret,
+        }),
+    ))
+}
+
+async fn list_tokens(State(st): State<AppState>) -> ApiResult<Json<Vec<TokenInfo>>> {
+    let tokens = st.hub.store().call(|s| s.list_agent_tokens()).await?;
+    Ok(Json(
+        tokens
+            .into_iter()
+            .map(|t| TokenInfo {
+                id: t.id,
+                service: t.service,
+                created_at_ms: t.created_at_ms,
+            })
+            .collect(),
+    ))
+}
+
+async fn revoke_token(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    st.hub
+        .store()
+        .call(move |s| s.revoke_agent_token(&id))
+        .await?;
+    st.hub.refresh_desired().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- regions ----
+
+async fn create_region(
+    State(st): State<AppState>,
+    req: Result<Json<Region>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Region>)> {
+    let r = body(req)?;
+    validate::name("name", &r.name)?;
+    validate::coordinates(r.latitude, r.longitude)?;
+    let r2 = r.clone();
+    st.hub.store().call(move |s| s.create_region(&r2)).await?;
+    st.hub.refresh_desired().await?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+async fn list_regions(State(st): State<AppState>) -> ApiResult<Json<Vec<Region>>> {
+    Ok(Json(st.hub.store().call(|s| s.list_regions()).await?))
+}
+
+// ---- observed state ----
+
+async fn list_edges(State(st): State<AppState>) -> Json<Vec<coordinator_api::EdgeStatus>> {
+    Json(st.hub.edges())
+}
+
+async fn list_agents(State(st): State<AppState>) -> Json<Vec<coordinator_api::AgentView>> {
+    Json(st.hub.agents())
+}
+
+fn validate_heartbeat(hb: &EdgeHeartbeat) -> Result<(), Invalid> {
+    validate::reported_id("info.id", &hb.info.id)?;
+    validate::reported_id("info.region", &hb.info.region)?;
+    for a in &hb.agents {
+        validate::reported_id("agents.agent_id", &a.agent_id)?;
+        validate::reported_id("agents.service", &a.service)?;
+        validate::reported_id("agents.token_id", &a.token_id)?;
+        validate::reported_id("agents.remote_addr", &a.remote_addr)?;
+    }
+    Ok(())
+}
+
+async fn heartbeat(
+    State(st): State<AppState>,
+    req: Result<Json<EdgeHeartbeat>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    let hb = body(req)?;
+    validate_heartbeat(&hb)?;
+    match st
+        .hub
+        .heartbeat(hb, Instant::now(), crate::clock::unix_ms())
+    {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(e @ ObservedError::TooManyEdges) => {
+            Err(ApiErr::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+        }
+    }
+}
+
+// ---- snapshot and watch ----
+
+async fn snapshot(State(st): State<AppState>) -> Json<Snapshot> {
+    Json(Snapshot::clone(&st.hub.current()))
+}
+
+/// Serialises like `WatchEvent` without cloning the snapshot.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WatchLine<'a> {
+    Snapshot(&'a Snapshot),
+    Progress {
+        revision: u64,
+        observed_version: u64,
+    },
+}
+
+fn ndjson(line: &WatchLine<'_>) -> Option<Bytes> {
+    match serde_json::to_vec(line) {
+        Ok(mut v) => {
+            v.push(b'\n');
+            Some(Bytes::from(v))
+        }
+        Err(e) => {
+            error!(error = %e, "could not serialise a watch line; closing the stream");
+            None
+        }
+    }
+}
+
+async fn watch_stream(State(st): State<AppState>) -> ApiResult<Response> {
+    let Ok(permit) = st.watchers.clone().try_acquire_owned() else {
+        warn!(
+            limit = MAX_WATCHERS,
+            "refusing watch stream: too many watchers"
+        );
+        return Err(ApiErr::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many watch streams",
+        ));
+    };
+    let stream = watch_lines(
+        st.hub.subscribe(),
+        st.shutdown.clone(),
+        st.progress_every,
+        permit,
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+struct WatchState {
+    rx: watch::Receiver<Arc<Snapshot>>,
+    shutdown: CancellationToken,
+    first: bool,
+    progress_every: Duration,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The first line is the current snapshot; then a snapshot line on every change (the watch
+/// channel coalesces, so a slow reader skips to the latest rather than buffering), and a progress
+/// line after `progress_every` of quiet. Ends at shutdown.
+fn watch_lines(
+    rx: watch::Receiver<Arc<Snapshot>>,
+    shutdown: CancellationToken,
+    progress_every: Duration,
+    permit: OwnedSemaphorePermit,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    let state = WatchState {
+        rx,
+        shutdown,
+        first: true,
+        progress_every,
+        _permit: permit,
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        if s.first {
+            s.first = false;
+            let snap = s.rx.borrow_and_update().clone();
+            return ndjson(&WatchLine::Snapshot(&snap)).map(|b| (Ok(b), s));
+        }
+        let line = tokio::select! {
+            () = s.shutdown.cancelled() => return None,
+            r = tokio::time::timeout(s.progress_every, s.rx.changed()) => match r {
+                Ok(Ok(())) => {
+                    let snap = s.rx.borrow_and_update().clone();
+                    ndjson(&WatchLine::Snapshot(&snap))
+                }
+                // The hub is gone: the server is stopping.
+                Ok(Err(_)) => return None,
+                Err(_) => {
+                    let snap = s.rx.borrow().clone();
+                    ndjson(&WatchLine::Progress { revision: snap.revision, observed_version: snap.observed_version })
+                }
+            },
+        };
+        line.map(|b| (Ok(b), s))
+    })
+}

@@ -1,0 +1,147 @@
+//! Desired state storage: one trait, so the SQLite default and a future etcd backend are
+//! interchangeable. Every desired-state change bumps one monotonically increasing revision.
+//!
+//! Methods are synchronous (the backend does blocking IO); async code goes through
+//! [`StoreHandle`], which runs them on the blocking pool and never holds the lock across `.await`.
+
+mod sqlite;
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use coordinator_api::{AgentTokenRecord, Mount, Region, Revision, Service};
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} {key:?} already exists")]
+    Duplicate { what: &'static str, key: String },
+    #[error("{what} {key:?} not found")]
+    NotFound { what: &'static str, key: String },
+    #[error("unknown service {0:?}")]
+    UnknownService(String),
+    /// The object is still referenced (e.g. a service by mounts or tokens).
+    #[error("{0}")]
+    InUse(String),
+    #[error("database schema version {found} is newer than this binary supports ({supported})")]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("storage: {0}")]
+    Backend(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Backend(e.to_string())
+    }
+}
+
+/// Who an API token belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything.
+    Admin,
+    /// Edges and GeoDNS: watch, snapshot, heartbeat.
+    Node,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Node => "node",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "admin" => Some(Self::Admin),
+            "node" => Some(Self::Node),
+            _ => None,
+        }
+    }
+}
+
+/// All desired state at one revision, read in one transaction.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Desired {
+    pub revision: Revision,
+    pub regions: Vec<Region>,
+    pub services: Vec<Service>,
+    pub mounts: Vec<Mount>,
+    pub agent_tokens: Vec<AgentTokenRecord>,
+}
+
+/// Desired state plus API credentials. Writes return the new revision.
+///
+/// API tokens are credentials, not desired state: they bump no revision and are not in the
+/// change log (nothing downstream needs them).
+pub trait Store: Send {
+    /// Revision of the latest committed change (0 for an empty store).
+    fn revision(&self) -> Result<Revision, StoreError>;
+    /// Everything at one consistent revision.
+    fn desired(&self) -> Result<Desired, StoreError>;
+
+    fn create_region(&mut self, r: &Region) -> Result<Revision, StoreError>;
+    fn list_regions(&self) -> Result<Vec<Region>, StoreError>;
+
+    fn create_service(&mut self, s: &Service) -> Result<Revision, StoreError>;
+    fn list_services(&self) -> Result<Vec<Service>, StoreError>;
+    /// Fails with [`StoreError::InUse`] while mounts or agent tokens reference it.
+    fn delete_service(&mut self, name: &str) -> Result<Revision, StoreError>;
+
+    /// Fails with [`StoreError::UnknownService`] or [`StoreError::Duplicate`].
+    fn add_mount(&mut self, m: &Mount) -> Result<Revision, StoreError>;
+    fn list_mounts(&self) -> Result<Vec<Mount>, StoreError>;
+    fn delete_mount(&mut self, host: &str, path_prefix: &str) -> Result<Revision, StoreError>;
+
+    fn create_agent_token(&mut self, t: &AgentTokenRecord) -> Result<Revision, StoreError>;
+    fn list_agent_tokens(&self) -> Result<Vec<AgentTokenRecord>, StoreError>;
+    fn revoke_agent_token(&mut self, id: &str) -> Result<Revision, StoreError>;
+
+    /// Creates the API token (by hash) or sets its scope; returns whether it was new.
+    fn put_api_token(
+        &mut self,
+        sha256: &str,
+        scope: Scope,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
+    fn api_token_scope(&self, sha256: &str) -> Result<Option<Scope>, StoreError>;
+    fn count_api_tokens(&self, scope: Scope) -> Result<u64, StoreError>;
+}
+
+/// Shared access to a [`Store`] from async code.
+#[derive(Clone)]
+pub struct StoreHandle {
+    inner: Arc<Mutex<Box<dyn Store>>>,
+}
+
+impl std::fmt::Debug for StoreHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreHandle")
+    }
+}
+
+impl StoreHandle {
+    pub fn new(store: Box<dyn Store>) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(store)),
+        }
+    }
+
+    /// Runs `f` on the blocking pool with exclusive access to the store.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut dyn Store) -> Result<R, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic inside `f` rolled its transaction back (rusqlite's Transaction drops
+            // with rollback), so the store behind a poisoned lock is still consistent.
+            let mut guard = inner.lock().unwrap_or_else(PoisonError::into_inner);
+            f(guard.as_mut())
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+    }
+}

@@ -1,0 +1,594 @@
+//! SQLite store: WAL, `synchronous=FULL`, `user_version` migrations, and an append-only
+//! `changes` log written in the same transaction as the change it records.
+
+use std::path::Path;
+use std::time::Duration;
+
+use coordinator_api::{AgentTokenRecord, LbPolicy, Mount, Region, Revision, Service};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use serde::Serialize;
+
+use super::{Desired, Scope, Store, StoreError};
+
+/// Schema migrations; entry `i` moves `user_version` from `i` to `i + 1`. Append only.
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE regions (
+    name       TEXT PRIMARY KEY,
+    latitude   REAL,
+    longitude  REAL
+);
+CREATE TABLE services (
+    name       TEXT PRIMARY KEY,
+    lb_policy  TEXT NOT NULL
+);
+CREATE TABLE mounts (
+    host          TEXT NOT NULL,
+    path_prefix   TEXT NOT NULL,
+    service       TEXT NOT NULL REFERENCES services(name),
+    strip_prefix  INTEGER NOT NULL,
+    PRIMARY KEY (host, path_prefix)
+);
+CREATE TABLE agent_tokens (
+    id          TEXT PRIMARY KEY,
+    service     TEXT NOT NULL REFERENCES services(name),
+    sha256      TEXT NOT NULL UNIQUE,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE api_tokens (
+    sha256      TEXT PRIMARY KEY,
+    scope       TEXT NOT NULL CHECK (scope IN ('admin', 'node')),
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE changes (
+    rev   INTEGER PRIMARY KEY AUTOINCREMENT,
+    at    INTEGER NOT NULL,
+    kind  TEXT NOT NULL,
+    key   TEXT NOT NULL,
+    json  TEXT
+);
+"];
+
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) and migrates the database file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Backend(format!(
+                "could not enable WAL (journal_mode={mode})"
+            )));
+        }
+        Self::init(conn)
+    }
+
+    /// An in-memory store, for tests.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mut s = Self { conn };
+        s.migrate()?;
+        Ok(s)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found > supported {
+            return Err(StoreError::SchemaTooNew { found, supported });
+        }
+        for (i, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(found).unwrap_or(0))
+        {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(
+                None,
+                "user_version",
+                i64::try_from(i + 1).unwrap_or(i64::MAX),
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn write_tx(&mut self) -> Result<Transaction<'_>, StoreError> {
+        Ok(self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?)
+    }
+}
+
+fn now_ms() -> u64 {
+    crate::clock::unix_ms()
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Appends one change record in `tx` and returns its revision.
+fn log_change<T: Serialize>(
+    tx: &Transaction<'_>,
+    kind: &str,
+    key: &str,
+    value: Option<&T>,
+) -> Result<Revision, StoreError> {
+    let json = value
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| StoreError::Backend(e.to_string()))?;
+    tx.execute(
+        "INSERT INTO changes (at, kind, key, json) VALUES (?1, ?2, ?3, ?4)",
+        params![to_i64(now_ms()), kind, key, json],
+    )?;
+    Ok(u64::try_from(tx.last_insert_rowid()).unwrap_or(0))
+}
+
+fn exists(tx: &Connection, sql: &str, key: &dyn rusqlite::ToSql) -> Result<bool, StoreError> {
+    Ok(tx.query_row(sql, [key], |_| Ok(())).optional()?.is_some())
+}
+
+fn service_exists(c: &Connection, name: &str) -> Result<bool, StoreError> {
+    exists(c, "SELECT 1 FROM services WHERE name = ?1", &name)
+}
+
+fn lb_to_str(p: LbPolicy) -> &'static str {
+    match p {
+        LbPolicy::P2c => "p2c",
+        LbPolicy::RoundRobin => "round_robin",
+    }
+}
+
+fn lb_from_str(s: &str) -> Result<LbPolicy, StoreError> {
+    match s {
+        "p2c" => Ok(LbPolicy::P2c),
+        "round_robin" => Ok(LbPolicy::RoundRobin),
+        other => Err(StoreError::Backend(format!(
+            "unknown lb_policy {other:?} in database"
+        ))),
+    }
+}
+
+fn read_regions(c: &Connection) -> Result<Vec<Region>, StoreError> {
+    let mut st = c.prepare_cached("SELECT name, latitude, longitude FROM regions ORDER BY name")?;
+    let rows = st.query_map([], |r| {
+        Ok(Region {
+            name: r.get(0)?,
+            latitude: r.get(1)?,
+            longitude: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn read_services(c: &Connection) -> Result<Vec<Service>, StoreError> {
+    let mut st = c.prepare_cached("SELECT name, lb_policy FROM services ORDER BY name")?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    rows.map(|row| {
+        let (name, lb) = row?;
+        Ok(Service {
+            name,
+            lb_policy: lb_from_str(&lb)?,
+        })
+    })
+    .collect()
+}
+
+fn read_mounts(c: &Connection) -> Result<Vec<Mount>, StoreError> {
+    let mut st = c.prepare_cached(
+        "SELECT host, path_prefix, service, strip_prefix FROM mounts ORDER BY host, path_prefix",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok(Mount {
+            host: r.get(0)?,
+            path_prefix: r.get(1)?,
+            service: r.get(2)?,
+            strip_prefix: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn read_agent_tokens(c: &Connection) -> Result<Vec<AgentTokenRecord>, StoreError> {
+    let mut st =
+        c.prepare_cached("SELECT id, service, sha256, created_at FROM agent_tokens ORDER BY id")?;
+    let rows = st.query_map([], |r| {
+        Ok(AgentTokenRecord {
+            id: r.get(0)?,
+            service: r.get(1)?,
+            sha256: r.get(2)?,
+            created_at_ms: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn read_revision(c: &Connection) -> Result<Revision, StoreError> {
+    let rev: i64 = c.query_row("SELECT COALESCE(MAX(rev), 0) FROM changes", [], |r| {
+        r.get(0)
+    })?;
+    Ok(u64::try_from(rev).unwrap_or(0))
+}
+
+impl Store for SqliteStore {
+    fn revision(&self) -> Result<Revision, StoreError> {
+        read_revision(&self.conn)
+    }
+
+    fn desired(&self) -> Result<Desired, StoreError> {
+        // One read transaction: every list and the revision come from the same commit.
+        let tx = self.conn.unchecked_transaction()?;
+        let d = Desired {
+            revision: read_revision(&tx)?,
+            regions: read_regions(&tx)?,
+            services: read_services(&tx)?,
+            mounts: read_mounts(&tx)?,
+            agent_tokens: read_agent_tokens(&tx)?,
+        };
+        tx.commit()?;
+        Ok(d)
+    }
+
+    fn create_region(&mut self, r: &Region) -> Result<Revision, StoreError> {
+        let tx = self.write_tx()?;
+        if exists(&tx, "SELECT 1 FROM regions WHERE name = ?1", &r.name)? {
+            return Err(StoreError::Duplicate {
+                what: "region",
+                key: r.name.clone(),
+            });
+        }
+        tx.execute(
+            "INSERT INTO regions (name, latitude, longitude) VALUES (?1, ?2, ?3)",
+            params![r.name, r.latitude, r.longitude],
+        )?;
+        let rev = log_change(&tx, "region.put", &r.name, Some(r))?;
+        tx.commit()?;
+        Ok(rev)
+    }
+
+    fn list_regions(&self) -> Result<Vec<Region>, StoreError> {
+        read_regions(&self.conn)
+    }
+
+    fn create_service(&mut self, s: &Service) -> Result<Revision, StoreError> {
+        let tx = self.write_tx()?;
+        if service_exists(&tx, &s.name)? {
+            return Err(StoreError::Duplicate {
+                what: "service",
+                key: s.name.clone(),
+            });
+        }
+        tx.execute(
+            "INSERT INTO services (name, lb_policy) VALUES (?1, ?2)",
+            params![s.name, lb_to_str(s.lb_policy)],
+        )?;
+        let rev = log_change(&tx, "service.put", &s.name, Some(s))?;
+        tx.commit()?;
+        Ok(rev)
+    }
+
+    fn list_services(&self) -> Result<Vec<Service>, StoreError> {
+        read_services(&self.conn)
+    }
+
+    fn delete_service(&mut self, name: &str) -> Result<Revision, StoreError> {
+        let tx = self.write_tx()?;
+        if !service_exists(&tx, name)? {
+            return Err(StoreError::NotFound {
+                what: "service",
+                key: name.to_owned(),
+            });
+        }
+        let mounts: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM mounts WHERE service = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        let tokens: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM agent_tokens WHERE service = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        if mounts > 0 || tokens > 0 {
+            return Err(StoreError::InUse(format!(
+                "service {name:?} is still referenced by {mounts} mount(s) and {tokens} agent token(s)"
+            )));
+        }
+        tx.execute("DELETE FROM services WHERE name = ?1", [name])?;
+        let rev = log_change::<()>(&tx, "service.delete", name, None)?;
+        tx.commit()?;
+        Ok(rev)
+    }
+
+    fn add_mount(&mut self, m: &Mount) -> Result<Revision, StoreError> {
+        let tx = self.write_tx()?;
+        if !service_exists(&tx, &m.service)? {
+            return Err(StoreError::UnknownService(m.service.clone()));
+        }
+        let key = format!("{}{}", m.host, m.path_prefix);
+        let dup = tx
+            .query_row(
+                "SELECT 1 FROM mounts WHERE host = ?1 AND path_prefix = ?2",
+                params![m.host, m.path_prefix],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if dup {
+            return Err(StoreError::Duplicate { what: "mount", key });
+        }
+        tx.execute(
+            "INSERT INTO mounts (host, path_prefix, service, strip_prefix) VALUES (?1, ?2, ?3, ?4)",
+            params![m.host, m.path_prefix, m.service, m.strip_prefix],
+        )?;
+        let rev = log_change(&tx, "mount.put", &key, Some(m))?;
+        tx.commit()?;
+        Ok(rev)
+    }
+
+    fn list_mounts(&self) -> Result<Vec<Mount>, StoreError> {
+        read_mounts(&self.conn)
+    }
+
+    fn delete_mount(&mut self, host: &str, path_prefix: &str) -> Result<Revision, StoreError> {
+        let tx = self.write_tx()?;
+        let key = format!("{host}{path_prefix}");
+        let n = tx.execute(
+            "DELETE FROM mounts WHERE host = ?1 AND path_prefix = ?2",
+            params![host, path_prefix],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound { what: "mount", key });
+        }
+        let rev = log_change::<()>(&tx, "mount.delete", &key, None)?;
+        tx.commit()?;
+        Ok(rev)
+    }
+
+    fn create_agent_token(&mut self, t: &AgentTokenRecord) -> Result<Revision, StoreError> {
+        let tx = self.write_tx()?;
+        if !service_exists(&tx, &t.service)? {
+            return Err(StoreError::UnknownService(t.service.clone()));
+        }
+        if exists(&tx, "SELECT 1 FROM agent_tokens WHERE id = ?1", &t.id)? {
+            return Err(StoreError::Duplicate {
+                what: "token",
+                key: t.id.clone(),
+            });
+        }
+        tx.execute(
+            "INSERT INTO agent_tokens (id, service, sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![t.id, t.service, t.sha256, to_i64(t.created_at_ms)],
+        )?;
+        let rev = log_change(&tx, "agent_token.put", &t.id, Some(t))?;
+        tx.commit()?;
+        Ok(rev)
+    }
+
+    fn list_agent_tokens(&self) -> Result<Vec<AgentTokenRecord>, StoreError> {
+        read_agent_tokens(&self.conn)
+    }
+
+    fn revoke_agent_token(&mut self, id: &str) -> Result<Revision, StoreError> {
+        let tx = self.write_tx()?;
+        let n = tx.execute("DELETE FROM agent_tokens WHERE id = ?1", [id])?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "token",
+                key: id.to_owned(),
+            });
+        }
+        let rev = log_change::<()>(&tx, "agent_token.delete", id, None)?;
+        tx.commit()?;
+        Ok(rev)
+    }
+
+    fn put_api_token(
+        &mut self,
+        sha256: &str,
+        scope: Scope,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let tx = self.write_tx()?;
+        let existed = exists(&tx, "SELECT 1 FROM api_tokens WHERE sha256 = ?1", &sha256)?;
+        tx.execute(
+            "INSERT INTO api_tokens (sha256, scope, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (sha256) DO UPDATE SET scope = excluded.scope",
+            params![sha256, scope.as_str(), to_i64(now_ms)],
+        )?;
+        tx.commit()?;
+        Ok(!existed)
+    }
+
+    fn api_token_scope(&self, sha256: &str) -> Result<Option<Scope>, StoreError> {
+        let scope: Option<String> = self
+            .conn
+            .prepare_cached("SELECT scope FROM api_tokens WHERE sha256 = ?1")?
+            .query_row([sha256], |r| r.get(0))
+            .optional()?;
+        Ok(scope.as_deref().and_then(Scope::parse))
+    }
+
+    fn count_api_tokens(&self, scope: Scope) -> Result<u64, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM api_tokens WHERE scope = ?1",
+            [scope.as_str()],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+
+    fn svc(name: &str) -> Service {
+        Service {
+            name: name.into(),
+            lb_policy: LbPolicy::RoundRobin,
+        }
+    }
+
+    fn mount(host: &str, prefix: &str, service: &str) -> Mount {
+        Mount {
+            host: host.into(),
+            path_prefix: prefix.into(),
+            service: service.into(),
+            strip_prefix: true,
+        }
+    }
+
+    fn token(id: &str, service: &str) -> AgentTokenRecord {
+        AgentTokenRecord {
+            id: id.into(),
+            service: service.into(),
+            sha256: format!("{id:0>64}"),
+            created_at_ms: 42,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_revision_is_monotonic() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        assert_eq!(s.revision().unwrap(), 0);
+        let region = Region {
+            name: "ams".into(),
+            latitude: Some(52.4),
+            longitude: Some(4.9),
+        };
+        let r1 = s.create_region(&region).unwrap();
+        let r2 = s.create_service(&svc("web")).unwrap();
+        let r3 = s.add_mount(&mount("a.test", "/", "web")).unwrap();
+        let r4 = s.create_agent_token(&token("t1", "web")).unwrap();
+        assert!(r1 < r2 && r2 < r3 && r3 < r4, "{r1} {r2} {r3} {r4}");
+        assert_eq!(s.revision().unwrap(), r4);
+
+        let d = s.desired().unwrap();
+        assert_eq!(d.revision, r4);
+        assert_eq!(d.regions, vec![region]);
+        assert_eq!(d.services, vec![svc("web")]);
+        assert_eq!(d.mounts, vec![mount("a.test", "/", "web")]);
+        assert_eq!(d.agent_tokens, vec![token("t1", "web")]);
+
+        // Failed writes do not bump the revision.
+        assert!(matches!(
+            s.create_service(&svc("web")),
+            Err(StoreError::Duplicate { .. })
+        ));
+        assert!(matches!(
+            s.add_mount(&mount("a.test", "/", "web")),
+            Err(StoreError::Duplicate { .. })
+        ));
+        assert!(matches!(
+            s.add_mount(&mount("b.test", "/", "nope")),
+            Err(StoreError::UnknownService(_))
+        ));
+        assert!(matches!(
+            s.create_agent_token(&token("t2", "nope")),
+            Err(StoreError::UnknownService(_))
+        ));
+        assert!(matches!(s.delete_service("web"), Err(StoreError::InUse(_))));
+        assert!(matches!(
+            s.delete_service("nope"),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(matches!(
+            s.delete_mount("x.test", "/"),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert_eq!(s.revision().unwrap(), r4);
+
+        let r5 = s.delete_mount("a.test", "/").unwrap();
+        let r6 = s.revoke_agent_token("t1").unwrap();
+        let r7 = s.delete_service("web").unwrap();
+        assert!(r4 < r5 && r5 < r6 && r6 < r7);
+        let d = s.desired().unwrap();
+        assert!(d.services.is_empty() && d.mounts.is_empty() && d.agent_tokens.is_empty());
+        assert_eq!(d.revision, r7);
+    }
+
+    #[test]
+    fn api_tokens() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        assert!(s.put_api_token("aa", Scope::Admin, 1).unwrap());
+        assert!(!s.put_api_token("aa", Scope::Admin, 2).unwrap());
+        assert!(s.put_api_token("bb", Scope::Node, 1).unwrap());
+        assert_eq!(s.api_token_scope("aa").unwrap(), Some(Scope::Admin));
+        assert_eq!(s.api_token_scope("bb").unwrap(), Some(Scope::Node));
+        assert_eq!(s.api_token_scope("cc").unwrap(), None);
+        assert_eq!(s.count_api_tokens(Scope::Admin).unwrap(), 1);
+        // API tokens are not desired state.
+        assert_eq!(s.revision().unwrap(), 0);
+    }
+
+    #[test]
+    fn change_log_survives_reopen_and_matches_state() {
+        let dir = TempDir::new("store-reopen");
+        let path = dir.path().join("coordinator.db");
+        let rev = {
+            let mut s = SqliteStore::open(&path).unwrap();
+            s.create_service(&svc("web")).unwrap();
+            s.add_mount(&mount("a.test", "/api", "web")).unwrap();
+            // A failing write must leave no change record behind.
+            assert!(s.add_mount(&mount("a.test", "/x", "missing")).is_err());
+            s.delete_mount("a.test", "/api").unwrap()
+        };
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.revision().unwrap(), rev);
+        let log: Vec<(i64, String, String, Option<String>)> = s
+            .conn
+            .prepare("SELECT rev, kind, key, json FROM changes ORDER BY rev")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let kinds: Vec<&str> = log.iter().map(|l| l.1.as_str()).collect();
+        assert_eq!(kinds, ["service.put", "mount.put", "mount.delete"]);
+        assert_eq!(log[1].2, "a.test/api");
+        let m: Mount = serde_json::from_str(log[1].3.as_deref().unwrap()).unwrap();
+        assert_eq!(m, mount("a.test", "/api", "web"));
+        let mode: String = s
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let version: i64 = s
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn refuses_newer_schema() {
+        let dir = TempDir::new("store-newer");
+        let path = dir.path().join("coordinator.db");
+        drop(SqliteStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::SchemaTooNew { found: 99, .. })
+        ));
+    }
+}

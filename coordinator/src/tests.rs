@@ -1,0 +1,576 @@
+//! API tests against a real listener: auth, validation, token secrecy, watch, liveness, run().
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coordinator_api::{
+    AgentConn, Client, ClientError, CreateService, CreateToken, EDGE_DEAD_AFTER_MS, EdgeHeartbeat,
+    EdgeInfo, Mount, Region, Snapshot, WatchEvent,
+};
+use futures_util::{Stream, StreamExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::testutil::TempDir;
+use crate::{Config, bootstrap, hub::Hub, serve_with};
+
+const ADMIN: &str = "mrd_api_admin1_adminsecret";
+const NODE: &str = "mrd_api_node1_nodesecret";
+/// Short progress interval so the idle-stream test is quick.
+const PROGRESS: Duration = Duration::from_millis(200);
+
+struct Server {
+    url: String,
+    hub: Arc<Hub>,
+    dir: TempDir,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), crate::Error>>,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let dir = TempDir::new("api");
+        let cfg = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_path_buf(),
+            admin_token: Some(ADMIN.into()),
+            node_token: Some(NODE.into()),
+        };
+        let store = bootstrap::open_store(&cfg.data_dir).await.unwrap();
+        assert_eq!(bootstrap::tokens(&store, &cfg).await.unwrap(), None);
+        let hub = Hub::new(store).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve_with(
+            listener,
+            hub.clone(),
+            shutdown.clone(),
+            PROGRESS,
+        ));
+        Self {
+            url,
+            hub,
+            dir,
+            shutdown,
+            task,
+        }
+    }
+
+    fn admin(&self) -> Client {
+        Client::new(&self.url, ADMIN).unwrap()
+    }
+
+    fn node(&self) -> Client {
+        Client::new(&self.url, NODE).unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn status(r: Result<impl std::fmt::Debug, ClientError>) -> (u16, Option<String>) {
+    match r {
+        Err(ClientError::Http(s, e)) => (s, e.field),
+        other => panic!("expected an HTTP error, got {other:?}"),
+    }
+}
+
+fn mount(host: &str, prefix: &str, service: &str) -> Mount {
+    Mount {
+        host: host.into(),
+        path_prefix: prefix.into(),
+        service: service.into(),
+        strip_prefix: false,
+    }
+}
+
+async fn next_snapshot(
+    events: &mut (impl Stream<Item = Result<WatchEvent, ClientError>> + Unpin),
+    pred: impl Fn(&Snapshot) -> bool,
+) -> Snapshot {
+    let deadline = Duration::from_secs(10);
+    tokio::time::timeout(deadline, async {
+        loop {
+            match events
+                .next()
+                .await
+                .expect("watch stream ended")
+                .expect("watch error")
+            {
+                WatchEvent::Snapshot(s) if pred(&s) => return s,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("timed out waiting for a matching snapshot")
+}
+
+#[tokio::test]
+async fn auth_401_403_and_healthz() {
+    let srv = Server::start().await;
+    let http = reqwest::Client::new();
+
+    let r = http
+        .get(format!("{}/healthz", srv.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+
+    let r = http
+        .get(format!("{}/v1/services", srv.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("Bearer"));
+
+    let r = http
+        .get(format!("{}/v1/snapshot", srv.url))
+        .basic_auth("u", Some("p"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let bad = Client::new(&srv.url, "mrd_api_x_wrong").unwrap();
+    assert_eq!(status(bad.list_services().await).0, 401);
+    assert_eq!(status(bad.snapshot().await).0, 401);
+
+    let node = srv.node();
+    assert_eq!(status(node.list_services().await).0, 403);
+    assert_eq!(
+        status(
+            node.create_service(&CreateService {
+                name: "x".into(),
+                lb_policy: Default::default()
+            })
+            .await
+        )
+        .0,
+        403
+    );
+    assert_eq!(status(node.list_edges().await).0, 403);
+    assert!(node.snapshot().await.is_ok());
+    assert!(node.watch().await.is_ok());
+
+    let admin = srv.admin();
+    assert!(admin.list_services().await.unwrap().is_empty());
+    assert!(admin.snapshot().await.is_ok());
+
+    let r = http
+        .get(format!("{}/v1/nope", srv.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn validation_errors_name_the_field() {
+    let srv = Server::start().await;
+    let c = srv.admin();
+    let svc = |n: &str| CreateService {
+        name: n.into(),
+        lb_policy: Default::default(),
+    };
+
+    assert_eq!(
+        status(c.create_service(&svc("Bad_Name")).await),
+        (400, Some("name".into()))
+    );
+    assert_eq!(
+        status(c.create_service(&svc("")).await),
+        (400, Some("name".into()))
+    );
+    c.create_service(&svc("web")).await.unwrap();
+    assert_eq!(status(c.create_service(&svc("web")).await).0, 409);
+
+    assert_eq!(
+        status(c.add_mount(&mount("a.test", "/", "nope")).await),
+        (422, Some("service".into()))
+    );
+    assert_eq!(
+        status(c.add_mount(&mount("a_b.test", "/", "web")).await),
+        (400, Some("host".into()))
+    );
+    assert_eq!(
+        status(c.add_mount(&mount("a.test", "/x/../y", "web")).await),
+        (400, Some("path_prefix".into()))
+    );
+    assert_eq!(
+        status(c.add_mount(&mount("a.test", "x", "web")).await),
+        (400, Some("path_prefix".into()))
+    );
+    assert_eq!(
+        status(c.add_mount(&mount("a.test", "/x?y", "web")).await),
+        (400, Some("path_prefix".into()))
+    );
+
+    // Normalised on the way in: lower-cased host without port, no trailing slash.
+    let m = c
+        .add_mount(&mount("A.Test:8443", "/api/", "web"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (m.host.as_str(), m.path_prefix.as_str()),
+        ("a.test", "/api")
+    );
+    assert_eq!(
+        status(c.add_mount(&mount("a.test", "/api", "web")).await).0,
+        409
+    );
+    assert_eq!(c.list_mounts().await.unwrap(), vec![m.clone()]);
+
+    // A referenced service cannot be deleted.
+    assert_eq!(status(c.delete_service("web").await).0, 409);
+    c.delete_mount("a.test", "/api/").await.unwrap();
+    assert_eq!(status(c.delete_mount("a.test", "/api").await).0, 404);
+    c.delete_service("web").await.unwrap();
+    assert_eq!(status(c.delete_service("web").await).0, 404);
+
+    assert_eq!(
+        status(
+            c.create_token(&CreateToken {
+                service: "web".into()
+            })
+            .await
+        ),
+        (422, Some("service".into()))
+    );
+
+    let r = Region {
+        name: "ams".into(),
+        latitude: Some(95.0),
+        longitude: None,
+    };
+    assert_eq!(
+        status(c.create_region(&r).await),
+        (400, Some("latitude".into()))
+    );
+    let r = Region {
+        name: "ams".into(),
+        latitude: Some(52.4),
+        longitude: Some(4.9),
+    };
+    assert_eq!(c.create_region(&r).await.unwrap(), r);
+    assert_eq!(status(c.create_region(&r).await).0, 409);
+    assert_eq!(c.list_regions().await.unwrap(), vec![r]);
+
+    // Malformed and oversized bodies get JSON errors too.
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/v1/services", srv.url))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: coordinator_api::ApiError = r.json().await.unwrap();
+    assert!(!e.error.is_empty());
+    let big = format!("{{\"name\":\"{}\"}}", "a".repeat(crate::api::MAX_BODY));
+    let r = http
+        .post(format!("{}/v1/services", srv.url))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn token_secret_shown_once_and_only_hash_stored() {
+    let srv = Server::start().await;
+    let c = srv.admin();
+    c.create_service(&CreateService {
+        name: "web".into(),
+        lb_policy: Default::default(),
+    })
+    .await
+    .unwrap();
+    let created = c
+        .create_token(&CreateToken {
+            service: "web".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        coordinator_api::token::parse_id(coordinator_api::token::AGENT, &created.token),
+        Some(created.id.as_str())
+    );
+    let secret = created.token.rsplit('_').next().unwrap().to_owned();
+    assert!(secret.len() >= 32);
+
+    let listed = c.list_tokens().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, created.id);
+    let raw = serde_json::to_string(&listed).unwrap();
+    assert!(!raw.contains(&secret));
+
+    let snap = c.snapshot().await.unwrap();
+    assert_eq!(snap.agent_tokens.len(), 1);
+    assert_eq!(
+        snap.agent_tokens[0].sha256,
+        coordinator_api::token::sha256_hex(&created.token)
+    );
+    assert!(!serde_json::to_string(&snap).unwrap().contains(&secret));
+
+    // Neither the agent secret nor the bootstrap API tokens are anywhere in the database.
+    let db = rusqlite::Connection::open(srv.dir.path().join(bootstrap::DB_FILE)).unwrap();
+    let tables: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut dump = String::new();
+    for t in &tables {
+        let mut st = db.prepare(&format!("SELECT * FROM \"{t}\"")).unwrap();
+        let cols = st.column_count();
+        let mut rows = st.query([]).unwrap();
+        while let Some(row) = rows.next().unwrap() {
+            for i in 0..cols {
+                if let Ok(Some(s)) = row.get::<_, Option<String>>(i) {
+                    dump.push_str(&s);
+                    dump.push('\n');
+                }
+            }
+        }
+    }
+    assert!(dump.contains(&coordinator_api::token::sha256_hex(&created.token)));
+    for s in [secret.as_str(), "adminsecret", "nodesecret"] {
+        assert!(!dump.contains(s), "{s} found in the database");
+    }
+
+    c.revoke_token(&created.id).await.unwrap();
+    assert!(c.list_tokens().await.unwrap().is_empty());
+    assert_eq!(status(c.revoke_token(&created.id).await).0, 404);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn watch_delivers_new_snapshot_after_mount_added() {
+    let srv = Server::start().await;
+    let c = srv.admin();
+    c.create_service(&CreateService {
+        name: "web".into(),
+        lb_policy: Default::default(),
+    })
+    .await
+    .unwrap();
+    let mut events = srv.node().watch().await.unwrap();
+    let first = next_snapshot(&mut events, |_| true).await;
+    assert_eq!(first.services.len(), 1);
+    assert!(first.mounts.is_empty());
+
+    c.add_mount(&mount("a.test", "/", "web")).await.unwrap();
+    let next = next_snapshot(&mut events, |s| !s.mounts.is_empty()).await;
+    assert!(next.revision > first.revision);
+    assert_eq!(next.mounts, vec![mount("a.test", "/", "web")]);
+    assert!(next.validate().is_ok());
+    srv.stop().await;
+}
+
+fn heartbeat(id: &str) -> EdgeHeartbeat {
+    EdgeHeartbeat {
+        info: EdgeInfo {
+            id: id.into(),
+            region: "ams".into(),
+            public_ips: vec!["127.0.0.11".parse().unwrap()],
+            http_addr: Some("127.0.0.11:8080".into()),
+            https_addr: None,
+            tunnel_addr: Some("127.0.0.11:4433".into()),
+        },
+        agents: vec![AgentConn {
+            agent_id: "agent-1".into(),
+            service: "web".into(),
+            token_id: "t1".into(),
+            remote_addr: "127.0.0.1:5555".into(),
+            connected_at_ms: 1,
+        }],
+    }
+}
+
+#[tokio::test]
+async fn edge_liveness_flips_after_timeout() {
+    let srv = Server::start().await;
+    let node = srv.node();
+    let admin = srv.admin();
+    let mut events = node.watch().await.unwrap();
+    next_snapshot(&mut events, |s| s.edges.is_empty()).await;
+
+    node.heartbeat(&heartbeat("ams-1")).await.unwrap();
+    let s = next_snapshot(&mut events, |s| !s.edges.is_empty()).await;
+    assert!(s.edges[0].alive);
+    let agents = admin.list_agents().await.unwrap();
+    assert_eq!(
+        (
+            agents.len(),
+            agents[0].edge_id.as_str(),
+            agents[0].region.as_str()
+        ),
+        (1, "ams-1", "ams")
+    );
+
+    // Liveness is evaluated against an explicit `now`: no sleeping.
+    srv.hub
+        .tick(Instant::now() + Duration::from_millis(EDGE_DEAD_AFTER_MS + 100));
+    let s = next_snapshot(&mut events, |s| s.edges.first().is_some_and(|e| !e.alive)).await;
+    assert_eq!(s.edges[0].info.id, "ams-1");
+    assert!(!admin.list_edges().await.unwrap()[0].alive);
+    assert!(admin.list_agents().await.unwrap().is_empty());
+
+    node.heartbeat(&heartbeat("ams-1")).await.unwrap();
+    next_snapshot(&mut events, |s| s.edges.first().is_some_and(|e| e.alive)).await;
+
+    // Bad heartbeats are refused with the field named.
+    let mut bad = heartbeat("");
+    bad.info.id = String::new();
+    assert_eq!(
+        status(node.heartbeat(&bad).await),
+        (400, Some("info.id".into()))
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn watch_sends_progress_when_idle() {
+    let srv = Server::start().await;
+    let mut events = srv.node().watch().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let WatchEvent::Snapshot(first) = first else {
+        panic!("first line must be a snapshot")
+    };
+    let second = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        second,
+        WatchEvent::Progress {
+            revision: first.revision,
+            observed_version: first.observed_version
+        }
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn run_generates_admin_token_and_shuts_down_gracefully() {
+    let dir = TempDir::new("run");
+    let data_dir = dir.path().join("data");
+    // Find a free port; a race with another process is possible but unlikely in tests.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = Config {
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        data_dir: data_dir.clone(),
+        admin_token: None,
+        node_token: None,
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(crate::run(cfg, shutdown.clone()));
+
+    let token_file = data_dir.join(bootstrap::ADMIN_TOKEN_FILE);
+    let token = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(t) = std::fs::read_to_string(&token_file) {
+                return t.trim().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(coordinator_api::token::parse_id(coordinator_api::token::API, &token).is_some());
+
+    let c = Client::new(format!("http://127.0.0.1:{port}"), &token).unwrap();
+    let svc = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match c
+                .create_service(&CreateService {
+                    name: "web".into(),
+                    lb_policy: Default::default(),
+                })
+                .await
+            {
+                Ok(s) => return s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(svc.name, "web");
+
+    // An open watch stream must not hold up graceful shutdown.
+    let mut events = c.watch().await.unwrap();
+    assert!(matches!(
+        events.next().await,
+        Some(Ok(WatchEvent::Snapshot(_)))
+    ));
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // Restart on the same data: the state is still there and no new token file is written.
+    let shutdown = CancellationToken::new();
+    let cfg = Config {
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        data_dir,
+        admin_token: None,
+        node_token: None,
+    };
+    let task = tokio::spawn(crate::run(cfg, shutdown.clone()));
+    let services = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match c.list_services().await {
+                Ok(s) => return s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(services.len(), 1);
+    assert_eq!(std::fs::read_to_string(&token_file).unwrap().trim(), token);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
