@@ -4,7 +4,7 @@
 //! and disconnect, rare) clone-and-swap under a plain mutex that is never held across `.await`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -21,6 +21,8 @@ pub(crate) struct AgentHandle {
     pub(crate) conn: quinn::Connection,
     pub(crate) info: AgentConn,
     in_flight: AtomicUsize,
+    /// Last `OriginHealth` the agent reported; unhealthy connections are avoided while others exist.
+    origin_healthy: AtomicBool,
 }
 
 impl AgentHandle {
@@ -31,11 +33,20 @@ impl AgentHandle {
             conn,
             info,
             in_flight: AtomicUsize::new(0),
+            origin_healthy: AtomicBool::new(true),
         })
     }
 
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_origin_healthy(&self, healthy: bool) {
+        self.origin_healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    fn origin_healthy(&self) -> bool {
+        self.origin_healthy.load(Ordering::Relaxed)
     }
 
     /// Counts one request against this connection until the returned lease is dropped.
@@ -119,17 +130,25 @@ impl Registry {
         true
     }
 
-    /// Picks a connection for `service` by P2C over in-flight requests, skipping `exclude`.
+    /// Picks a connection for `service` by P2C over in-flight requests, skipping `exclude` and
+    /// preferring connections whose origin is healthy (all of them when none is).
     pub(crate) fn pick(&self, service: &str, exclude: Option<u64>) -> Option<Lease> {
         let map = self.by_service.load();
         let list = map.get(service)?;
         let mut rng = rand::rng();
-        let chosen = match exclude {
-            None => balance::p2c(list.len(), |i| list[i].in_flight(), &mut rng).map(|i| &list[i]),
-            Some(key) => {
-                let rest: Vec<&Arc<AgentHandle>> = list.iter().filter(|h| h.key != key).collect();
-                balance::p2c(rest.len(), |i| rest[i].in_flight(), &mut rng).map(|i| rest[i])
-            }
+        let chosen = if exclude.is_none() && list.iter().all(|h| h.origin_healthy()) {
+            // Fast path: no filtering, no allocation.
+            balance::p2c(list.len(), |i| list[i].in_flight(), &mut rng).map(|i| &list[i])
+        } else {
+            let usable: Vec<&Arc<AgentHandle>> =
+                list.iter().filter(|h| Some(h.key) != exclude).collect();
+            let healthy: Vec<&Arc<AgentHandle>> = usable
+                .iter()
+                .copied()
+                .filter(|h| h.origin_healthy())
+                .collect();
+            let pool = if healthy.is_empty() { usable } else { healthy };
+            balance::p2c(pool.len(), |i| pool[i].in_flight(), &mut rng).map(|i| pool[i])
         }?;
         Some(chosen.lease())
     }

@@ -325,6 +325,9 @@ async fn control_loop(
                 }
                 Ok(Some(Frame::OriginHealth { service, healthy })) => {
                     debug!(agent = handle.info.agent_id, service, healthy, "origin health");
+                    if service == handle.info.service {
+                        handle.set_origin_healthy(healthy);
+                    }
                 }
                 Ok(Some(Frame::Drain)) => {
                     if shared.agents.remove(handle) {

@@ -55,6 +55,7 @@ fn snapshot() -> Snapshot {
 
 struct Harness {
     http: SocketAddr,
+    https: SocketAddr,
     tunnel: SocketAddr,
     cert: CertificateDer<'static>,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
@@ -83,10 +84,12 @@ async fn start(snap: Option<Snapshot>) -> Harness {
     let mut config = Config::new("eu", "127.0.0.1:0".parse().unwrap());
     config.id = "edge-test".into();
     config.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.https_listen = Some("127.0.0.1:0".parse().unwrap());
     config.tls_cert = Some(cert_path);
     config.tls_key = Some(key_path);
     let edge = Edge::bind(config).await.unwrap();
     let http = edge.http_addr().unwrap();
+    let https = edge.https_addr().unwrap();
     let tunnel = edge.tunnel_addr().unwrap();
     assert_eq!(
         edge.info().tunnel_addr.as_deref(),
@@ -97,6 +100,7 @@ async fn start(snap: Option<Snapshot>) -> Harness {
     let task = tokio::spawn(edge.serve(rx, shutdown.clone()));
     Harness {
         http,
+        https,
         tunnel,
         cert: ck.cert.der().clone(),
         snapshots: tx,
@@ -248,6 +252,18 @@ fn serve_streams(conn: quinn::Connection) {
                     }
                 }
                 let h = |n: &str| Bytes::from(header(&head, n).unwrap_or("-").to_owned());
+                if head.uri.ends_with(b"/fail") {
+                    write(
+                        &mut send,
+                        &Frame::Error {
+                            code: 502,
+                            message: "origin refused the connection".into(),
+                        },
+                    )
+                    .await;
+                    let _ = send.finish();
+                    return;
+                }
                 if header(&head, "upgrade").is_some() {
                     write(
                         &mut send,
@@ -650,4 +666,70 @@ async fn upgrade_becomes_a_raw_byte_stream() {
         .unwrap()
         .unwrap();
     assert_eq!(&got, b"ping over the tunnel");
+}
+
+#[tokio::test]
+async fn https_with_http2_routes_on_authority() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let h = start(Some(snapshot())).await;
+    let a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    serve_streams(a.conn.clone());
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(h.cert.clone()).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(h.https).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+
+    for (path, status) in [("/demo/h2?q=1", 200), ("/nope", 404)] {
+        let req = http::Request::get(format!("https://app.test{path}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status);
+        assert_eq!(resp.headers()["meridian-region"], "eu");
+        if status == 200 {
+            assert_eq!(resp.headers()["x-seen-proto"], "https");
+            assert_eq!(resp.headers()["x-seen-host"], "app.test");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"GET /h2?q=1 body=0");
+        }
+    }
+}
+
+#[tokio::test]
+async fn agent_error_is_502_and_drain_stops_routing() {
+    let h = start(Some(snapshot())).await;
+    let mut a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    serve_streams(a.conn.clone());
+
+    let r = get(h.http, "app.test", "/demo/fail").await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(r.body.contains("origin refused the connection"), "{r:?}");
+    assert_stamped(&r);
+
+    write(&mut a.control_send, &Frame::Drain).await;
+    // Heartbeat round trip: once acked, the Drain before it has been processed.
+    write(&mut a.control_send, &Frame::Heartbeat { seq: 1 }).await;
+    assert_eq!(a.control.next().await, Some(Frame::HeartbeatAck { seq: 1 }));
+    let r = get(h.http, "app.test", "/demo").await;
+    assert_eq!(r.status, 503, "{r:?}");
 }
