@@ -8,6 +8,7 @@ mod config;
 mod error;
 mod hub;
 mod observed;
+mod server;
 pub mod store;
 mod validate;
 
@@ -72,8 +73,7 @@ async fn serve_with(
     let mut state = api::AppState::new(hub, stop.clone());
     state.progress_every = progress_every;
     let app = api::router(state);
-    let res = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
+    let res = server::serve(listener, app, stop.clone())
         .await
         .map_err(Error::Serve);
     stop.cancel();
