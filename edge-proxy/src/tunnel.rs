@@ -313,7 +313,11 @@ async fn control_loop(
     shutdown: &CancellationToken,
 ) -> End {
     let mut snapshots = shared.snapshots.clone();
-    snapshots.borrow_and_update();
+    // A snapshot may have landed between admission and here: check it once before waiting.
+    let current = snapshots.borrow_and_update().clone();
+    if current.is_some_and(|s| !admission::still_valid(&s, admitted)) {
+        return End::Revoked;
+    }
     let mut snapshots_open = true;
     loop {
         tokio::select! {
