@@ -36,6 +36,12 @@ pub struct Config {
     /// Keep connections to edges in this many distinct regions (fewer if fewer exist).
     #[arg(long, default_value_t = 2)]
     pub regions: usize,
+    /// Seconds between origin health probes (0 disables); transitions are reported to edges.
+    #[arg(long, default_value_t = 5)]
+    pub health_interval: u64,
+    /// Probe with `GET <path>` (healthy below 500) instead of a TCP connect to the origin.
+    #[arg(long)]
+    pub health_path: Option<String>,
 }
 
 impl Config {
@@ -56,6 +62,8 @@ impl Config {
             server_name: None,
             agent_id: None,
             regions: 2,
+            health_interval: 5,
+            health_path: None,
         }
     }
 }

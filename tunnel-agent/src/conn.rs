@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -33,6 +34,8 @@ pub(crate) struct Shared {
     pub(crate) client_config: quinn::ClientConfig,
     pub(crate) targets: Mutex<Targets>,
     pub(crate) stream_ctx: Arc<StreamCtx>,
+    /// Latest origin health (true until a probe says otherwise).
+    pub(crate) health: watch::Receiver<bool>,
     pub(crate) shutdown: CancellationToken,
     /// Slots and background drains; `run` waits for all of them.
     pub(crate) tasks: TaskTracker,
@@ -281,6 +284,14 @@ async fn serve(
 ) {
     let streams = TaskTracker::new();
     let mut hb = Heartbeat::new(Instant::now());
+    let mut health = shared.health.clone();
+    let mut health_open = true;
+    // Edges assume a healthy origin for a new connection; correct them at once if not.
+    if !*health.borrow_and_update()
+        && let Err(e) = write_frame(&mut ctl_send, &origin_health(shared, false)).await
+    {
+        warn!(slot, edge = %addr, error = %e, "control stream failed");
+    }
     let stop = loop {
         let deadline = tokio::time::Instant::from_std(hb.deadline());
         tokio::select! {
@@ -305,6 +316,15 @@ async fn serve(
                 Ok(Some(other)) => debug!(slot, type_code = other.type_code(), "ignoring control frame"),
                 Ok(None) => break Stop::Lost("edge closed the control stream".into()),
                 Err(e) => break Stop::Lost(format!("control stream: {e}")),
+            },
+            r = health.changed(), if health_open => match r {
+                Ok(()) => {
+                    let healthy = *health.borrow_and_update();
+                    if let Err(e) = write_frame(&mut ctl_send, &origin_health(shared, healthy)).await {
+                        break Stop::Lost(format!("control stream: {e}"));
+                    }
+                }
+                Err(_) => health_open = false,
             },
             _ = tokio::time::sleep_until(deadline) => match hb.poll(Instant::now()) {
                 Ok(Some(seq)) => {
@@ -339,6 +359,13 @@ async fn serve(
             warn!(slot, edge = %addr, %why, "tunnel connection lost; reconnecting");
             conn.close(quinn::VarInt::from_u32(code::CANCELLED), b"lost");
         }
+    }
+}
+
+fn origin_health(shared: &Shared, healthy: bool) -> Frame {
+    Frame::OriginHealth {
+        service: shared.service.clone(),
+        healthy,
     }
 }
 

@@ -9,6 +9,7 @@ mod config;
 mod conn;
 mod error;
 mod headers;
+mod health;
 mod heartbeat;
 mod origin;
 mod quic;
@@ -17,6 +18,7 @@ mod targets;
 mod wire;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,9 +46,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         source,
     })?;
     let client_config = quic::client_config(&ca)?;
-    let origin = origin::Origin::new(&config.to)?;
+    let origin = origin::Origin::new(&config.to, config.health_path.clone())?;
     let agent_id = config.agent_id.clone().unwrap_or_else(random_agent_id);
 
+    let stream_ctx = Arc::new(stream::StreamCtx {
+        origin,
+        service: config.service.clone(),
+    });
+    let (health_tx, health_rx) = tokio::sync::watch::channel(true);
     let shared = Arc::new(conn::Shared {
         token: config.token.clone(),
         agent_id: agent_id.clone(),
@@ -54,10 +61,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         server_name: config.server_name.clone(),
         client_config,
         targets: Mutex::new(targets::Targets::new(config.edges.clone(), config.regions)),
-        stream_ctx: Arc::new(stream::StreamCtx {
-            origin,
-            service: config.service.clone(),
-        }),
+        stream_ctx: stream_ctx.clone(),
+        health: health_rx,
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });
@@ -69,6 +74,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         regions = config.regions,
         "ready"
     );
+    if config.health_interval > 0 {
+        shared.tasks.spawn(health::probe_loop(
+            stream_ctx,
+            Duration::from_secs(config.health_interval),
+            health_tx,
+            shutdown.clone(),
+        ));
+    } else {
+        drop(health_tx);
+    }
     conn::spawn_slot(&shared, 0);
 
     shutdown.cancelled().await;

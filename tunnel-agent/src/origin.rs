@@ -88,11 +88,16 @@ pub(crate) struct Origin {
     pub(crate) client: Client<HttpConnector, TunnelBody>,
     /// `http://authority[/path]` without a trailing slash.
     base: String,
+    /// `host:port` for TCP health probes.
+    authority: String,
+    /// Path for HTTP health probes; `None`: a TCP connect is the probe.
+    health_path: Option<String>,
 }
 
 impl Origin {
-    pub(crate) fn new(to: &str) -> Result<Self, Error> {
+    pub(crate) fn new(to: &str, health_path: Option<String>) -> Result<Self, Error> {
         let base = parse_base(to)?;
+        let authority = base_authority(&base);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -102,7 +107,35 @@ impl Origin {
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
-        Ok(Self { client, base })
+        if let Some(p) = &health_path {
+            join(&base, p.as_bytes()).map_err(|e| Error::Config(format!("--health-path: {e}")))?;
+        }
+        Ok(Self {
+            client,
+            base,
+            authority,
+            health_path,
+        })
+    }
+
+    /// One health probe: `GET --health-path` answering below 500, else a TCP connect.
+    pub(crate) async fn probe(&self) -> bool {
+        match &self.health_path {
+            Some(path) => {
+                let Ok(uri) = self.uri_for(path.as_bytes()) else {
+                    return false;
+                };
+                let mut req = http::Request::new(TunnelBody::empty());
+                *req.uri_mut() = uri;
+                match self.client.request(req).await {
+                    Ok(resp) => !resp.status().is_server_error(),
+                    Err(_) => false,
+                }
+            }
+            None => tokio::net::TcpStream::connect(self.authority.as_str())
+                .await
+                .is_ok(),
+        }
     }
 
     /// `--to` base joined with the origin-form target from the request head.
@@ -128,6 +161,22 @@ fn parse_base(to: &str) -> Result<String, Error> {
     }
     let path = uri.path().trim_end_matches('/');
     Ok(format!("http://{authority}{path}"))
+}
+
+/// `host:port` of a base made by [`parse_base`] (port 80 when absent).
+fn base_authority(base: &str) -> String {
+    let rest = base.trim_start_matches("http://");
+    let authority = rest.split('/').next().unwrap_or(rest);
+    // A bracketed IPv6 host or a host without a colon has no explicit port.
+    if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+        && !authority.ends_with(']')
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    }
 }
 
 fn join(base: &str, target: &[u8]) -> Result<Uri, String> {
@@ -162,6 +211,14 @@ mod tests {
         assert!(parse_base("https://app").is_err());
         assert!(parse_base("127.0.0.1:3000").is_err());
         assert!(parse_base("http://app/?q=1").is_err());
+    }
+
+    #[test]
+    fn authority() {
+        assert_eq!(base_authority("http://127.0.0.1:3000"), "127.0.0.1:3000");
+        assert_eq!(base_authority("http://app/api"), "app:80");
+        assert_eq!(base_authority("http://[::1]:8080/x"), "[::1]:8080");
+        assert_eq!(base_authority("http://[::1]"), "[::1]:80");
     }
 
     #[test]

@@ -458,6 +458,20 @@ async fn reject_is_retried_and_unreachable_origin_is_502() {
     )
     .await;
 
+    // The agent probed its origin and reports it down.
+    let health = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ctl.next().await {
+                Some(Frame::OriginHealth { service, healthy }) => break (service, healthy),
+                Some(Frame::Heartbeat { .. }) => {}
+                other => panic!("unexpected control frame {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(health, ("shop".to_owned(), false));
+
     let (mut send, recv) = conn.open_bi().await.unwrap();
     write(&mut send, &[head("GET", "/", &[]), Frame::End], true).await;
     let mut r = Reader::new(recv);
@@ -468,6 +482,84 @@ async fn reject_is_retried_and_unreachable_origin_is_502() {
         }
         other => panic!("expected Error 502, got {other:?}"),
     }
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(&pki.ca_path);
+}
+
+/// Accepts one agent connection on `edge` and registers it as `edge_id` in `region`.
+async fn register(
+    edge: &quinn::Endpoint,
+    edge_id: &str,
+    region: &str,
+    others: Vec<tunnel_proto::EdgeEndpoint>,
+) -> (quinn::Connection, quinn::SendStream, Reader) {
+    let conn = tokio::time::timeout(Duration::from_secs(10), edge.accept())
+        .await
+        .unwrap()
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.accept_bi().await.unwrap();
+    let mut ctl = Reader::new(recv);
+    assert!(matches!(ctl.next().await, Some(Frame::Hello { .. })));
+    write(
+        &mut send,
+        &[Frame::Welcome {
+            edge_id: edge_id.into(),
+            region: region.into(),
+            other_edges: others,
+        }],
+        false,
+    )
+    .await;
+    (conn, send, ctl)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_to_a_second_region_and_reconnects_after_drain() {
+    let pki = pki("regions");
+    let edge_a =
+        quinn::Endpoint::server(pki.server.clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let edge_b =
+        quinn::Endpoint::server(pki.server.clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let b_addr = edge_b.local_addr().unwrap();
+    let origin = origin().await;
+
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(tunnel_agent::run(
+        agent_config(
+            edge_a.local_addr().unwrap(),
+            &format!("http://{origin}"),
+            &pki.ca_path,
+        ),
+        shutdown.clone(),
+    ));
+
+    let others = vec![tunnel_proto::EdgeEndpoint {
+        edge_id: "edge-b".into(),
+        region: "us".into(),
+        addr: b_addr.to_string(),
+    }];
+    let (_conn_a, mut ctl_a, _ctl_a_reader) = register(&edge_a, "edge-a", "eu", others).await;
+    // Welcome named a region the agent has no connection to: it dials it.
+    let (conn_b, _ctl_b, _ctl_b_reader) = register(&edge_b, "edge-b", "us", vec![]).await;
+
+    // Requests work through the second region's edge too.
+    let (mut send, recv) = conn_b.open_bi().await.unwrap();
+    write(&mut send, &[head("GET", "/via-b", &[]), Frame::End], true).await;
+    let (_, body, ended) = response(&mut Reader::new(recv)).await;
+    assert!(ended);
+    assert_eq!(String::from_utf8(body).unwrap(), "GET /via-b ");
+
+    // Edge A drains: the agent reconnects to A (its region's only address).
+    write(&mut ctl_a, &[Frame::Drain], false).await;
+    let (_conn_a2, _ctl_a2, _r) = register(&edge_a, "edge-a", "eu", vec![]).await;
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(15), agent)
