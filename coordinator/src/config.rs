@@ -36,3 +36,51 @@ impl std::fmt::Debug for Config {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Config;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn flags_and_defaults() {
+        let c = Cli::try_parse_from(["x", "--data-dir", "/tmp/d"])
+            .unwrap()
+            .config;
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7700");
+        assert_eq!(c.data_dir.to_str(), Some("/tmp/d"));
+        let c = Cli::try_parse_from([
+            "x",
+            "--listen",
+            "0.0.0.0:9",
+            "--data-dir",
+            "d",
+            "--admin-token",
+            "a",
+            "--node-token",
+            "n",
+        ])
+        .unwrap()
+        .config;
+        assert_eq!(c.listen.port(), 9);
+        assert_eq!(
+            (c.admin_token.as_deref(), c.node_token.as_deref()),
+            (Some("a"), Some("n"))
+        );
+        assert!(
+            !format!("{c:?}").contains("\"a\""),
+            "tokens must not be printed"
+        );
+        assert!(
+            Cli::try_parse_from(["x"]).is_err(),
+            "--data-dir is required"
+        );
+    }
+}
