@@ -36,12 +36,6 @@ pub enum Error {
     },
     #[error("coordinator client: {0}")]
     Coordinator(#[from] coordinator_api::ClientError),
-    #[error("state dir {path}: {source}")]
-    StateDir {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Runs the GeoDNS role until `shutdown` is cancelled: binds every listener, then follows the
@@ -54,16 +48,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     };
     let server = Server::bind(&config).await?;
     let client = coordinator_api::Client::new(url, config.node_token.clone().unwrap_or_default())?;
-    let cache_path = match &config.state_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|source| Error::StateDir {
-                path: dir.clone(),
-                source,
-            })?;
-            Some(dir.join(SNAPSHOT_CACHE_FILE))
-        }
-        None => None,
-    };
+    let cache_path = config
+        .state_dir
+        .as_ref()
+        .map(|d| d.join(SNAPSHOT_CACHE_FILE));
     let (snapshots, subscriber) = Subscriber::spawn(SubscriberConfig { client, cache_path });
     let result = server.run(snapshots, shutdown).await;
     subscriber.abort();

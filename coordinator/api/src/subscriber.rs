@@ -207,6 +207,10 @@ pub fn load_cache(path: &Path) -> Result<Option<Snapshot>, String> {
 pub fn persist_cache(path: &Path, snap: &Snapshot) -> std::io::Result<()> {
     use std::io::Write;
     let data = serde_json::to_vec(snap).map_err(std::io::Error::other)?;
+    // Roles are pointed at a state dir that may not exist yet; the cache is theirs to create.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
     let mut tmp_name = path
         .file_name()
         .map(|n| n.to_os_string())
