@@ -1,1 +1,127 @@
-fn main() {}
+//! `meridian`: one binary for every role of the network, plus `dev` and `ctl`.
+
+mod ctl;
+mod demo_app;
+mod dev;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "meridian",
+    version,
+    about = "A self-hostable global edge network"
+)]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax); also `RUST_LOG`.
+    #[arg(long, global = true, env = "MERIDIAN_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the control plane.
+    Coordinator(coordinator::Config),
+    /// Run an edge proxy.
+    Edge(edge_proxy::Config),
+    /// Run the authoritative GeoDNS server.
+    Geodns(geodns::Config),
+    /// Run a tunnel agent beside an app.
+    Agent(tunnel_agent::Config),
+    /// Run the demo app (an httpbin-like origin used by `dev` and the tests).
+    DemoApp(demo_app::Config),
+    /// Start a whole three-region network on this machine.
+    Dev(dev::Config),
+    /// Manage the network through the coordinator's API.
+    Ctl(ctl::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log, matches!(cli.command, Command::Ctl(_)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meridian: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meridian: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Ctl(args) => ctl::run(args).await,
+        Command::Dev(cfg) => dev::run(cfg).await,
+        role => {
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            match role {
+                Command::Coordinator(cfg) => coordinator::run(cfg, shutdown).await?,
+                Command::Edge(cfg) => edge_proxy::run(cfg, shutdown).await?,
+                Command::Geodns(cfg) => geodns::run(cfg, shutdown).await?,
+                Command::Agent(cfg) => tunnel_agent::run(cfg, shutdown).await?,
+                Command::DemoApp(cfg) => demo_app::run(cfg, shutdown).await?,
+                Command::Ctl(_) | Command::Dev(_) => unreachable!("handled above"),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM so every role drains the same way.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received, shutting down");
+        shutdown.cancel();
+    });
+}
+
+pub(crate) async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers we can still stop on Ctrl-C through tokio's portable path.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn init_tracing(filter: &str, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
+        if quiet {
+            "warn".to_string()
+        } else {
+            filter.to_string()
+        }
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}

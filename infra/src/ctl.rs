@@ -1,0 +1,350 @@
+//! `meridian ctl`: a thin client of the coordinator API, human tables by default, `--json` for scripts.
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use coordinator_api::{Client, CreateService, CreateToken, LbPolicy, Mount, Region};
+use serde::Serialize;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Coordinator API base URL.
+    #[arg(
+        long,
+        env = "MERIDIAN_COORDINATOR",
+        default_value = "http://127.0.0.1:7700",
+        global = true
+    )]
+    coordinator: String,
+    /// Admin token; defaults to the one `meridian dev` wrote to `.meridian-dev/admin.token`.
+    #[arg(
+        long,
+        env = "MERIDIAN_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Services: create, list, delete.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// List services.
+    Services,
+    /// Mounts: add, remove, list.
+    #[command(subcommand)]
+    Mount(MountCmd),
+    /// List mounts.
+    Mounts,
+    /// Agent tokens: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// List agent tokens (ids only, never secrets).
+    Tokens,
+    /// Regions: create, list.
+    #[command(subcommand)]
+    Region(RegionCmd),
+    /// List regions.
+    Regions,
+    /// Edges with liveness and agent counts.
+    Edges,
+    /// Agent connections, with the edge and region holding each.
+    Agents,
+}
+
+#[derive(Subcommand, Debug)]
+enum ServiceCmd {
+    Create {
+        name: String,
+        #[arg(long, value_parser = parse_policy, default_value = "p2c")]
+        lb: LbPolicy,
+    },
+    List,
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MountCmd {
+    /// `HOST/PREFIX SERVICE`, e.g. `edge.meridian.test/shop shop --strip-prefix`.
+    Add {
+        target: String,
+        service: String,
+        #[arg(long)]
+        strip_prefix: bool,
+    },
+    #[command(alias = "rm")]
+    Remove {
+        target: String,
+    },
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    Create { service: String },
+    List,
+    Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum RegionCmd {
+    Create {
+        name: String,
+        #[arg(long, allow_hyphen_values = true)]
+        lat: Option<f64>,
+        #[arg(long, allow_hyphen_values = true)]
+        lon: Option<f64>,
+    },
+    List,
+}
+
+fn parse_policy(s: &str) -> Result<LbPolicy, String> {
+    serde_json::from_value(serde_json::Value::String(s.replace('-', "_")))
+        .map_err(|_| format!("unknown policy {s:?} (p2c, round-robin)"))
+}
+
+/// Splits `host/prefix` (prefix defaults to `/`).
+fn split_target(target: &str) -> (String, String) {
+    let target = target
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    match target.find('/') {
+        Some(i) => (target[..i].to_owned(), target[i..].to_owned()),
+        None => (target.to_owned(), "/".to_owned()),
+    }
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let token = match args.token {
+        Some(t) => t,
+        None => std::fs::read_to_string(".meridian-dev/admin.token")
+            .map(|t| t.trim().to_owned())
+            .context("no admin token: pass --token or set MERIDIAN_ADMIN_TOKEN")?,
+    };
+    let c = Client::new(args.coordinator, token)?;
+    let out = Out { json: args.json };
+    match args.command {
+        Cmd::Service(ServiceCmd::Create { name, lb }) => out.one(
+            &c.create_service(&CreateService {
+                name,
+                lb_policy: lb,
+            })
+            .await?,
+        ),
+        Cmd::Service(ServiceCmd::List) | Cmd::Services => {
+            let rows = c.list_services().await?;
+            out.table(&rows, &["NAME", "LB"], |s| {
+                vec![s.name.clone(), format!("{:?}", s.lb_policy)]
+            })
+        }
+        Cmd::Service(ServiceCmd::Delete { name }) => {
+            c.delete_service(&name).await?;
+            out.done(&format!("deleted service {name}"))
+        }
+        Cmd::Mount(MountCmd::Add {
+            target,
+            service,
+            strip_prefix,
+        }) => {
+            let (host, path_prefix) = split_target(&target);
+            out.one(
+                &c.add_mount(&Mount {
+                    host,
+                    path_prefix,
+                    service,
+                    strip_prefix,
+                })
+                .await?,
+            )
+        }
+        Cmd::Mount(MountCmd::Remove { target }) => {
+            let (host, prefix) = split_target(&target);
+            c.delete_mount(&host, &prefix).await?;
+            out.done(&format!("removed mount {host}{prefix}"))
+        }
+        Cmd::Mount(MountCmd::List) | Cmd::Mounts => {
+            let rows = c.list_mounts().await?;
+            out.table(&rows, &["HOST", "PREFIX", "SERVICE", "STRIP"], |m| {
+                vec![
+                    m.host.clone(),
+                    m.path_prefix.clone(),
+                    m.service.clone(),
+                    m.strip_prefix.to_string(),
+                ]
+            })
+        }
+        Cmd::Token(TokenCmd::Create { service }) => {
+            let t = c.create_token(&CreateToken { service }).await?;
+            if out.json {
+                return out.one(&t);
+            }
+            println!(
+                "token {} for service {} (shown once, store it now):",
+                t.id, t.service
+            );
+            println!("{}", t.token);
+            Ok(())
+        }
+        Cmd::Token(TokenCmd::List) | Cmd::Tokens => {
+            let rows = c.list_tokens().await?;
+            out.table(&rows, &["ID", "SERVICE", "CREATED_MS"], |t| {
+                vec![t.id.clone(), t.service.clone(), t.created_at_ms.to_string()]
+            })
+        }
+        Cmd::Token(TokenCmd::Revoke { id }) => {
+            c.revoke_token(&id).await?;
+            out.done(&format!("revoked token {id}"))
+        }
+        Cmd::Region(RegionCmd::Create { name, lat, lon }) => {
+            if lat.is_some() != lon.is_some() {
+                bail!("give both --lat and --lon, or neither");
+            }
+            out.one(
+                &c.create_region(&Region {
+                    name,
+                    latitude: lat,
+                    longitude: lon,
+                })
+                .await?,
+            )
+        }
+        Cmd::Region(RegionCmd::List) | Cmd::Regions => {
+            let rows = c.list_regions().await?;
+            out.table(&rows, &["NAME", "LAT", "LON"], |r| {
+                vec![r.name.clone(), opt(r.latitude), opt(r.longitude)]
+            })
+        }
+        Cmd::Edges => {
+            let rows = c.list_edges().await?;
+            out.table(
+                &rows,
+                &["ID", "REGION", "ALIVE", "PUBLIC_IPS", "TUNNEL", "AGENTS"],
+                |e| {
+                    vec![
+                        e.info.id.clone(),
+                        e.info.region.clone(),
+                        e.alive.to_string(),
+                        e.info
+                            .public_ips
+                            .iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        e.info.tunnel_addr.clone().unwrap_or_default(),
+                        e.agents.len().to_string(),
+                    ]
+                },
+            )
+        }
+        Cmd::Agents => {
+            let rows = c.list_agents().await?;
+            out.table(
+                &rows,
+                &["AGENT", "SERVICE", "EDGE", "REGION", "FROM", "TOKEN"],
+                |a| {
+                    vec![
+                        a.conn.agent_id.clone(),
+                        a.conn.service.clone(),
+                        a.edge_id.clone(),
+                        a.region.clone(),
+                        a.conn.remote_addr.clone(),
+                        a.conn.token_id.clone(),
+                    ]
+                },
+            )
+        }
+    }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// A single created resource reads well as JSON for humans and scripts alike.
+    fn one<T: Serialize>(&self, v: &T) -> anyhow::Result<()> {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        Ok(())
+    }
+
+    fn done(&self, msg: &str) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::json!({ "ok": true, "message": msg }));
+        } else {
+            println!("{msg}");
+        }
+        Ok(())
+    }
+
+    fn table<T: Serialize>(
+        &self,
+        rows: &[T],
+        header: &[&str],
+        cells: impl Fn(&T) -> Vec<String>,
+    ) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(rows)?);
+            return Ok(());
+        }
+        let body: Vec<Vec<String>> = rows.iter().map(cells).collect();
+        let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+        for row in &body {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        let line = |cells: Vec<String>| {
+            let parts: Vec<String> = cells
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            println!("{}", parts.join("  ").trim_end());
+        };
+        line(header.iter().map(|h| (*h).to_owned()).collect());
+        for row in body {
+            line(row);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_targets() {
+        assert_eq!(
+            split_target("edge.meridian.test/shop"),
+            ("edge.meridian.test".into(), "/shop".into())
+        );
+        assert_eq!(
+            split_target("edge.meridian.test"),
+            ("edge.meridian.test".into(), "/".into())
+        );
+        assert_eq!(
+            split_target("https://a.b/c/d"),
+            ("a.b".into(), "/c/d".into())
+        );
+    }
+
+    #[test]
+    fn policies() {
+        assert_eq!(parse_policy("p2c"), Ok(LbPolicy::P2c));
+        assert_eq!(parse_policy("round-robin"), Ok(LbPolicy::RoundRobin));
+        assert!(parse_policy("random").is_err());
+    }
+}
