@@ -17,7 +17,10 @@ pub fn format(kind: &str, id: &str, secret: &str) -> String {
 
 /// The id part of a well-formed token of `kind`, or `None`.
 pub fn parse_id<'a>(kind: &str, token: &'a str) -> Option<&'a str> {
-    let rest = token.strip_prefix("mrd_")?.strip_prefix(kind)?.strip_prefix('_')?;
+    let rest = token
+        .strip_prefix("mrd_")?
+        .strip_prefix(kind)?
+        .strip_prefix('_')?;
     let (id, secret) = rest.split_once('_')?;
     (!id.is_empty() && !secret.is_empty()).then_some(id)
 }
@@ -53,7 +56,14 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "mrd_", "mrd_agent_", "mrd_agent__x", "mrd_agent_id_", "xx_agent_a_b"] {
+        for bad in [
+            "",
+            "mrd_",
+            "mrd_agent_",
+            "mrd_agent__x",
+            "mrd_agent_id_",
+            "xx_agent_a_b",
+        ] {
             assert_eq!(parse_id(AGENT, bad), None, "{bad}");
         }
     }

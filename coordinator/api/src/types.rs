@@ -124,10 +124,16 @@ impl Snapshot {
             self.services.iter().map(|s| s.name.as_str()).collect();
         for m in &self.mounts {
             if !m.path_prefix.starts_with('/') {
-                return Err(format!("mount {}{}: path prefix must start with '/'", m.host, m.path_prefix));
+                return Err(format!(
+                    "mount {}{}: path prefix must start with '/'",
+                    m.host, m.path_prefix
+                ));
             }
             if !services.contains(m.service.as_str()) {
-                return Err(format!("mount {}{}: unknown service {:?}", m.host, m.path_prefix, m.service));
+                return Err(format!(
+                    "mount {}{}: unknown service {:?}",
+                    m.host, m.path_prefix, m.service
+                ));
             }
         }
         for t in &self.agent_tokens {
@@ -146,7 +152,10 @@ pub enum WatchEvent {
     /// The whole state; sent first and on every change.
     Snapshot(Snapshot),
     /// Nothing changed; sent every few seconds so subscribers know the stream is alive.
-    Progress { revision: Revision, observed_version: u64 },
+    Progress {
+        revision: Revision,
+        observed_version: u64,
+    },
 }
 
 // ---- request / response bodies of the admin API ----
