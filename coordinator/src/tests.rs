@@ -254,6 +254,7 @@ async fn validation_errors_name_the_field() {
         name: "ams".into(),
         latitude: Some(95.0),
         longitude: None,
+        admin_state: Default::default(),
     };
     assert_eq!(
         status(c.create_region(&r).await),
@@ -263,6 +264,7 @@ async fn validation_errors_name_the_field() {
         name: "ams".into(),
         latitude: Some(52.4),
         longitude: Some(4.9),
+        admin_state: Default::default(),
     };
     assert_eq!(c.create_region(&r).await.unwrap(), r);
     assert_eq!(status(c.create_region(&r).await).0, 409);

@@ -421,6 +421,7 @@ mod tests {
             name: name.into(),
             latitude: Some(lat),
             longitude: Some(lon),
+            admin_state: Default::default(),
         }
     }
 
@@ -623,6 +624,7 @@ mod tests {
             name: "aaa".into(),
             latitude: None,
             longitude: None,
+            admin_state: Default::default(),
         });
         snap.edges.push(edge("aaa-1", "aaa", &["127.0.0.14"], true));
         let t = AnswerTable::build(dev_policy(&["100.64.0.0/10=nowhere,ams"]), &snap);

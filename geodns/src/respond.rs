@@ -322,6 +322,7 @@ mod tests {
             name: name.into(),
             latitude: Some(lat),
             longitude: Some(lon),
+            admin_state: Default::default(),
         };
         let edge = |region: &str, ip: &str| EdgeStatus {
             info: EdgeInfo {

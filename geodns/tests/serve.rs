@@ -24,6 +24,7 @@ fn dev_snapshot() -> Snapshot {
         name: name.into(),
         latitude: Some(lat),
         longitude: Some(lon),
+        admin_state: Default::default(),
     };
     let edge = |region: &str, ip: &str| EdgeStatus {
         info: EdgeInfo {

@@ -212,6 +212,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                     name,
                     latitude: lat,
                     longitude: lon,
+                    admin_state: Default::default(),
                 })
                 .await?,
             )

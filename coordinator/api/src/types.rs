@@ -15,6 +15,19 @@ pub struct Region {
     pub latitude: Option<f64>,
     #[serde(default)]
     pub longitude: Option<f64>,
+    /// Operator override of the health the network observes (`meridian ctl region down NAME`).
+    #[serde(default)]
+    pub admin_state: AdminState,
+}
+
+/// An operator's say over a region's health: `Auto` follows observation, the others force it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminState {
+    #[default]
+    Auto,
+    Up,
+    Down,
 }
 
 /// How an edge picks among a service's backends.

@@ -171,6 +171,7 @@ fn read_regions(c: &Connection) -> Result<Vec<Region>, StoreError> {
             name: r.get(0)?,
             latitude: r.get(1)?,
             longitude: r.get(2)?,
+            admin_state: Default::default(),
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -472,6 +473,7 @@ mod tests {
             name: "ams".into(),
             latitude: Some(52.4),
             longitude: Some(4.9),
+            admin_state: Default::default(),
         };
         let r1 = s.create_region(&region).unwrap();
         let r2 = s.create_service(&svc("web")).unwrap();

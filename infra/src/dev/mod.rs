@@ -143,6 +143,7 @@ async fn start(data: &Path, sup: &mut Supervisor, ready_timeout: Duration) -> an
             name: r.name.into(),
             latitude: Some(r.lat),
             longitude: Some(r.lon),
+            admin_state: Default::default(),
         };
         ignore_conflict(client.create_region(&region).await)?;
     }
