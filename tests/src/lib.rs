@@ -25,3 +25,19 @@ pub fn meridian_bin() -> PathBuf {
     );
     bin
 }
+
+/// Whether an external tool (a Debian package's binary) is on PATH. Suites that need one call
+/// this: where it is missing, the suite fails under CI (which installs `.ci/packages`) and is
+/// skipped, loudly, on a developer machine that lacks it.
+pub fn have_tool(name: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()));
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is missing; .ci/run installs it from .ci/packages"
+        );
+        eprintln!("SKIPPED: {name} is not installed (apt-get install it, or run .ci/run)");
+    }
+    found
+}
