@@ -102,18 +102,27 @@ impl DevNetwork {
     }
 }
 
-impl Drop for DevNetwork {
-    fn drop(&mut self) {
+impl DevNetwork {
+    /// Sends Ctrl-C (SIGINT) and waits for `meridian dev` to exit; `None` if it did not within 20 s.
+    pub fn interrupt(&mut self) -> Option<std::process::ExitStatus> {
         let _ = nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for DevNetwork {
+    fn drop(&mut self) {
+        if self.interrupt().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

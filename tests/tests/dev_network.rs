@@ -282,3 +282,30 @@ async fn malformed_input_gets_a_clear_error_and_others_keep_being_served() {
         "the edge keeps serving after all of the above"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_stops_every_part_of_the_network() {
+    let mut net = DevNetwork::start();
+    let children = [
+        "coordinator",
+        "edge-ams",
+        "edge-iad",
+        "edge-sin",
+        "geodns",
+        "demo-app",
+        "agent",
+    ];
+    let pids: Vec<i32> = children.iter().map(|c| net.pid(c)).collect();
+    assert!(pids.iter().all(|p| is_alive(*p)));
+    let status = net.interrupt().expect("meridian dev exits after Ctrl-C");
+    assert!(status.success(), "clean exit: {status}");
+    for (name, pid) in children.iter().zip(pids) {
+        assert!(!is_alive(pid), "{name} ({pid}) still running after Ctrl-C");
+    }
+    // Every listener is released: the addresses can be bound again at once.
+    for addr in ["127.0.0.1:7700", "127.0.0.12:8443", "127.0.0.12:8080"] {
+        std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("{addr} still taken: {e}"));
+    }
+    std::net::UdpSocket::bind("127.0.0.1:5353").expect("DNS port released");
+    std::net::UdpSocket::bind("127.0.0.12:7443").expect("tunnel port released");
+}
