@@ -9,21 +9,40 @@ pub mod dev;
 
 use std::path::PathBuf;
 
-/// The `meridian` binary cargo built next to this test executable (override with `MERIDIAN_BIN`).
+/// The `meridian` binary, built from this workspace's sources (override with `MERIDIAN_BIN`).
+///
+/// `cargo test --workspace` does not build another package's binary for this one, so the first
+/// call runs `cargo build -p meridian` (a no-op when it is fresh). That also means a suite can never
+/// run against a binary older than the code under test.
 pub fn meridian_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MERIDIAN_BIN") {
-        return PathBuf::from(p);
-    }
-    // target/<profile>/deps/<test-binary> → target/<profile>/meridian
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("meridian");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p meridian`",
-        bin.display()
-    );
-    bin
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MERIDIAN_BIN") {
+            return PathBuf::from(p);
+        }
+        // target/<profile>/deps/<test-binary> → target/<profile>/meridian
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = std::process::Command::new(cargo);
+        build.args(["build", "-p", "meridian", "--bin", "meridian"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        if let Some(target) = profile_dir.parent() {
+            build.env("CARGO_TARGET_DIR", target);
+        }
+        let status = build.status().expect("run cargo build -p meridian");
+        assert!(status.success(), "cargo build -p meridian failed");
+        let bin = profile_dir.join("meridian");
+        assert!(
+            bin.exists(),
+            "{} is missing after cargo build",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
 }
 
 /// Whether an external tool (a Debian package's binary) is on PATH. Suites that need one call
