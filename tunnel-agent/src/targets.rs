@@ -85,12 +85,25 @@ impl Targets {
             .filter(|(r, _)| !taken.contains(r.as_str()))
             .flat_map(|(_, a)| a.iter().copied())
             .collect();
+        // Seeds known to sit in a region another slot covers would only duplicate that slot.
         for seed in &self.seeds {
-            if !out.contains(seed) {
+            let covered = self
+                .known
+                .iter()
+                .any(|(r, addrs)| taken.contains(r.as_str()) && addrs.contains(seed));
+            if !covered && !out.contains(seed) {
                 out.push(*seed);
             }
         }
         out
+    }
+
+    /// Seeds whose region no `Welcome` has told us yet.
+    fn unexplored_seeds(&self) -> usize {
+        self.seeds
+            .iter()
+            .filter(|seed| !self.known.values().any(|addrs| addrs.contains(seed)))
+            .count()
     }
 
     fn bound_regions(&self, except: Option<SlotId>) -> BTreeSet<&str> {
@@ -161,6 +174,24 @@ impl Targets {
             });
             new.push(self.slots.len() - 1);
         }
+        // An edge that has not yet heard of its peers welcomes us with an empty list; the seeds
+        // we have not explored may be exactly the regions we lack, so each gets a slot of its own
+        // (staggered cursors, so they do not all dial the same seed) while we are short.
+        let unbound = self.slots.iter().filter(|s| s.region.is_none()).count();
+        let unexplored = self.unexplored_seeds();
+        let mut stagger = unbound;
+        while covered.len() + stagger < self.want
+            && stagger < unexplored
+            && self.slots.len() < self.max_slots
+        {
+            self.slots.push(Slot {
+                region: None,
+                cursor: stagger,
+                failures: 0,
+            });
+            new.push(self.slots.len() - 1);
+            stagger += 1;
+        }
         (new, bad)
     }
 
@@ -205,6 +236,26 @@ mod tests {
             region: region.into(),
             addr: addr.into(),
         }
+    }
+
+    #[test]
+    fn an_empty_welcome_sends_other_slots_to_the_unexplored_seeds() {
+        let seeds = vec![a("10.0.0.1:1"), a("10.0.0.2:1"), a("10.0.0.3:1")];
+        let mut t = Targets::new(seeds, 3);
+        assert_eq!(t.next_addr(0), Some(a("10.0.0.1:1")));
+        // The first edge knows no peers yet.
+        let (new, _) = t.on_welcome(0, a("10.0.0.1:1"), "ams", &[]);
+        assert_eq!(new, vec![1, 2]);
+        let dialled = [t.next_addr(1).unwrap(), t.next_addr(2).unwrap()];
+        assert_eq!(
+            dialled,
+            [a("10.0.0.2:1"), a("10.0.0.3:1")],
+            "one seed each, not ams again"
+        );
+        // Once those welcome us, nothing more is added: three regions are covered.
+        assert!(t.on_welcome(1, a("10.0.0.2:1"), "iad", &[]).0.is_empty());
+        assert!(t.on_welcome(2, a("10.0.0.3:1"), "sin", &[]).0.is_empty());
+        assert_eq!(t.slot_count(), 3);
     }
 
     #[test]
