@@ -51,6 +51,16 @@ pub struct Config {
     /// Address of `ns1.<zone>` (glue); defaults to the first listen IP.
     #[arg(long)]
     pub ns_ip: Option<IpAddr>,
+
+    /// A region with no live edge is taken out of answers only after 2 consecutive
+    /// observations spanning at least this many milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub health_fall_ms: u64,
+
+    /// A down region with live edges again is put back only after 3 consecutive observations
+    /// spanning at least this many milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub health_rise_ms: u64,
 }
 
 impl Config {
@@ -67,6 +77,8 @@ impl Config {
             node_token: None,
             state_dir: None,
             ns_ip: None,
+            health_fall_ms: 2000,
+            health_rise_ms: 10_000,
         }
     }
 }

@@ -13,6 +13,7 @@ use coordinator_api::Snapshot;
 use ipnet::IpNet;
 
 use crate::config::NetRule;
+use crate::health::{HealthTracker, Verdict};
 
 /// TTL ceiling while any region is down, so clients move back quickly once it recovers.
 pub const DEGRADED_TTL: u32 = 10;
@@ -54,8 +55,9 @@ impl Policy {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RegionAnswer {
     pub name: String,
-    /// At least one edge alive.
+    /// Steer clients here: the health verdict (hysteresis and admin override) says it serves.
     pub live: bool,
+    pub verdict: Verdict,
     pub coords: Option<(f64, f64)>,
     alive_v4: Vec<Ipv4Addr>,
     alive_v6: Vec<Ipv6Addr>,
@@ -98,8 +100,14 @@ pub struct Answer<'a> {
 }
 
 impl Answer<'_> {
+    /// Every edge when failing open, or when the region is kept serving (falling, admin up)
+    /// although no edge is live right now.
+    fn all(&self) -> bool {
+        self.fail_open || (self.region.alive_v4.is_empty() && self.region.alive_v6.is_empty())
+    }
+
     pub fn v4(&self) -> &[Ipv4Addr] {
-        if self.fail_open {
+        if self.all() {
             &self.region.all_v4
         } else {
             &self.region.alive_v4
@@ -107,7 +115,7 @@ impl Answer<'_> {
     }
 
     pub fn v6(&self) -> &[Ipv6Addr] {
-        if self.fail_open {
+        if self.all() {
             &self.region.all_v6
         } else {
             &self.region.alive_v6
@@ -116,7 +124,20 @@ impl Answer<'_> {
 }
 
 impl AnswerTable {
+    /// Builds with a fresh tracker: every region takes its observed state (no history).
     pub fn build(policy: Arc<Policy>, snapshot: &Snapshot) -> Self {
+        let mut health = HealthTracker::default();
+        health.observe(snapshot, std::time::Instant::now());
+        Self::build_with_health(policy, snapshot, &health)
+    }
+
+    /// Builds the table for `snapshot`, steering by `health`'s verdicts (which the caller has
+    /// fed with this snapshot).
+    pub fn build_with_health(
+        policy: Arc<Policy>,
+        snapshot: &Snapshot,
+        health: &HealthTracker,
+    ) -> Self {
         let mut by_name: BTreeMap<&str, RegionAnswer> = BTreeMap::new();
         for r in &snapshot.regions {
             let coords = match (r.latitude, r.longitude) {
@@ -133,7 +154,6 @@ impl AnswerTable {
             let region = by_name
                 .entry(e.info.region.as_str())
                 .or_insert_with(|| RegionAnswer::empty(&e.info.region));
-            region.live |= e.alive;
             for ip in &e.info.public_ips {
                 match ip.to_canonical() {
                     IpAddr::V4(v4) => {
@@ -153,6 +173,8 @@ impl AnswerTable {
         }
         let mut regions: Vec<RegionAnswer> = by_name.into_values().collect();
         for r in &mut regions {
+            r.verdict = health.verdict(&r.name);
+            r.live = r.verdict.serves();
             for v in [&mut r.alive_v4, &mut r.all_v4] {
                 v.sort_unstable();
                 v.dedup();
@@ -246,7 +268,7 @@ impl AnswerTable {
         let walk: Vec<String> = order
             .iter()
             .filter_map(|&i| self.regions.get(i))
-            .map(|r| format!("{}{}", r.name, if r.live { "" } else { "(down)" }))
+            .map(|r| format!("{}({:?})", r.name, r.verdict))
             .collect();
         match self.answer(client) {
             Some(a) => format!(
@@ -268,6 +290,7 @@ impl RegionAnswer {
         Self {
             name: name.to_owned(),
             live: false,
+            verdict: Verdict::Down,
             coords: None,
             alive_v4: Vec::new(),
             alive_v6: Vec::new(),

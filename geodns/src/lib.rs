@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod gslb;
+pub mod health;
 pub mod respond;
 pub mod server;
 pub mod zone;

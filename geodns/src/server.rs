@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use coordinator_api::Snapshot;
@@ -24,6 +24,7 @@ use tracing::{debug, error, info, warn};
 use crate::Error;
 use crate::config::Config;
 use crate::gslb::AnswerTable;
+use crate::health::HealthTracker;
 use crate::respond::{MAX_QUERY_LEN, Outcome, Transport, respond};
 use crate::zone::{Zone, ZoneConfig};
 
@@ -125,14 +126,17 @@ impl Server {
         let mut snapshots = snapshots;
         // A cached snapshot is usually already there: answer from it from the first packet.
         let initial = snapshots.borrow_and_update().clone();
+        let mut health = HealthTracker::new(zone_config.hysteresis);
         if let Some(snap) = &initial {
-            apply(snap, &zone_config, &state);
+            health.observe(snap, Instant::now());
+            apply(snap, &zone_config, &state, &health);
         }
         let mut tasks = JoinSet::new();
         tasks.spawn(follow_snapshots(
             snapshots,
             zone_config.clone(),
             state.clone(),
+            health,
             initial,
             shutdown.clone(),
         ));
@@ -211,54 +215,72 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAd
     })
 }
 
-/// Rebuilds the answer table whenever the subscriber publishes a new snapshot.
+/// Rebuilds the answer table whenever the subscriber publishes a new snapshot, and whenever a
+/// periodic re-observation flips a region's health verdict.
 async fn follow_snapshots(
     mut rx: watch::Receiver<Option<Arc<Snapshot>>>,
     zone_config: Arc<ZoneConfig>,
     state: Arc<ArcSwap<Zone>>,
+    mut health: HealthTracker,
     mut last: Option<Arc<Snapshot>>,
     shutdown: CancellationToken,
 ) {
+    let mut tick = tokio::time::interval(zone_config.hysteresis.tick());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                if let Some(snap) = &last
+                    && health.observe(snap, Instant::now())
+                {
+                    apply(snap, &zone_config, &state, &health);
+                }
+                continue;
+            }
             changed = rx.changed() => if changed.is_err() {
-                // The subscriber is gone: keep serving the last table until shutdown.
+                // The subscriber is gone: keep serving the last table (and keep re-observing it)
+                // until shutdown.
                 warn!("snapshot source closed; serving the last answer table");
-                shutdown.cancelled().await;
-                return;
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        _ = tick.tick() => if let Some(snap) = &last
+                            && health.observe(snap, Instant::now())
+                        {
+                            apply(snap, &zone_config, &state, &health);
+                        }
+                    }
+                }
             }
         }
         let current = rx.borrow_and_update().clone();
         if let Some(snap) = current
             && !last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &snap))
         {
-            apply(&snap, &zone_config, &state);
+            health.observe(&snap, Instant::now());
+            apply(&snap, &zone_config, &state, &health);
             last = Some(snap);
         }
     }
 }
 
-/// Builds the table for `snap` and swaps it in.
-fn apply(snap: &Snapshot, zone_config: &Arc<ZoneConfig>, state: &ArcSwap<Zone>) {
-    let table = AnswerTable::build(zone_config.policy.clone(), snap);
-    let live: Vec<&str> = table
-        .regions()
-        .iter()
-        .filter(|r| r.live)
-        .map(|r| r.name.as_str())
-        .collect();
-    let down: Vec<&str> = table
-        .regions()
-        .iter()
-        .filter(|r| !r.live)
-        .map(|r| r.name.as_str())
+/// Builds the table for `snap` under `health` and swaps it in.
+fn apply(
+    snap: &Snapshot,
+    zone_config: &Arc<ZoneConfig>,
+    state: &ArcSwap<Zone>,
+    health: &HealthTracker,
+) {
+    let table = AnswerTable::build_with_health(zone_config.policy.clone(), snap, health);
+    let verdicts: Vec<String> = health
+        .verdicts()
+        .map(|(n, v)| format!("{n}={v:?}"))
         .collect();
     info!(
         revision = snap.revision,
         observed_version = snap.observed_version,
-        ?live,
-        ?down,
+        ?verdicts,
         ttl = table.ttl(),
         "answer table updated"
     );

@@ -8,6 +8,7 @@ use hickory_proto::rr::{Name, RData, Record};
 
 use crate::config::Config;
 use crate::gslb::{AnswerTable, Policy};
+use crate::health::Hysteresis;
 
 /// SOA timers (seconds). Secondaries are not supported, so refresh/retry/expire only need to be
 /// sane; `minimum` (negative-caching TTL) follows the answer TTL.
@@ -27,6 +28,7 @@ pub struct ZoneConfig {
     /// TTL of static records and of answers while nothing is down.
     pub ttl: u32,
     pub policy: Arc<Policy>,
+    pub hysteresis: Hysteresis,
 }
 
 /// Why the configuration cannot describe a zone.
@@ -94,6 +96,11 @@ impl ZoneConfig {
             ns_ip,
             ttl: config.ttl,
             policy,
+            hysteresis: Hysteresis {
+                fall_after: std::time::Duration::from_millis(config.health_fall_ms),
+                rise_after: std::time::Duration::from_millis(config.health_rise_ms),
+                ..Hysteresis::default()
+            },
         })
     }
 }

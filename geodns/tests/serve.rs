@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use coordinator_api::{EdgeInfo, EdgeStatus, Region, Snapshot};
+use coordinator_api::{AdminState, EdgeInfo, EdgeStatus, Region, Snapshot};
 use geodns::{Config, Server};
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
@@ -79,7 +79,11 @@ struct Running {
 }
 
 async fn start(snapshot: Option<Snapshot>) -> Running {
-    let server = Server::bind(&dev_config()).await.unwrap();
+    start_with(dev_config(), snapshot).await
+}
+
+async fn start_with(config: Config, snapshot: Option<Snapshot>) -> Running {
+    let server = Server::bind(&config).await.unwrap();
     let addr = server.local_addrs()[0];
     let stats = server.stats();
     let (tx, rx) = watch::channel(snapshot.map(Arc::new));
@@ -368,6 +372,128 @@ async fn tcp_connection_limit_and_idle_timeout() {
     )
     .await;
     assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 11])]);
+    s.shutdown.cancel();
+    tokio::time::timeout(TIMEOUT, s.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// The SOA serial is the snapshot revision: polls until the server answers from `revision`.
+async fn wait_for_revision(addr: SocketAddr, revision: u32) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let r = udp(addr, &query("meridian.test.", RecordType::SOA, None)).await;
+        if let Some(hickory_proto::rr::RData::SOA(soa)) = r.answers.first().map(|a| &a.data)
+            && soa.serial == revision
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "revision {revision} never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls `q` until it answers `want`; returns how long that took.
+async fn wait_for_answer(addr: SocketAddr, q: &Message, want: [u8; 4]) -> (Duration, Message) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let r = udp(addr, q).await;
+        if ips(&r) == vec![IpAddr::from(want)] {
+            return (start.elapsed(), r);
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "never answered {want:?}: {:?}",
+            ips(&r)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn failover_and_recovery_with_hysteresis_and_admin_override() {
+    let mut cfg = dev_config();
+    cfg.health_fall_ms = 400;
+    cfg.health_rise_ms = 800;
+    let mut snap = dev_snapshot();
+    let s = start_with(cfg, Some(snap.clone())).await;
+    let q = query(
+        "edge.meridian.test.",
+        RecordType::A,
+        Some("198.51.100.7/24"),
+    );
+    let iad = [127, 0, 0, 12];
+    let ams = [127, 0, 0, 11];
+    assert_eq!(ips(&udp(s.addr, &q).await), vec![IpAddr::from(iad)]);
+
+    // iad's only edge dies. The snapshot is applied at once, but one observation is not enough:
+    // iad keeps answering (with every edge it has) until the fall window has passed.
+    snap.revision = 4;
+    snap.edges[1].alive = false;
+    s.snapshots.send_replace(Some(Arc::new(snap.clone())));
+    wait_for_revision(s.addr, 4).await;
+    let r = udp(s.addr, &q).await;
+    assert_eq!(
+        ips(&r),
+        vec![IpAddr::from(iad)],
+        "no failover on one observation"
+    );
+    let (took, r) = wait_for_answer(s.addr, &q, ams).await;
+    assert!(
+        took >= Duration::from_millis(250),
+        "failed over after {took:?}"
+    );
+    assert_eq!(r.answers[0].ttl, 10, "short TTL while a region is down");
+    assert_eq!(scope(&r), Some(24));
+
+    // iad comes back: still ams until the rise window has passed.
+    snap.revision = 5;
+    snap.edges[1].alive = true;
+    s.snapshots.send_replace(Some(Arc::new(snap.clone())));
+    wait_for_revision(s.addr, 5).await;
+    assert_eq!(
+        ips(&udp(s.addr, &q).await),
+        vec![IpAddr::from(ams)],
+        "no flap back"
+    );
+    let (took, r) = wait_for_answer(s.addr, &q, iad).await;
+    assert!(
+        took >= Duration::from_millis(600),
+        "recovered after {took:?}"
+    );
+    assert_eq!(r.answers[0].ttl, 30);
+
+    // Operator takes iad down: immediate, no hysteresis. Then up again.
+    snap.revision = 6;
+    snap.regions[1].admin_state = AdminState::Down;
+    s.snapshots.send_replace(Some(Arc::new(snap.clone())));
+    wait_for_revision(s.addr, 6).await;
+    assert_eq!(ips(&udp(s.addr, &q).await), vec![IpAddr::from(ams)]);
+    // Forced up while its edge is dead: answers with its edges anyway.
+    snap.revision = 7;
+    snap.regions[1].admin_state = AdminState::Up;
+    snap.edges[1].alive = false;
+    s.snapshots.send_replace(Some(Arc::new(snap.clone())));
+    wait_for_revision(s.addr, 7).await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // past the fall window: still up
+    assert_eq!(ips(&udp(s.addr, &q).await), vec![IpAddr::from(iad)]);
+
+    // Everything down: fail open with the client's first region, all its edges.
+    snap.revision = 8;
+    for r in &mut snap.regions {
+        r.admin_state = AdminState::Down;
+    }
+    s.snapshots.send_replace(Some(Arc::new(snap)));
+    wait_for_revision(s.addr, 8).await;
+    let r = udp(s.addr, &q).await;
+    assert_eq!(ips(&r), vec![IpAddr::from(iad)], "fail open");
+    assert_eq!(r.answers[0].ttl, 10);
+
     s.shutdown.cancel();
     tokio::time::timeout(TIMEOUT, s.task)
         .await
