@@ -20,7 +20,10 @@ pub fn check_decode(data: &[u8]) {
                 };
                 let mut again = bytes::BytesMut::from(&bytes[..]);
                 assert_eq!(
-                    tunnel_proto::Decoder::new().decode(&mut again).ok().flatten(),
+                    tunnel_proto::Decoder::new()
+                        .decode(&mut again)
+                        .ok()
+                        .flatten(),
                     Some(frame),
                     "re-encoded frame decodes differently"
                 );
