@@ -2,6 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Flags of `meridian edge`.
 #[derive(Clone, Debug, clap::Args)]
@@ -42,6 +43,40 @@ pub struct Config {
     /// Client connections (HTTP + HTTPS) served at once; excess connections are closed on accept.
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Time a client has to send a complete request head, and the longest an idle keep-alive
+    /// HTTP/1 connection is kept (slowloris defence), e.g. `10s`, `500ms`.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub header_read_timeout: Duration,
+    /// An HTTP/1 connection with no byte read or written for this long is closed.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub idle_timeout: Duration,
+    /// Time the origin has to send a response head before the client gets a 504.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub upstream_timeout: Duration,
+    /// Largest request body accepted (413 beyond it); unlimited when not given.
+    #[arg(long)]
+    pub max_request_body: Option<u64>,
+    /// How long in-flight requests may finish after shutdown (SIGTERM) starts.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub drain_timeout: Duration,
+}
+
+/// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 10s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
 }
 
 impl Config {
@@ -60,6 +95,11 @@ impl Config {
             node_token: None,
             state_dir: None,
             max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            upstream_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_request_body: None,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -98,5 +138,16 @@ mod tests {
         assert_eq!(c.public_ips.len(), 2);
         assert_eq!(c.max_connections, 10_000);
         assert!(Cli::try_parse_from(["edge", "--tunnel-listen", "0.0.0.0:1"]).is_err());
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_request_body, None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("ms").is_err());
     }
 }

@@ -3,8 +3,6 @@
 //! Retry policy lives here and only here: a request is retried (once, on another connection) only
 //! when opening the stream failed, i.e. when nothing has reached any agent.
 
-use std::time::Duration;
-
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
@@ -27,8 +25,6 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of every response the edge sends.
 pub(crate) type RespBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// How long the agent may take to send the response head.
-pub(crate) const UPSTREAM_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest `Data` frame the edge writes.
 const MAX_CHUNK: usize = 64 * 1024;
 
@@ -79,13 +75,14 @@ fn no_agent(service: &str) -> Response<RespBody> {
 /// Sends the request to an agent of its service and returns the (streaming) response.
 pub(crate) async fn forward(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     let service = out.service.clone();
-    match tokio::time::timeout(UPSTREAM_HEAD_TIMEOUT, exchange(shared, out)).await {
+    let limit = shared.limits.upstream_timeout;
+    match tokio::time::timeout(limit, exchange(shared, out)).await {
         Ok(resp) => resp,
         Err(_) => text(
             StatusCode::GATEWAY_TIMEOUT,
             format!(
-                "service {service} did not answer within {} s",
-                UPSTREAM_HEAD_TIMEOUT.as_secs()
+                "service {service} did not answer within {} ms",
+                limit.as_millis()
             ),
         ),
     }
@@ -148,8 +145,10 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     // bytes), otherwise in its own task so a large upload streams while we wait for the response.
     let cancel = CancellationToken::new();
     let mut upgrade_send = None;
+    let max_body = shared.limits.max_request_body;
+    let (too_large_tx, mut too_large) = tokio::sync::oneshot::channel::<()>();
     if upgrade.is_some() {
-        if let Err(e) = upload(&mut send, body).await {
+        if let Err(e) = upload(&mut send, body, max_body).await {
             let _ = send.reset(quinn::VarInt::from_u32(code::CANCELLED));
             return text(
                 StatusCode::BAD_GATEWAY,
@@ -162,11 +161,16 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
         tokio::spawn(async move {
             let res = tokio::select! {
                 _ = cancelled.cancelled() => Err(UploadError::Abandoned),
-                r = upload(&mut send, body) => r,
+                r = upload(&mut send, body, max_body) => r,
             };
             match res {
                 Ok(()) => {
                     let _ = send.finish();
+                }
+                Err(UploadError::TooLarge(limit)) => {
+                    debug!(limit, "request body over the limit; abandoning the request");
+                    let _ = send.reset(quinn::VarInt::from_u32(code::CANCELLED));
+                    let _ = too_large_tx.send(());
                 }
                 Err(e) => {
                     debug!(error = %e, "request body not fully forwarded");
@@ -179,7 +183,19 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     let cancel_guard = cancel.drop_guard();
 
     let mut reader = FrameReader::new(recv);
-    let head = match reader.next().await {
+    let next = tokio::select! {
+        biased;
+        Ok(()) = &mut too_large => {
+            let mut resp = text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than {} bytes", max_body.unwrap_or_default()),
+            );
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+        next = reader.next() => next,
+    };
+    let head = match next {
         Ok(Some(Frame::ResponseHead(h))) => h,
         Ok(Some(Frame::Error { code, message })) => {
             return text(
@@ -236,6 +252,7 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
             format!("origin sent an unexpected {status}"),
         );
     }
+    let declined = upgrade_send.is_some();
     if let Some(mut send) = upgrade_send {
         // The upgrade was declined: the request is complete.
         let _ = send.finish();
@@ -244,6 +261,12 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     let mut resp = Response::new(response_body(reader, lease, cancel_guard));
     *resp.status_mut() = status;
     *resp.headers_mut() = response_headers(&head.headers, false);
+    if declined {
+        // The smuggling guard stopped following this connection at the upgrade request; close
+        // it rather than parse unchecked bytes as the next request.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
 }
 
@@ -255,14 +278,28 @@ enum UploadError {
     Wire(#[from] WireError),
     #[error("response finished or request abandoned")]
     Abandoned,
+    #[error("request body over the {0} byte limit")]
+    TooLarge(u64),
 }
 
-/// Streams the client's body as `Data` frames of at most 64 KiB, then `Trailers` and `End`.
-async fn upload(send: &mut quinn::SendStream, mut body: Incoming) -> Result<(), UploadError> {
+/// Streams the client's body as `Data` frames of at most 64 KiB, then `Trailers` and `End`;
+/// stops with [`UploadError::TooLarge`] once more than `max` bytes arrived.
+async fn upload(
+    send: &mut quinn::SendStream,
+    mut body: Incoming,
+    max: Option<u64>,
+) -> Result<(), UploadError> {
+    let mut total = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame?;
         match frame.into_data() {
             Ok(mut data) => {
+                total = total.saturating_add(data.len() as u64);
+                if let Some(max) = max
+                    && total > max
+                {
+                    return Err(UploadError::TooLarge(max));
+                }
                 while !data.is_empty() {
                     let chunk = data.split_to(data.len().min(MAX_CHUNK));
                     write_frame(send, &Frame::Data(chunk)).await?;

@@ -11,6 +11,7 @@ mod balance;
 mod config;
 mod error;
 mod forward;
+mod h1guard;
 mod headers;
 mod heartbeat;
 mod registry;
@@ -229,6 +230,10 @@ impl Edge {
 
         let initial = snapshots.borrow().clone();
         let shared = Arc::new(Shared {
+            limits: state::Limits {
+                upstream_timeout: config.upstream_timeout,
+                max_request_body: config.max_request_body,
+            },
             region_header: ::http::HeaderValue::from_str(&config.region)
                 .map_err(|_| Error::Config("region is not a valid header value".into()))?,
             edge_header: ::http::HeaderValue::from_str(&config.id)
@@ -248,12 +253,18 @@ impl Edge {
         let tracker = TaskTracker::new();
         tracker.spawn(update_routes(snapshots, shared.clone(), shutdown.clone()));
         let conn_limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        let timeouts = server::Timeouts {
+            header_read: config.header_read_timeout,
+            idle: config.idle_timeout,
+            drain: config.drain_timeout,
+        };
         if let Some(l) = http {
             tracker.spawn(server::serve_listener(
                 l,
                 None,
                 shared.clone(),
                 conn_limit.clone(),
+                timeouts,
                 shutdown.clone(),
             ));
         }
@@ -263,6 +274,7 @@ impl Edge {
                 Some(acceptor),
                 shared.clone(),
                 conn_limit.clone(),
+                timeouts,
                 shutdown.clone(),
             ));
         }
@@ -286,7 +298,7 @@ impl Edge {
         tracker.close();
         // Every task bounds its own drain at 10 s; the margin covers farewells to agents.
         if tokio::time::timeout(
-            server::DRAIN_TIMEOUT + Duration::from_secs(3),
+            config.drain_timeout + Duration::from_secs(3),
             tracker.wait(),
         )
         .await

@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 use tunnel_proto::RequestHead;
 
 use crate::forward::{self, Outgoing, RespBody, text};
+use crate::h1guard::{GuardLimits, Guarded};
 use crate::headers::{self, ForwardCtx};
 use crate::routing::normalize_host;
 use crate::state::Shared;
@@ -28,10 +29,29 @@ use crate::state::Shared;
 pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Request header count (HTTP/1); beyond it hyper answers 431.
 pub(crate) const MAX_HEADERS: usize = 100;
-/// Time for a client to send a complete request head (and to finish the TLS handshake).
-pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long in-flight requests may run after shutdown starts.
-pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connection-level timeouts from the command line.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timeouts {
+    /// Time for a client to send a complete request head (and to finish the TLS handshake); also
+    /// bounds an idle HTTP/1 keep-alive connection, since hyper arms it while awaiting the next head.
+    pub(crate) header_read: Duration,
+    /// No byte either way for this long closes an HTTP/1 connection (not upgraded ones).
+    pub(crate) idle: Duration,
+    /// How long in-flight requests may run after shutdown starts.
+    pub(crate) drain: Duration,
+}
+
+impl Timeouts {
+    fn guard(&self) -> GuardLimits {
+        GuardLimits {
+            max_head: MAX_HEADER_BYTES,
+            max_headers: MAX_HEADERS,
+            head_timeout: self.header_read,
+            idle_timeout: self.idle,
+        }
+    }
+}
 const H2_MAX_STREAMS: u32 = 256;
 const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 
@@ -42,11 +62,11 @@ struct ConnInfo {
     proto: &'static str,
 }
 
-fn builder() -> auto::Builder<TokioExecutor> {
+fn builder(t: Timeouts) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(t.header_read)
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
@@ -59,16 +79,17 @@ fn builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Accepts until `shutdown`, then lets open connections finish for up to [`DRAIN_TIMEOUT`].
+/// Accepts until `shutdown`, then lets open connections finish for up to `timeouts.drain`.
 pub(crate) async fn serve_listener(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     conn_limit: Arc<Semaphore>,
+    timeouts: Timeouts,
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = Arc::new(builder());
+    let builder = Arc::new(builder(timeouts));
     let proto = if tls.is_some() { "https" } else { "http" };
     loop {
         let (stream, remote) = tokio::select! {
@@ -102,15 +123,16 @@ pub(crate) async fn serve_listener(
             });
             let res = match tls {
                 None => {
-                    if !first_byte_within(&stream, HEADER_READ_TIMEOUT).await {
+                    if !first_byte_within(&stream, timeouts.header_read).await {
                         return;
                     }
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let io = Guarded::new(stream, timeouts.guard());
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
                     watcher.watch(conn.into_owned()).await
                 }
                 Some(acceptor) => {
                     let tls_stream =
-                        match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream))
+                        match tokio::time::timeout(timeouts.header_read, acceptor.accept(stream))
                             .await
                         {
                             Ok(Ok(s)) => s,
@@ -123,8 +145,8 @@ pub(crate) async fn serve_listener(
                                 return;
                             }
                         };
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
+                    let io = Guarded::new(tls_stream, timeouts.guard());
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
                     watcher.watch(conn.into_owned()).await
                 }
             };
@@ -134,7 +156,7 @@ pub(crate) async fn serve_listener(
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    if tokio::time::timeout(timeouts.drain, graceful.shutdown())
         .await
         .is_err()
     {
@@ -219,6 +241,23 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
         );
     };
 
+    if let Some(max) = shared.limits.max_request_body
+        && let Some(len) = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        && len > max
+    {
+        let mut resp = text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body of {len} bytes is larger than the {max} byte limit"),
+        );
+        // The body is not read; closing avoids parsing it as the next request.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     let wants_upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
     let ctx = ForwardCtx {
         client_ip: conn.remote.ip().to_canonical(),

@@ -10,7 +10,15 @@ use tokio::sync::watch;
 use crate::registry::Registry;
 use crate::routing::RouteTable;
 
+/// Per-request limits from the command line.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) upstream_timeout: std::time::Duration,
+    pub(crate) max_request_body: Option<u64>,
+}
+
 pub(crate) struct Shared {
+    pub(crate) limits: Limits,
     pub(crate) edge_id: String,
     pub(crate) region: String,
     /// `Meridian-Region` / `Meridian-Edge` values, validated once at startup.

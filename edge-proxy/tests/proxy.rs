@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -72,6 +73,10 @@ impl Drop for TempDir {
 }
 
 async fn start(snap: Option<Snapshot>) -> Harness {
+    start_with(snap, |_| {}).await
+}
+
+async fn start_with(snap: Option<Snapshot>, tweak: impl FnOnce(&mut Config)) -> Harness {
     let ck =
         rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let dir = std::env::temp_dir().join(format!("edge-proxy-test-{}", rand::random::<u64>()));
@@ -87,6 +92,7 @@ async fn start(snap: Option<Snapshot>) -> Harness {
     config.https_listen = Some("127.0.0.1:0".parse().unwrap());
     config.tls_cert = Some(cert_path);
     config.tls_key = Some(key_path);
+    tweak(&mut config);
     let edge = Edge::bind(config).await.unwrap();
     let http = edge.http_addr().unwrap();
     let https = edge.https_addr().unwrap();
@@ -229,10 +235,13 @@ fn header<'a>(h: &'a RequestHead, name: &str) -> Option<&'a str> {
 }
 
 /// Serves data streams: echoes what it saw in headers and the body, or switches to a raw echo
-/// on an upgrade request.
-fn serve_streams(conn: quinn::Connection) {
+/// on an upgrade request. Returns how many streams (requests) reached the agent.
+fn serve_streams(conn: quinn::Connection) -> Arc<AtomicUsize> {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
     tokio::spawn(async move {
         while let Ok((mut send, recv)) = conn.accept_bi().await {
+            counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut r = Reader::new(recv);
                 r.preamble().await;
@@ -252,6 +261,10 @@ fn serve_streams(conn: quinn::Connection) {
                     }
                 }
                 let h = |n: &str| Bytes::from(header(&head, n).unwrap_or("-").to_owned());
+                if head.uri.ends_with(b"/hang") {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                }
                 if head.uri.ends_with(b"/fail") {
                     write(
                         &mut send,
@@ -327,6 +340,7 @@ fn serve_streams(conn: quinn::Connection) {
             });
         }
     });
+    seen
 }
 
 // ---------------------------------------------------------------- raw HTTP/1.1 client
@@ -732,4 +746,240 @@ async fn agent_error_is_502_and_drain_stops_routing() {
     assert_eq!(a.control.next().await, Some(Frame::HeartbeatAck { seq: 1 }));
     let r = get(h.http, "app.test", "/demo").await;
     assert_eq!(r.status, 503, "{r:?}");
+}
+
+#[tokio::test]
+async fn smuggling_requests_get_400_and_nothing_reaches_the_origin() {
+    let h = start(Some(snapshot())).await;
+    let a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    let seen = serve_streams(a.conn.clone());
+
+    let cases: &[(&str, &str)] = &[
+        (
+            "CL then TE",
+            "POST /demo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nX",
+        ),
+        (
+            "TE then CL",
+            "POST /demo HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\nX",
+        ),
+        (
+            "duplicate equal CL",
+            "POST /demo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nX",
+        ),
+        (
+            "duplicate different CL",
+            "POST /demo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nXY",
+        ),
+        (
+            "CL list",
+            "POST /demo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1, 1\r\n\r\nX",
+        ),
+        (
+            "invalid CL",
+            "POST /demo HTTP/1.1\r\nHost: app.test\r\nContent-Length: +1\r\n\r\nX",
+        ),
+        (
+            "negative CL",
+            "POST /demo HTTP/1.1\r\nHost: app.test\r\nContent-Length: -1\r\n\r\nX",
+        ),
+        (
+            "TE not ending in chunked",
+            "POST /demo HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "TE on HTTP/1.0",
+            "POST /demo HTTP/1.0\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "obsolete line folding",
+            "GET /demo HTTP/1.1\r\nHost: app.test\r\nX-Folded: a\r\n b\r\n\r\n",
+        ),
+        (
+            "space before colon",
+            "GET /demo HTTP/1.1\r\nHost: app.test\r\nContent-Length : 0\r\n\r\n",
+        ),
+    ];
+    for (name, req) in cases {
+        let r = raw(h.http, req.as_bytes()).await;
+        assert_eq!(r.status, 400, "{name}: {r:?}");
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "nothing may reach the origin"
+    );
+
+    // Pipelined: the honest request is served, the smuggling one behind it is refused.
+    let r = raw_all(
+        h.http,
+        b"GET /demo/first HTTP/1.1\r\nHost: app.test\r\n\r\n\
+POST /demo/second HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("HTTP/1.1 400"), "{r}");
+    assert!(!r.contains("/second"), "{r}");
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+
+    // An ordinary chunked upload still goes through.
+    let r = raw(
+        h.http,
+        b"POST /demo/up HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "POST /up body=3");
+}
+
+/// Sends raw bytes and returns everything read until the server closes, as text.
+async fn raw_all(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("server closes in time")
+        .unwrap();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test]
+async fn request_body_over_the_limit_is_413() {
+    let h = start_with(Some(snapshot()), |c| c.max_request_body = Some(10)).await;
+    let a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    let seen = serve_streams(a.conn.clone());
+
+    let r = raw(
+        h.http,
+        format!(
+            "POST /demo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{}",
+            "x".repeat(100)
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 413, "{r:?}");
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "declared length: refused up front"
+    );
+
+    let r = raw(
+        h.http,
+        b"POST /demo HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 413, "chunked body counted as it streams: {r:?}");
+
+    let r = raw(
+        h.http,
+        b"POST /demo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "POST / body=10");
+}
+
+#[tokio::test]
+async fn slow_heads_and_idle_connections_are_closed() {
+    let h = start_with(Some(snapshot()), |c| {
+        c.header_read_timeout = Duration::from_millis(300);
+        c.idle_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    serve_streams(a.conn.clone());
+
+    // Slowloris: a head that never completes.
+    let mut s = TcpStream::connect(h.http).await.unwrap();
+    s.write_all(b"GET /demo HTTP/1.1\r\nHost: app.test\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf))
+        .await
+        .expect("slow head is cut off")
+        .ok();
+
+    // Idle keep-alive: one request served, then the connection is closed when nothing follows.
+    let mut s = TcpStream::connect(h.http).await.unwrap();
+    s.write_all(b"GET /demo HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf))
+        .await
+        .expect("idle connection is closed")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"),
+        "{buf:?}"
+    );
+
+    // A silent connection that never sends a byte.
+    let mut s = TcpStream::connect(h.http).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf))
+        .await
+        .expect("silent connection is closed")
+        .ok();
+}
+
+#[tokio::test]
+async fn slow_origin_is_504() {
+    let h = start_with(Some(snapshot()), |c| {
+        c.upstream_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    serve_streams(a.conn.clone());
+    let r = get(h.http, "app.test", "/demo/hang").await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_stamped(&r);
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed() {
+    let h = start_with(Some(snapshot()), |c| c.max_connections = 1).await;
+    let a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    serve_streams(a.conn.clone());
+
+    let mut first = TcpStream::connect(h.http).await.unwrap();
+    first
+        .write_all(b"GET /demo/1 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut b = [0u8; 12];
+    first.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"HTTP/1.1 200");
+
+    // The first connection still holds the only slot: the second is closed unanswered.
+    let mut second = TcpStream::connect(h.http).await.unwrap();
+    let _ = second
+        .write_all(b"GET /demo/2 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), second.read_to_end(&mut buf))
+        .await
+        .expect("closed at once")
+        .ok();
+    assert!(buf.is_empty(), "{:?}", String::from_utf8_lossy(&buf));
+
+    drop(first);
+    // The slot frees once the first connection's task sees the close.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = raw_all(
+            h.http,
+            b"GET /demo/3 HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        if r.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
