@@ -10,12 +10,27 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
-/// `meridian dev` binds fixed addresses, so only one may run at a time in a test binary.
+/// `meridian dev` binds fixed addresses, so only one may run at a time: a mutex within a test
+/// binary, and a file lock across test binaries (nextest, or suites run side by side).
 static DEV_LOCK: Mutex<()> = Mutex::new(());
+
+fn machine_wide_lock() -> nix::fcntl::Flock<std::fs::File> {
+    let path = std::env::temp_dir().join("meridian-dev-network.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .expect("lock file");
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("flock")
+}
 
 pub struct DevNetwork {
     child: Child,
     pub data: tempfile::TempDir,
+    _machine_lock: nix::fcntl::Flock<std::fs::File>,
     _guard: MutexGuard<'static, ()>,
 }
 
@@ -23,6 +38,7 @@ impl DevNetwork {
     /// Starts `meridian dev` and returns once it printed `meridian dev: ready`.
     pub fn start() -> Self {
         let guard = DEV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let machine_lock = machine_wide_lock();
         let data = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(data.path().join("dev.log")).expect("log file");
         let mut child = Command::new(crate::meridian_bin())
@@ -46,6 +62,7 @@ impl DevNetwork {
         let net = Self {
             child,
             data,
+            _machine_lock: machine_lock,
             _guard: guard,
         };
         if rx.recv_timeout(Duration::from_secs(120)).is_err() {
