@@ -9,15 +9,16 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use coordinator_api::{
-    AgentTokenRecord, ApiError, CreateService, CreateToken, CreatedToken, EdgeHeartbeat, Mount,
-    Region, Service, Snapshot, TokenInfo, token,
+    AgentTokenRecord, ApiError, ApiTokenInfo, AuditEntry, CreateApiToken, CreateService,
+    CreateToken, CreatedApiToken, CreatedToken, EdgeHeartbeat, Mount, Region, Service,
+    SetAdminState, Snapshot, Status, TokenInfo, token,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -28,6 +29,9 @@ use crate::bootstrap::{MAX_TOKEN_LEN, new_secret, new_token_id};
 use crate::hub::Hub;
 use crate::observed::ObservedError;
 use crate::store::{Scope, StoreError};
+
+/// Most audit entries one `GET /v1/audit` returns.
+pub(crate) const MAX_AUDIT_PAGE: usize = 1000;
 use crate::validate::{self, Invalid};
 
 /// Largest request body accepted on any route.
@@ -73,12 +77,22 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}", delete(revoke_token))
+        .route(
+            "/v1/api-tokens",
+            post(create_api_token).get(list_api_tokens),
+        )
+        .route("/v1/api-tokens/{id}", delete(revoke_api_token))
         .route("/v1/regions", post(create_region).get(list_regions))
+        .route("/v1/regions/{name}/admin_state", put(set_admin_state))
         .route("/v1/edges", get(list_edges))
         .route("/v1/agents", get(list_agents))
+        .route("/v1/status", get(status))
+        .route("/v1/audit", get(list_audit))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/openapi.json", get(crate::openapi::serve))
+        .route("/", get(crate::dashboard::serve))
         .merge(node)
         .merge(admin)
         .fallback(|| async { ApiErr::new(StatusCode::NOT_FOUND, "no such route") })
@@ -135,6 +149,16 @@ impl From<Invalid> for ApiErr {
 impl From<StoreError> for ApiErr {
     fn from(e: StoreError) -> Self {
         match &e {
+            StoreError::Duplicate { what: "mount", key } => Self::field(
+                StatusCode::CONFLICT,
+                format!(
+                    "mount {key} already exists: an identical host and prefix would shadow it (remove it first)"
+                ),
+                "path_prefix",
+            ),
+            StoreError::Duplicate { what, .. } if matches!(*what, "service" | "region") => {
+                Self::field(StatusCode::CONFLICT, e.to_string(), "name")
+            }
             StoreError::Duplicate { .. } | StoreError::InUse(_) => {
                 Self::new(StatusCode::CONFLICT, e.to_string())
             }
@@ -192,39 +216,78 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiErr> {
     Ok(token)
 }
 
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Scope> {
+/// The authenticated API token of a request, for scope checks and the audit log.
+#[derive(Clone, Debug)]
+pub(crate) struct Caller {
+    scope: Scope,
+    token_id: String,
+}
+
+impl Caller {
+    fn actor(&self) -> String {
+        format!("token:{}", self.token_id)
+    }
+}
+
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
     let hash = token::sha256_hex(bearer(headers)?);
-    state
+    let (scope, token_id) = state
         .hub
         .store()
-        .call(move |s| s.api_token_scope(&hash))
+        .call(move |s| s.api_token(&hash))
         .await?
-        .ok_or_else(|| ApiErr::new(StatusCode::UNAUTHORIZED, "invalid token"))
+        .ok_or_else(|| ApiErr::new(StatusCode::UNAUTHORIZED, "invalid token"))?;
+    Ok(Caller { scope, token_id })
+}
+
+fn forbidden(scope: Scope) -> Response {
+    ApiErr::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "this token's scope ({}) does not allow this call",
+            scope.as_str()
+        ),
+    )
+    .into_response()
+}
+
+/// Whether `scope` may make a `method` call on a route group that needs `needed`.
+fn allowed(scope: Scope, method: &Method, needed: Scope) -> bool {
+    let read_only = matches!(*method, Method::GET | Method::HEAD);
+    match (needed, scope) {
+        (_, Scope::Admin) => true,
+        // Node routes: watch and snapshot are reads anyone may make; heartbeats only nodes.
+        (Scope::Node, Scope::Node) => true,
+        (Scope::Node, Scope::Read) => read_only,
+        (Scope::Admin | Scope::Read, Scope::Read) => read_only,
+        (Scope::Admin | Scope::Read, Scope::Node) => false,
+    }
+}
+
+async fn check(state: AppState, mut req: Request, next: Next, needed: Scope) -> Response {
+    match authenticate(&state, req.headers()).await {
+        Ok(caller) if allowed(caller.scope, req.method(), needed) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Ok(caller) => forbidden(caller.scope),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn require_node(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match authenticate(&state, req.headers()).await {
-        Ok(Scope::Admin | Scope::Node) => next.run(req).await,
-        Err(e) => e.into_response(),
-    }
+    check(state, req, next, Scope::Node).await
 }
 
 async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match authenticate(&state, req.headers()).await {
-        Ok(Scope::Admin) => next.run(req).await,
-        Ok(Scope::Node) => ApiErr::new(
-            StatusCode::FORBIDDEN,
-            "this token's scope (node) does not allow this call",
-        )
-        .into_response(),
-        Err(e) => e.into_response(),
-    }
+    check(state, req, next, Scope::Admin).await
 }
 
 // ---- services ----
 
 async fn create_service(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     req: Result<Json<CreateService>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Service>)> {
     let req = body(req)?;
@@ -236,7 +299,7 @@ async fn create_service(
     let s = svc.clone();
     st.hub
         .store()
-        .call(move |store| store.create_service(&s))
+        .call_as(who.actor(), move |store| store.create_service(&s))
         .await?;
     st.hub.refresh_desired().await?;
     Ok((StatusCode::CREATED, Json(svc)))
@@ -248,11 +311,12 @@ async fn list_services(State(st): State<AppState>) -> ApiResult<Json<Vec<Service
 
 async fn delete_service(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     st.hub
         .store()
-        .call(move |s| s.delete_service(&name))
+        .call_as(who.actor(), move |s| s.delete_service(&name))
         .await?;
     st.hub.refresh_desired().await?;
     Ok(StatusCode::NO_CONTENT)
@@ -262,11 +326,15 @@ async fn delete_service(
 
 async fn add_mount(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     req: Result<Json<Mount>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Mount>)> {
     let m = validate::mount(&body(req)?)?;
     let m2 = m.clone();
-    st.hub.store().call(move |s| s.add_mount(&m2)).await?;
+    st.hub
+        .store()
+        .call_as(who.actor(), move |s| s.add_mount(&m2))
+        .await?;
     st.hub.refresh_desired().await?;
     Ok((StatusCode::CREATED, Json(m)))
 }
@@ -283,6 +351,7 @@ struct MountKey {
 
 async fn delete_mount(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     q: Result<Query<MountKey>, QueryRejection>,
 ) -> ApiResult<StatusCode> {
     let Query(q) = q?;
@@ -291,7 +360,7 @@ async fn delete_mount(
     let prefix = validate::path_prefix(&q.path_prefix)?;
     st.hub
         .store()
-        .call(move |s| s.delete_mount(&host, &prefix))
+        .call_as(who.actor(), move |s| s.delete_mount(&host, &prefix))
         .await?;
     st.hub.refresh_desired().await?;
     Ok(StatusCode::NO_CONTENT)
@@ -301,6 +370,7 @@ async fn delete_mount(
 
 async fn create_token(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     req: Result<Json<CreateToken>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
     let req = body(req)?;
@@ -315,7 +385,7 @@ async fn create_token(
     };
     st.hub
         .store()
-        .call(move |s| s.create_agent_token(&rec))
+        .call_as(who.actor(), move |s| s.create_agent_token(&rec))
         .await?;
     st.hub.refresh_desired().await?;
     Ok((
@@ -342,10 +412,14 @@ async fn list_tokens(State(st): State<AppState>) -> ApiResult<Json<Vec<TokenInfo
     ))
 }
 
-async fn revoke_token(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn revoke_token(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     st.hub
         .store()
-        .call(move |s| s.revoke_agent_token(&id))
+        .call_as(who.actor(), move |s| s.revoke_agent_token(&id))
         .await?;
     st.hub.refresh_desired().await?;
     Ok(StatusCode::NO_CONTENT)
@@ -355,15 +429,138 @@ async fn revoke_token(State(st): State<AppState>, Path(id): Path<String>) -> Api
 
 async fn create_region(
     State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
     req: Result<Json<Region>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Region>)> {
     let r = body(req)?;
     validate::name("name", &r.name)?;
     validate::coordinates(r.latitude, r.longitude)?;
     let r2 = r.clone();
-    st.hub.store().call(move |s| s.create_region(&r2)).await?;
+    st.hub
+        .store()
+        .call_as(who.actor(), move |s| s.create_region(&r2))
+        .await?;
     st.hub.refresh_desired().await?;
     Ok((StatusCode::CREATED, Json(r)))
+}
+
+/// `PUT /v1/regions/{name}/admin_state`: force a region up or down, or back to `auto`.
+async fn set_admin_state(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(name): Path<String>,
+    req: Result<Json<SetAdminState>, JsonRejection>,
+) -> ApiResult<Json<Region>> {
+    let state = body(req)?.state;
+    let n = name.clone();
+    st.hub
+        .store()
+        .call_as(who.actor(), move |s| s.set_region_admin_state(&n, state))
+        .await?;
+    st.hub.refresh_desired().await?;
+    let region = st
+        .hub
+        .current()
+        .regions
+        .iter()
+        .find(|r| r.name == name)
+        .cloned()
+        .ok_or_else(|| ApiErr::new(StatusCode::NOT_FOUND, format!("region {name:?} not found")))?;
+    Ok(Json(region))
+}
+
+// ---- API tokens ----
+
+async fn create_api_token(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    req: Result<Json<CreateApiToken>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<CreatedApiToken>)> {
+    let req = body(req)?;
+    validate::description("description", &req.description)?;
+    let id = new_token_id();
+    let secret = token::format(token::API, &id, &new_secret());
+    let row = crate::store::ApiTokenRow {
+        id: id.clone(),
+        sha256: token::sha256_hex(&secret),
+        scope: req.scope.into(),
+        description: req.description,
+        created_at_ms: crate::clock::unix_ms(),
+    };
+    st.hub
+        .store()
+        .call_as(who.actor(), move |s| s.put_api_token(&row))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedApiToken {
+            id,
+            scope: req.scope,
+            token: secret,
+        }),
+    ))
+}
+
+async fn list_api_tokens(State(st): State<AppState>) -> ApiResult<Json<Vec<ApiTokenInfo>>> {
+    Ok(Json(st.hub.store().call(|s| s.list_api_tokens()).await?))
+}
+
+async fn revoke_api_token(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.hub
+        .store()
+        .call_as(who.actor(), move |s| s.revoke_api_token(&id))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- audit and status ----
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn list_audit(
+    State(st): State<AppState>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<AuditEntry>>> {
+    let Query(q) = q?;
+    let limit = q.limit.unwrap_or(MAX_AUDIT_PAGE).clamp(1, MAX_AUDIT_PAGE);
+    Ok(Json(
+        st.hub
+            .store()
+            .call(move |s| s.list_audit(q.after, limit))
+            .await?,
+    ))
+}
+
+async fn status(State(st): State<AppState>) -> Json<Status> {
+    let snap = st.hub.current();
+    let watchers = MAX_WATCHERS.saturating_sub(st.watchers.available_permits());
+    Json(Status {
+        revision: snap.revision,
+        observed_version: snap.observed_version,
+        uptime_ms: u64::try_from(st.hub.started().elapsed().as_millis()).unwrap_or(u64::MAX),
+        backend: "sqlite".into(),
+        watchers: watchers as u64,
+        regions: snap.region_health.clone(),
+        services: snap.services.len() as u64,
+        mounts: snap.mounts.len() as u64,
+        edges_alive: snap.edges.iter().filter(|e| e.alive).count() as u64,
+        agents: snap
+            .edges
+            .iter()
+            .filter(|e| e.alive)
+            .map(|e| e.agents.len() as u64)
+            .sum(),
+    })
 }
 
 async fn list_regions(State(st): State<AppState>) -> ApiResult<Json<Vec<Region>>> {

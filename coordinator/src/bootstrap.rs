@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::store::{Scope, SqliteStore, StoreHandle};
+use crate::store::{ApiTokenRow, Scope, SqliteStore, Store, StoreError, StoreHandle};
 
 pub(crate) const DB_FILE: &str = "coordinator.db";
 pub(crate) const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -88,15 +88,17 @@ pub(crate) async fn tokens(store: &StoreHandle, cfg: &Config) -> Result<Option<P
         ));
     }
     let now = crate::clock::unix_ms();
-    let hashes = [(admin, Scope::Admin), (node, Scope::Node)]
-        .map(|(t, s)| (t.map(|t| token::sha256_hex(&t)), s));
+    let rows = [(admin, Scope::Admin), (node, Scope::Node)]
+        .map(|(t, s)| t.map(|t| api_token_row(&t, s, "bootstrap (flag)", now)));
     let admins = store
         .call(move |s| {
-            for (hash, scope) in &hashes {
-                if let Some(h) = hash
-                    && s.put_api_token(h, *scope, now)?
-                {
-                    info!(scope = scope.as_str(), "bootstrap API token registered");
+            for row in rows.iter().flatten() {
+                if put_bootstrap(s, row)? {
+                    info!(
+                        scope = row.scope.as_str(),
+                        id = row.id,
+                        "bootstrap API token registered"
+                    );
                 }
             }
             s.count_api_tokens(Scope::Admin)
@@ -117,12 +119,43 @@ pub(crate) async fn tokens(store: &StoreHandle, cfg: &Config) -> Result<Option<P
             path: path.clone(),
             source,
         })?;
-    let hash = token::sha256_hex(&token);
-    store
-        .call(move |s| s.put_api_token(&hash, Scope::Admin, now))
-        .await?;
+    let row = api_token_row(&token, Scope::Admin, "generated at first start", now);
+    store.call(move |s| put_bootstrap(s, &row)).await?;
     info!(path = %path.display(), "no admin token configured; generated one and wrote it to this file (mode 0600)");
     Ok(Some(path))
+}
+
+/// The stored form of an API token: its id is the one in the token when it has one
+/// (`mrd_api_<id>_<secret>`), else derived from the hash.
+pub(crate) fn api_token_row(token: &str, scope: Scope, description: &str, now: u64) -> ApiTokenRow {
+    let sha256 = token::sha256_hex(token);
+    let id = token::parse_id(token::API, token)
+        .map(str::to_owned)
+        .unwrap_or_else(|| hash_id(&sha256));
+    ApiTokenRow {
+        id,
+        sha256,
+        scope,
+        description: description.to_owned(),
+        created_at_ms: now,
+    }
+}
+
+fn hash_id(sha256: &str) -> String {
+    format!("sha-{}", sha256.get(..12).unwrap_or(sha256))
+}
+
+/// Registers a bootstrap token; if its id is taken by another token, falls back to a
+/// hash-derived id rather than refusing to start.
+fn put_bootstrap(s: &mut dyn Store, row: &ApiTokenRow) -> Result<bool, StoreError> {
+    match s.put_api_token(row) {
+        Err(StoreError::Duplicate { .. }) => {
+            let mut row = row.clone();
+            row.id = hash_id(&row.sha256);
+            s.put_api_token(&row)
+        }
+        r => r,
+    }
 }
 
 /// Writes a secret file readable only by its owner, replacing any previous one atomically.

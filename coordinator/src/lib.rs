@@ -5,9 +5,11 @@ mod api;
 mod bootstrap;
 mod clock;
 mod config;
+mod dashboard;
 mod error;
 mod hub;
 mod observed;
+mod openapi;
 mod server;
 pub mod store;
 mod validate;
@@ -70,6 +72,7 @@ async fn serve_with(
     // Child token: stops the ticker and watch streams also when serving fails on its own.
     let stop = shutdown.child_token();
     let ticker = tokio::spawn(liveness_ticker(hub.clone(), stop.clone()));
+    let saver = tokio::spawn(persist_observed(hub.clone(), stop.clone()));
     let mut state = api::AppState::new(hub, stop.clone());
     state.progress_every = progress_every;
     let app = api::router(state);
@@ -78,7 +81,36 @@ async fn serve_with(
         .map_err(Error::Serve);
     stop.cancel();
     let _ = ticker.await;
+    let _ = saver.await;
     res
+}
+
+/// Saves the observed edge set whenever it changes, so a restarted coordinator starts from it
+/// (with a grace period) instead of from nothing. Coalesces: only the latest set is written.
+async fn persist_observed(hub: Arc<hub::Hub>, stop: CancellationToken) {
+    let mut rx = hub.subscribe();
+    let mut saved = rx.borrow_and_update().observed_version;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        let snap = rx.borrow_and_update().clone();
+        if snap.observed_version == saved {
+            continue;
+        }
+        saved = snap.observed_version;
+        let json = match serde_json::to_string(&snap.edges) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not serialise observed state");
+                continue;
+            }
+        };
+        if let Err(e) = hub.store().call(move |s| s.save_observed(&json)).await {
+            tracing::warn!(error = %e, "could not save observed state");
+        }
+    }
 }
 
 async fn liveness_ticker(hub: Arc<hub::Hub>, stop: CancellationToken) {

@@ -29,6 +29,9 @@ struct Entry {
 pub(crate) struct Observed {
     edges: BTreeMap<String, Entry>,
     version: u64,
+    /// Liveness is frozen: every one of several edges went silent at once, which says more about
+    /// our own connectivity than about the edges. Cleared by the next heartbeat.
+    frozen: bool,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +43,33 @@ pub(crate) enum ObservedError {
 impl Observed {
     pub(crate) fn version(&self) -> u64 {
         self.version
+    }
+
+    /// Restores the last persisted edge set after a restart. Each edge gets a full
+    /// `EDGE_DEAD_AFTER_MS` from `now` to heartbeat before it is declared dead, so a coordinator
+    /// that just restarted neither starts blind nor declares the whole network down.
+    pub(crate) fn restore(&mut self, edges: Vec<EdgeStatus>, now: Instant) {
+        for e in edges {
+            if self.edges.len() >= MAX_EDGES {
+                break;
+            }
+            self.edges.insert(
+                e.info.id.clone(),
+                Entry {
+                    info: e.info,
+                    agents: e.agents,
+                    alive: e.alive,
+                    last_seen: now,
+                    last_seen_ms: e.last_seen_ms,
+                },
+            );
+        }
+        self.version += 1;
+    }
+
+    /// Whether liveness is currently frozen (see [`Observed::tick`]).
+    pub(crate) fn stale(&self) -> bool {
+        self.frozen
     }
 
     /// Records a heartbeat; returns whether observed state changed.
@@ -85,6 +115,8 @@ impl Observed {
                 true
             }
         };
+        let changed = changed || self.frozen;
+        self.frozen = false;
         if changed {
             self.version += 1;
         }
@@ -92,12 +124,31 @@ impl Observed {
     }
 
     /// Re-evaluates liveness at `now`; returns whether anything changed.
+    ///
+    /// When several edges are known and *all* of them are silent, liveness is frozen rather than
+    /// flipped to dead: a coordinator cut off from the network must not tell GeoDNS that every
+    /// region is down. A single edge going silent (or some of many) flips as usual.
     pub(crate) fn tick(&mut self, now: Instant) -> bool {
         let dead_after = Duration::from_millis(EDGE_DEAD_AFTER_MS);
         let before = self.edges.len();
         self.edges
             .retain(|_, e| now.saturating_duration_since(e.last_seen) < EDGE_FORGET_AFTER);
         let mut changed = self.edges.len() != before;
+        let all_silent = self.edges.len() > 1
+            && self
+                .edges
+                .values()
+                .all(|e| now.saturating_duration_since(e.last_seen) >= dead_after);
+        if all_silent {
+            if !self.frozen {
+                self.frozen = true;
+                changed = true;
+            }
+            if changed {
+                self.version += 1;
+            }
+            return changed;
+        }
         for e in self.edges.values_mut() {
             let alive = now.saturating_duration_since(e.last_seen) < dead_after;
             if alive != e.alive {
@@ -201,6 +252,42 @@ mod tests {
         // Forgotten after a long silence.
         assert!(o.tick(last + Duration::from_secs(11) + EDGE_FORGET_AFTER));
         assert!(o.edges().is_empty());
+    }
+
+    #[test]
+    fn all_edges_silent_freezes_instead_of_killing() {
+        let t0 = Instant::now();
+        let mut o = Observed::default();
+        o.heartbeat(hb("e1", &["a1"]), t0, 1).unwrap();
+        o.heartbeat(hb("e2", &[]), t0, 1).unwrap();
+        let late = t0 + Duration::from_millis(EDGE_DEAD_AFTER_MS + 1);
+        assert!(o.tick(late), "freezing is a change subscribers see");
+        assert!(o.stale());
+        assert!(o.edges().iter().all(|e| e.alive), "frozen, not dead");
+        assert!(!o.tick(late + Duration::from_secs(5)));
+        // One edge comes back: unfrozen, and the silent one is now judged normally.
+        o.heartbeat(hb("e1", &["a1"]), late + Duration::from_secs(6), 2)
+            .unwrap();
+        assert!(!o.stale());
+        assert!(o.tick(late + Duration::from_secs(6)));
+        let alive: Vec<bool> = o.edges().iter().map(|e| e.alive).collect();
+        assert_eq!(alive, [true, false]);
+    }
+
+    #[test]
+    fn restored_edges_get_a_grace_period() {
+        let t0 = Instant::now();
+        let mut before = Observed::default();
+        before.heartbeat(hb("e1", &["a1"]), t0, 1).unwrap();
+        let saved = before.edges();
+        // Restart, much later: the restored edge is alive until a full timeout passes.
+        let t1 = t0 + Duration::from_secs(300);
+        let mut o = Observed::default();
+        o.restore(saved, t1);
+        assert!(!o.tick(t1 + Duration::from_millis(EDGE_DEAD_AFTER_MS - 1)));
+        assert_eq!(o.agents().len(), 1);
+        assert!(o.tick(t1 + Duration::from_millis(EDGE_DEAD_AFTER_MS)));
+        assert!(o.agents().is_empty());
     }
 
     #[test]

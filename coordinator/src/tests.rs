@@ -195,7 +195,10 @@ async fn validation_errors_name_the_field() {
         (400, Some("name".into()))
     );
     c.create_service(&svc("web")).await.unwrap();
-    assert_eq!(status(c.create_service(&svc("web")).await).0, 409);
+    assert_eq!(
+        status(c.create_service(&svc("web")).await),
+        (409, Some("name".into()))
+    );
 
     assert_eq!(
         status(c.add_mount(&mount("a.test", "/", "nope")).await),
@@ -227,9 +230,10 @@ async fn validation_errors_name_the_field() {
         (m.host.as_str(), m.path_prefix.as_str()),
         ("a.test", "/api")
     );
+    // An identical mount would shadow the first: refused, naming the field.
     assert_eq!(
-        status(c.add_mount(&mount("a.test", "/api", "web")).await).0,
-        409
+        status(c.add_mount(&mount("a.test", "/api", "web")).await),
+        (409, Some("path_prefix".into()))
     );
     assert_eq!(c.list_mounts().await.unwrap(), vec![m.clone()]);
 
@@ -575,4 +579,232 @@ async fn run_generates_admin_token_and_shuts_down_gracefully() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test]
+async fn admin_state_flows_to_watchers_and_is_audited() {
+    let srv = Server::start().await;
+    let c = srv.admin();
+    c.create_region(&Region {
+        name: "ams".into(),
+        latitude: None,
+        longitude: None,
+        admin_state: Default::default(),
+    })
+    .await
+    .unwrap();
+    let mut events = srv.node().watch().await.unwrap();
+    next_snapshot(&mut events, |s| s.regions.len() == 1).await;
+
+    let r = c
+        .set_region_admin_state("ams", coordinator_api::AdminState::Down)
+        .await
+        .unwrap();
+    assert_eq!(r.admin_state, coordinator_api::AdminState::Down);
+    let snap = next_snapshot(&mut events, |s| {
+        s.regions[0].admin_state == coordinator_api::AdminState::Down
+    })
+    .await;
+    assert!(!snap.region_health[0].healthy, "forced down");
+    assert_eq!(
+        c.list_regions().await.unwrap()[0].admin_state,
+        coordinator_api::AdminState::Down
+    );
+    assert_eq!(
+        status(
+            c.set_region_admin_state("nope", coordinator_api::AdminState::Up)
+                .await
+        )
+        .0,
+        404
+    );
+    // Unknown state values are refused as JSON errors.
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/regions/ams/admin_state", srv.url))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"state": "sideways"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    // A node token may not change it.
+    assert_eq!(
+        status(
+            srv.node()
+                .set_region_admin_state("ams", coordinator_api::AdminState::Up)
+                .await
+        )
+        .0,
+        403
+    );
+
+    let audit = c.list_audit(0, 100).await.unwrap();
+    let last = audit.last().unwrap();
+    assert_eq!(
+        (
+            last.actor.as_str(),
+            last.action.as_str(),
+            last.target.as_str()
+        ),
+        ("token:admin1", "region.admin_state", "ams")
+    );
+    assert!(last.revision > 0 && last.at_ms > 0);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn api_token_scopes_read_and_revoke() {
+    let srv = Server::start().await;
+    let c = srv.admin();
+    let created = c
+        .create_api_token(&coordinator_api::CreateApiToken {
+            scope: coordinator_api::ApiScope::Read,
+            description: "dashboard".into(),
+        })
+        .await
+        .unwrap();
+    let reader = Client::new(&srv.url, &created.token).unwrap();
+    // Reads work, writes are forbidden, heartbeats too.
+    reader.list_services().await.unwrap();
+    reader.status().await.unwrap();
+    reader.snapshot().await.unwrap();
+    reader.list_audit(0, 10).await.unwrap();
+    let svc = CreateService {
+        name: "web".into(),
+        lb_policy: Default::default(),
+    };
+    assert_eq!(status(reader.create_service(&svc).await).0, 403);
+    assert_eq!(status(reader.heartbeat(&heartbeat("e1")).await).0, 403);
+    // Node tokens cannot read the admin API.
+    assert_eq!(status(srv.node().list_services().await).0, 403);
+
+    let list = c.list_api_tokens().await.unwrap();
+    assert!(
+        list.iter()
+            .any(|t| t.id == created.id && t.description == "dashboard")
+    );
+    assert!(
+        serde_json::to_string(&list)
+            .unwrap()
+            .find(&created.token)
+            .is_none()
+    );
+    c.revoke_api_token(&created.id).await.unwrap();
+    assert_eq!(status(reader.list_services().await).0, 401);
+    // The last admin token stays.
+    assert_eq!(status(c.revoke_api_token("admin1").await).0, 409);
+    let audit = c.list_audit(0, 100).await.unwrap();
+    assert!(audit.iter().any(|a| a.action == "api_token.put"
+        && a.target == created.id
+        && a.actor == "token:admin1"));
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.action == "api_token.delete" && a.target == created.id)
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn openapi_and_dashboard_are_public_and_everything_else_is_not() {
+    let srv = Server::start().await;
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{}/openapi.json", srv.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let doc: serde_json::Value = r.json().await.unwrap();
+    assert!(doc["paths"]["/v1/regions/{name}/admin_state"]["put"].is_object());
+    let r = http.get(format!("{}/", srv.url)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = r.text().await.unwrap();
+    assert!(page.contains("/v1/snapshot") && page.contains("#token="));
+    // The page carries no data of its own.
+    srv.admin()
+        .create_service(&CreateService {
+            name: "secret-svc".into(),
+            lb_policy: Default::default(),
+        })
+        .await
+        .unwrap();
+    let page = http
+        .get(format!("{}/", srv.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!page.contains("secret-svc"));
+    for path in ["/v1/status", "/v1/audit", "/v1/api-tokens"] {
+        let r = http.get(format!("{}{path}", srv.url)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn status_and_region_health_reflect_heartbeats() {
+    let srv = Server::start().await;
+    let node = srv.node();
+    node.heartbeat(&heartbeat("e1")).await.unwrap();
+    let st = srv.admin().status().await.unwrap();
+    assert_eq!(st.backend, "sqlite");
+    assert_eq!(st.edges_alive, 1);
+    let ams = st.regions.iter().find(|r| r.region == "ams").unwrap();
+    assert!(ams.healthy && !ams.stale);
+    assert_eq!(ams.edges_alive, 1);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn restart_restores_observed_edges_instead_of_starting_blind() {
+    let dir = TempDir::new("restart-observed");
+    let cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        admin_token: Some(ADMIN.into()),
+        node_token: Some(NODE.into()),
+    };
+    for round in 0..2 {
+        let store = bootstrap::open_store(&cfg.data_dir).await.unwrap();
+        bootstrap::tokens(&store, &cfg).await.unwrap();
+        let hub = Hub::new(store).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve_with(
+            listener,
+            hub.clone(),
+            shutdown.clone(),
+            PROGRESS,
+        ));
+        let node = Client::new(&url, NODE).unwrap();
+        if round == 0 {
+            node.heartbeat(&heartbeat("e1")).await.unwrap();
+            // Wait until the saver wrote it.
+            let store = hub.store().clone();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while store.call(|s| s.load_observed()).await.unwrap().is_none() {
+                assert!(Instant::now() < deadline, "observed state never saved");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        } else {
+            // No heartbeat yet since the restart: the edge is still there and alive.
+            let snap = node.snapshot().await.unwrap();
+            assert_eq!(snap.edges.len(), 1);
+            assert!(snap.edges[0].alive);
+            assert_eq!(snap.edges[0].agents.len(), 1);
+        }
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    }
 }

@@ -34,6 +34,26 @@ impl From<Invalid> for ApiError {
     }
 }
 
+/// Longest free-text description accepted (API tokens).
+const MAX_DESCRIPTION: usize = 200;
+
+/// Free text for humans: bounded, printable, single line.
+pub(crate) fn description(field: &'static str, value: &str) -> Result<(), Invalid> {
+    if value.len() > MAX_DESCRIPTION {
+        return Err(Invalid::new(
+            field,
+            format!("{field} must be at most {MAX_DESCRIPTION} bytes"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Invalid::new(
+            field,
+            format!("{field} must not contain control characters"),
+        ));
+    }
+    Ok(())
+}
+
 /// Names of services and regions: `[a-z0-9-]{1,63}`, so they are safe in DNS labels, URLs and logs.
 pub(crate) fn name(field: &'static str, value: &str) -> Result<(), Invalid> {
     if value.is_empty() || value.len() > 63 {

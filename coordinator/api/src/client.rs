@@ -15,8 +15,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::types::{
-    AgentView, ApiError, CreateService, CreateToken, CreatedToken, EdgeHeartbeat, EdgeStatus,
-    Mount, Region, Service, Snapshot, TokenInfo, WatchEvent,
+    AdminState, AgentView, ApiError, ApiTokenInfo, AuditEntry, CreateApiToken, CreateService,
+    CreateToken, CreatedApiToken, CreatedToken, EdgeHeartbeat, EdgeStatus, Mount, Region, Service,
+    SetAdminState, Snapshot, Status, TokenInfo, WatchEvent,
 };
 
 /// Longest NDJSON line the watch stream accepts; a full snapshot must fit in it.
@@ -258,6 +259,57 @@ impl Client {
 
     pub async fn list_agents(&self) -> Result<Vec<AgentView>, ClientError> {
         self.get("v1/agents").await
+    }
+
+    /// `PUT /v1/regions/{name}/admin_state`: force a region up or down, or back to auto.
+    pub async fn set_region_admin_state(
+        &self,
+        name: &str,
+        state: AdminState,
+    ) -> Result<Region, ClientError> {
+        let mut url = self.url("v1/regions")?;
+        url.path_segments_mut()
+            .map_err(|()| ClientError::Config("base url cannot have paths".into()))?
+            .push(name)
+            .push("admin_state");
+        self.send_json(
+            self.request(Method::PUT, url)
+                .json(&SetAdminState { state }),
+        )
+        .await
+    }
+
+    /// Returns the token secret; it is shown only this once.
+    pub async fn create_api_token(
+        &self,
+        req: &CreateApiToken,
+    ) -> Result<CreatedApiToken, ClientError> {
+        self.post("v1/api-tokens", req).await
+    }
+
+    pub async fn list_api_tokens(&self) -> Result<Vec<ApiTokenInfo>, ClientError> {
+        self.get("v1/api-tokens").await
+    }
+
+    pub async fn revoke_api_token(&self, id: &str) -> Result<(), ClientError> {
+        let mut url = self.url("v1/api-tokens")?;
+        url.path_segments_mut()
+            .map_err(|()| ClientError::Config("base url cannot have paths".into()))?
+            .push(id);
+        self.delete(url).await
+    }
+
+    /// Audit entries after id `after`, oldest first, at most `limit` (server caps at 1000).
+    pub async fn list_audit(&self, after: u64, limit: u32) -> Result<Vec<AuditEntry>, ClientError> {
+        let mut url = self.url("v1/audit")?;
+        url.query_pairs_mut()
+            .append_pair("after", &after.to_string())
+            .append_pair("limit", &limit.to_string());
+        self.send_json(self.request(Method::GET, url)).await
+    }
+
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.get("v1/status").await
     }
 }
 

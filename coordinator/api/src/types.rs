@@ -128,6 +128,9 @@ pub struct Snapshot {
     pub mounts: Vec<Mount>,
     pub agent_tokens: Vec<AgentTokenRecord>,
     pub edges: Vec<EdgeStatus>,
+    /// Per-region health as the coordinator sees it (GSLB view); empty from older coordinators.
+    #[serde(default)]
+    pub region_health: Vec<RegionHealth>,
 }
 
 impl Snapshot {
@@ -216,4 +219,113 @@ pub struct ApiError {
     pub error: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+}
+
+// ---- added in phase 2: every field below has a serde default, so older peers still parse ----
+
+/// Body of `PUT /v1/regions/{name}/admin_state`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAdminState {
+    pub state: AdminState,
+}
+
+/// What an API token may do. `admin` everything; `read` every GET of the admin API;
+/// `node` (edges, GeoDNS) only watch, snapshot and heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiScope {
+    Admin,
+    Read,
+    Node,
+}
+
+/// Body of `POST /v1/api-tokens`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateApiToken {
+    pub scope: ApiScope,
+    /// Free text for humans ("ci", "alice's laptop").
+    #[serde(default)]
+    pub description: String,
+}
+
+/// Returned once by `POST /v1/api-tokens`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreatedApiToken {
+    pub id: String,
+    pub scope: ApiScope,
+    pub token: String,
+}
+
+/// An API token as listed: no secret, no hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenInfo {
+    pub id: String,
+    pub scope: ApiScope,
+    #[serde(default)]
+    pub description: String,
+    pub created_at_ms: u64,
+}
+
+/// One entry of the audit log (`GET /v1/audit`): who changed what, when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Increasing id; pass the last one seen as `?after=` to page.
+    pub id: u64,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// `token:<id>` of the API token that made the change, or `system`.
+    pub actor: String,
+    /// e.g. `mount.put`, `region.admin_state`, `api_token.delete`.
+    pub action: String,
+    /// The object changed (`host/prefix`, a name, a token id).
+    pub target: String,
+    /// The desired-state revision the change produced (0 for credentials).
+    #[serde(default)]
+    pub revision: Revision,
+    /// The new value, when there is one (never a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+/// Agents serving one service in one region.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAgents {
+    pub service: String,
+    /// Distinct agent ids connected to live edges of the region.
+    pub agents: u32,
+}
+
+/// The GSLB view of one region, computed by the coordinator from heartbeats.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionHealth {
+    pub region: String,
+    pub edges_alive: u32,
+    pub edges_total: u32,
+    #[serde(default)]
+    pub services: Vec<ServiceAgents>,
+    /// Observed health with the operator's `admin_state` applied.
+    pub healthy: bool,
+    /// The coordinator's observation is too old to trust (it just restarted, or hears from no
+    /// edge at all): liveness is frozen at its last value instead of turning everything down.
+    #[serde(default)]
+    pub stale: bool,
+}
+
+/// `GET /v1/status`: the coordinator at a glance.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub revision: Revision,
+    pub observed_version: u64,
+    pub uptime_ms: u64,
+    pub backend: String,
+    pub watchers: u64,
+    pub regions: Vec<RegionHealth>,
+    #[serde(default)]
+    pub services: u64,
+    #[serde(default)]
+    pub mounts: u64,
+    #[serde(default)]
+    pub edges_alive: u64,
+    #[serde(default)]
+    pub agents: u64,
 }

@@ -8,7 +8,10 @@ mod sqlite;
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use coordinator_api::{AgentTokenRecord, Mount, Region, Revision, Service};
+use coordinator_api::{
+    AdminState, AgentTokenRecord, ApiScope, ApiTokenInfo, AuditEntry, Mount, Region, Revision,
+    Service,
+};
 
 pub use sqlite::SqliteStore;
 
@@ -35,11 +38,16 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// The audit log's name for changes no API token made (bootstrap, migrations).
+pub const SYSTEM_ACTOR: &str = "system";
+
 /// Who an API token belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
     /// Everything.
     Admin,
+    /// Every read of the admin API (dashboards, monitoring), no writes.
+    Read,
     /// Edges and GeoDNS: watch, snapshot, heartbeat.
     Node,
 }
@@ -48,6 +56,7 @@ impl Scope {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Admin => "admin",
+            Self::Read => "read",
             Self::Node => "node",
         }
     }
@@ -55,10 +64,41 @@ impl Scope {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "admin" => Some(Self::Admin),
+            "read" => Some(Self::Read),
             "node" => Some(Self::Node),
             _ => None,
         }
     }
+}
+
+impl From<Scope> for ApiScope {
+    fn from(s: Scope) -> Self {
+        match s {
+            Scope::Admin => Self::Admin,
+            Scope::Read => Self::Read,
+            Scope::Node => Self::Node,
+        }
+    }
+}
+
+impl From<ApiScope> for Scope {
+    fn from(s: ApiScope) -> Self {
+        match s {
+            ApiScope::Admin => Self::Admin,
+            ApiScope::Read => Self::Read,
+            ApiScope::Node => Self::Node,
+        }
+    }
+}
+
+/// An API token as stored: its hash, never the secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiTokenRow {
+    pub id: String,
+    pub sha256: String,
+    pub scope: Scope,
+    pub description: String,
+    pub created_at_ms: u64,
 }
 
 /// All desired state at one revision, read in one transaction.
@@ -98,15 +138,32 @@ pub trait Store: Send {
     fn list_agent_tokens(&self) -> Result<Vec<AgentTokenRecord>, StoreError>;
     fn revoke_agent_token(&mut self, id: &str) -> Result<Revision, StoreError>;
 
-    /// Creates the API token (by hash) or sets its scope; returns whether it was new.
-    fn put_api_token(
+    /// Sets an operator override on a region's health.
+    fn set_region_admin_state(
         &mut self,
-        sha256: &str,
-        scope: Scope,
-        now_ms: u64,
-    ) -> Result<bool, StoreError>;
-    fn api_token_scope(&self, sha256: &str) -> Result<Option<Scope>, StoreError>;
+        name: &str,
+        state: AdminState,
+    ) -> Result<Revision, StoreError>;
+
+    /// Names who the audit log records for the following writes (`token:<id>` or
+    /// [`SYSTEM_ACTOR`]). [`StoreHandle::call_as`] sets and resets it around one call.
+    fn set_actor(&mut self, actor: &str);
+
+    /// Creates the API token (by hash) or sets its scope; returns whether it was new.
+    fn put_api_token(&mut self, row: &ApiTokenRow) -> Result<bool, StoreError>;
+    /// Scope and id of the token with this hash.
+    fn api_token(&self, sha256: &str) -> Result<Option<(Scope, String)>, StoreError>;
     fn count_api_tokens(&self, scope: Scope) -> Result<u64, StoreError>;
+    fn list_api_tokens(&self) -> Result<Vec<ApiTokenInfo>, StoreError>;
+    /// Refuses ([`StoreError::InUse`]) to revoke the last admin token.
+    fn revoke_api_token(&mut self, id: &str) -> Result<(), StoreError>;
+
+    /// Audit entries with id greater than `after`, oldest first, at most `limit`.
+    fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Last observed edge set (JSON), kept so a restarted coordinator does not start blind.
+    fn save_observed(&mut self, json: &str) -> Result<(), StoreError>;
+    fn load_observed(&self) -> Result<Option<String>, StoreError>;
 }
 
 /// Shared access to a [`Store`] from async code.
@@ -143,5 +200,20 @@ impl StoreHandle {
         })
         .await
         .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+    }
+
+    /// Like [`Self::call`], with the audit log naming `actor` for the writes `f` makes.
+    pub async fn call_as<R, F>(&self, actor: String, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut dyn Store) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.call(move |s| {
+            s.set_actor(&actor);
+            let r = f(s);
+            s.set_actor(SYSTEM_ACTOR);
+            r
+        })
+        .await
     }
 }

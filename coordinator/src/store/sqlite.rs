@@ -4,14 +4,18 @@
 use std::path::Path;
 use std::time::Duration;
 
-use coordinator_api::{AgentTokenRecord, LbPolicy, Mount, Region, Revision, Service};
+use coordinator_api::{
+    AdminState, AgentTokenRecord, ApiTokenInfo, AuditEntry, LbPolicy, Mount, Region, Revision,
+    Service,
+};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::Serialize;
 
-use super::{Desired, Scope, Store, StoreError};
+use super::{ApiTokenRow, Desired, Scope, Store, StoreError};
 
 /// Schema migrations; entry `i` moves `user_version` from `i` to `i + 1`. Append only.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE regions (
     name       TEXT PRIMARY KEY,
     latitude   REAL,
@@ -46,11 +50,41 @@ CREATE TABLE changes (
     key   TEXT NOT NULL,
     json  TEXT
 );
-"];
+",
+    r"
+ALTER TABLE regions ADD COLUMN admin_state TEXT NOT NULL DEFAULT 'auto';
+CREATE TABLE api_tokens_v2 (
+    sha256       TEXT PRIMARY KEY,
+    id           TEXT NOT NULL UNIQUE,
+    scope        TEXT NOT NULL CHECK (scope IN ('admin', 'read', 'node')),
+    description  TEXT NOT NULL DEFAULT '',
+    created_at   INTEGER NOT NULL
+);
+INSERT INTO api_tokens_v2 (sha256, id, scope, created_at)
+    SELECT sha256, 'sha-' || substr(sha256, 1, 12), scope, created_at FROM api_tokens;
+DROP TABLE api_tokens;
+ALTER TABLE api_tokens_v2 RENAME TO api_tokens;
+CREATE TABLE audit (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      INTEGER NOT NULL,
+    actor   TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    target  TEXT NOT NULL,
+    rev     INTEGER NOT NULL,
+    detail  TEXT
+);
+CREATE TABLE observed (
+    k     TEXT PRIMARY KEY,
+    json  TEXT NOT NULL
+);
+",
+];
 
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Connection,
+    /// Who the audit log names for the writes in progress (see [`Store::set_actor`]).
+    actor: String,
 }
 
 impl SqliteStore {
@@ -76,7 +110,10 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        let mut s = Self { conn };
+        let mut s = Self {
+            conn,
+            actor: super::SYSTEM_ACTOR.to_owned(),
+        };
         s.migrate()?;
         Ok(s)
     }
@@ -105,12 +142,11 @@ impl SqliteStore {
         tx.commit()?;
         Ok(())
     }
+}
 
-    fn write_tx(&mut self) -> Result<Transaction<'_>, StoreError> {
-        Ok(self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?)
-    }
+/// A write transaction; takes the connection alone so `self.actor` stays readable beside it.
+fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>, StoreError> {
+    Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
 }
 
 fn now_ms() -> u64 {
@@ -121,9 +157,10 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Appends one change record in `tx` and returns its revision.
+/// Appends one change record and its audit entry in `tx` and returns the new revision.
 fn log_change<T: Serialize>(
     tx: &Transaction<'_>,
+    actor: &str,
     kind: &str,
     key: &str,
     value: Option<&T>,
@@ -136,7 +173,42 @@ fn log_change<T: Serialize>(
         "INSERT INTO changes (at, kind, key, json) VALUES (?1, ?2, ?3, ?4)",
         params![to_i64(now_ms()), kind, key, json],
     )?;
-    Ok(u64::try_from(tx.last_insert_rowid()).unwrap_or(0))
+    let rev = u64::try_from(tx.last_insert_rowid()).unwrap_or(0);
+    audit(tx, actor, kind, key, rev, json.as_deref())?;
+    Ok(rev)
+}
+
+/// Appends one audit entry in `tx` (same transaction as the change it records).
+fn audit(
+    tx: &Transaction<'_>,
+    actor: &str,
+    action: &str,
+    target: &str,
+    rev: Revision,
+    detail: Option<&str>,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO audit (at, actor, action, target, rev, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![to_i64(now_ms()), actor, action, target, to_i64(rev), detail],
+    )?;
+    Ok(())
+}
+
+fn admin_to_str(a: AdminState) -> &'static str {
+    match a {
+        AdminState::Auto => "auto",
+        AdminState::Up => "up",
+        AdminState::Down => "down",
+    }
+}
+
+fn admin_from_str(s: &str) -> AdminState {
+    match s {
+        "up" => AdminState::Up,
+        "down" => AdminState::Down,
+        // Unknown values (a newer binary wrote them) fall back to following observation.
+        _ => AdminState::Auto,
+    }
 }
 
 fn exists(tx: &Connection, sql: &str, key: &dyn rusqlite::ToSql) -> Result<bool, StoreError> {
@@ -165,13 +237,15 @@ fn lb_from_str(s: &str) -> Result<LbPolicy, StoreError> {
 }
 
 fn read_regions(c: &Connection) -> Result<Vec<Region>, StoreError> {
-    let mut st = c.prepare_cached("SELECT name, latitude, longitude FROM regions ORDER BY name")?;
+    let mut st = c.prepare_cached(
+        "SELECT name, latitude, longitude, admin_state FROM regions ORDER BY name",
+    )?;
     let rows = st.query_map([], |r| {
         Ok(Region {
             name: r.get(0)?,
             latitude: r.get(1)?,
             longitude: r.get(2)?,
-            admin_state: Default::default(),
+            admin_state: admin_from_str(&r.get::<_, String>(3)?),
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -246,7 +320,7 @@ impl Store for SqliteStore {
     }
 
     fn create_region(&mut self, r: &Region) -> Result<Revision, StoreError> {
-        let tx = self.write_tx()?;
+        let tx = write_tx(&mut self.conn)?;
         if exists(&tx, "SELECT 1 FROM regions WHERE name = ?1", &r.name)? {
             return Err(StoreError::Duplicate {
                 what: "region",
@@ -254,10 +328,10 @@ impl Store for SqliteStore {
             });
         }
         tx.execute(
-            "INSERT INTO regions (name, latitude, longitude) VALUES (?1, ?2, ?3)",
-            params![r.name, r.latitude, r.longitude],
+            "INSERT INTO regions (name, latitude, longitude, admin_state) VALUES (?1, ?2, ?3, ?4)",
+            params![r.name, r.latitude, r.longitude, admin_to_str(r.admin_state)],
         )?;
-        let rev = log_change(&tx, "region.put", &r.name, Some(r))?;
+        let rev = log_change(&tx, &self.actor, "region.put", &r.name, Some(r))?;
         tx.commit()?;
         Ok(rev)
     }
@@ -267,7 +341,7 @@ impl Store for SqliteStore {
     }
 
     fn create_service(&mut self, s: &Service) -> Result<Revision, StoreError> {
-        let tx = self.write_tx()?;
+        let tx = write_tx(&mut self.conn)?;
         if service_exists(&tx, &s.name)? {
             return Err(StoreError::Duplicate {
                 what: "service",
@@ -278,7 +352,7 @@ impl Store for SqliteStore {
             "INSERT INTO services (name, lb_policy) VALUES (?1, ?2)",
             params![s.name, lb_to_str(s.lb_policy)],
         )?;
-        let rev = log_change(&tx, "service.put", &s.name, Some(s))?;
+        let rev = log_change(&tx, &self.actor, "service.put", &s.name, Some(s))?;
         tx.commit()?;
         Ok(rev)
     }
@@ -288,7 +362,7 @@ impl Store for SqliteStore {
     }
 
     fn delete_service(&mut self, name: &str) -> Result<Revision, StoreError> {
-        let tx = self.write_tx()?;
+        let tx = write_tx(&mut self.conn)?;
         if !service_exists(&tx, name)? {
             return Err(StoreError::NotFound {
                 what: "service",
@@ -311,13 +385,13 @@ impl Store for SqliteStore {
             )));
         }
         tx.execute("DELETE FROM services WHERE name = ?1", [name])?;
-        let rev = log_change::<()>(&tx, "service.delete", name, None)?;
+        let rev = log_change::<()>(&tx, &self.actor, "service.delete", name, None)?;
         tx.commit()?;
         Ok(rev)
     }
 
     fn add_mount(&mut self, m: &Mount) -> Result<Revision, StoreError> {
-        let tx = self.write_tx()?;
+        let tx = write_tx(&mut self.conn)?;
         if !service_exists(&tx, &m.service)? {
             return Err(StoreError::UnknownService(m.service.clone()));
         }
@@ -337,7 +411,7 @@ impl Store for SqliteStore {
             "INSERT INTO mounts (host, path_prefix, service, strip_prefix) VALUES (?1, ?2, ?3, ?4)",
             params![m.host, m.path_prefix, m.service, m.strip_prefix],
         )?;
-        let rev = log_change(&tx, "mount.put", &key, Some(m))?;
+        let rev = log_change(&tx, &self.actor, "mount.put", &key, Some(m))?;
         tx.commit()?;
         Ok(rev)
     }
@@ -347,7 +421,7 @@ impl Store for SqliteStore {
     }
 
     fn delete_mount(&mut self, host: &str, path_prefix: &str) -> Result<Revision, StoreError> {
-        let tx = self.write_tx()?;
+        let tx = write_tx(&mut self.conn)?;
         let key = format!("{host}{path_prefix}");
         let n = tx.execute(
             "DELETE FROM mounts WHERE host = ?1 AND path_prefix = ?2",
@@ -356,13 +430,13 @@ impl Store for SqliteStore {
         if n == 0 {
             return Err(StoreError::NotFound { what: "mount", key });
         }
-        let rev = log_change::<()>(&tx, "mount.delete", &key, None)?;
+        let rev = log_change::<()>(&tx, &self.actor, "mount.delete", &key, None)?;
         tx.commit()?;
         Ok(rev)
     }
 
     fn create_agent_token(&mut self, t: &AgentTokenRecord) -> Result<Revision, StoreError> {
-        let tx = self.write_tx()?;
+        let tx = write_tx(&mut self.conn)?;
         if !service_exists(&tx, &t.service)? {
             return Err(StoreError::UnknownService(t.service.clone()));
         }
@@ -376,7 +450,7 @@ impl Store for SqliteStore {
             "INSERT INTO agent_tokens (id, service, sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
             params![t.id, t.service, t.sha256, to_i64(t.created_at_ms)],
         )?;
-        let rev = log_change(&tx, "agent_token.put", &t.id, Some(t))?;
+        let rev = log_change(&tx, &self.actor, "agent_token.put", &t.id, Some(t))?;
         tx.commit()?;
         Ok(rev)
     }
@@ -386,7 +460,7 @@ impl Store for SqliteStore {
     }
 
     fn revoke_agent_token(&mut self, id: &str) -> Result<Revision, StoreError> {
-        let tx = self.write_tx()?;
+        let tx = write_tx(&mut self.conn)?;
         let n = tx.execute("DELETE FROM agent_tokens WHERE id = ?1", [id])?;
         if n == 0 {
             return Err(StoreError::NotFound {
@@ -394,35 +468,87 @@ impl Store for SqliteStore {
                 key: id.to_owned(),
             });
         }
-        let rev = log_change::<()>(&tx, "agent_token.delete", id, None)?;
+        let rev = log_change::<()>(&tx, &self.actor, "agent_token.delete", id, None)?;
         tx.commit()?;
         Ok(rev)
     }
 
-    fn put_api_token(
+    fn set_actor(&mut self, actor: &str) {
+        actor.clone_into(&mut self.actor);
+    }
+
+    fn set_region_admin_state(
         &mut self,
-        sha256: &str,
-        scope: Scope,
-        now_ms: u64,
-    ) -> Result<bool, StoreError> {
-        let tx = self.write_tx()?;
-        let existed = exists(&tx, "SELECT 1 FROM api_tokens WHERE sha256 = ?1", &sha256)?;
-        tx.execute(
-            "INSERT INTO api_tokens (sha256, scope, created_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (sha256) DO UPDATE SET scope = excluded.scope",
-            params![sha256, scope.as_str(), to_i64(now_ms)],
+        name: &str,
+        state: AdminState,
+    ) -> Result<Revision, StoreError> {
+        let tx = write_tx(&mut self.conn)?;
+        let n = tx.execute(
+            "UPDATE regions SET admin_state = ?2 WHERE name = ?1",
+            params![name, admin_to_str(state)],
         )?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "region",
+                key: name.to_owned(),
+            });
+        }
+        let region = read_regions(&tx)?
+            .into_iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| StoreError::Backend("region vanished inside its transaction".into()))?;
+        let rev = log_change(&tx, &self.actor, "region.admin_state", name, Some(&region))?;
+        tx.commit()?;
+        Ok(rev)
+    }
+
+    fn put_api_token(&mut self, row: &ApiTokenRow) -> Result<bool, StoreError> {
+        let tx = write_tx(&mut self.conn)?;
+        let existed = exists(
+            &tx,
+            "SELECT 1 FROM api_tokens WHERE sha256 = ?1",
+            &row.sha256,
+        )?;
+        if !existed && exists(&tx, "SELECT 1 FROM api_tokens WHERE id = ?1", &row.id)? {
+            return Err(StoreError::Duplicate {
+                what: "api token",
+                key: row.id.clone(),
+            });
+        }
+        tx.execute(
+            "INSERT INTO api_tokens (sha256, id, scope, description, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (sha256) DO UPDATE SET scope = excluded.scope",
+            params![
+                row.sha256,
+                row.id,
+                row.scope.as_str(),
+                row.description,
+                to_i64(row.created_at_ms)
+            ],
+        )?;
+        if !existed {
+            let detail =
+                serde_json::json!({ "scope": row.scope.as_str(), "description": row.description });
+            audit(
+                &tx,
+                &self.actor,
+                "api_token.put",
+                &row.id,
+                0,
+                Some(&detail.to_string()),
+            )?;
+        }
         tx.commit()?;
         Ok(!existed)
     }
 
-    fn api_token_scope(&self, sha256: &str) -> Result<Option<Scope>, StoreError> {
-        let scope: Option<String> = self
+    fn api_token(&self, sha256: &str) -> Result<Option<(Scope, String)>, StoreError> {
+        let row: Option<(String, String)> = self
             .conn
-            .prepare_cached("SELECT scope FROM api_tokens WHERE sha256 = ?1")?
-            .query_row([sha256], |r| r.get(0))
+            .prepare_cached("SELECT scope, id FROM api_tokens WHERE sha256 = ?1")?
+            .query_row([sha256], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        Ok(scope.as_deref().and_then(Scope::parse))
+        Ok(row.and_then(|(scope, id)| Scope::parse(&scope).map(|s| (s, id))))
     }
 
     fn count_api_tokens(&self, scope: Scope) -> Result<u64, StoreError> {
@@ -432,6 +558,118 @@ impl Store for SqliteStore {
             |r| r.get(0),
         )?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    fn list_api_tokens(&self) -> Result<Vec<ApiTokenInfo>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT id, scope, description, created_at FROM api_tokens ORDER BY created_at, id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, scope, description, at) = row?;
+            let Some(scope) = Scope::parse(&scope) else {
+                continue;
+            };
+            out.push(ApiTokenInfo {
+                id,
+                scope: scope.into(),
+                description,
+                created_at_ms: u64::try_from(at).unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    fn revoke_api_token(&mut self, id: &str) -> Result<(), StoreError> {
+        let tx = write_tx(&mut self.conn)?;
+        let scope: Option<String> = tx
+            .query_row("SELECT scope FROM api_tokens WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(scope) = scope else {
+            return Err(StoreError::NotFound {
+                what: "api token",
+                key: id.to_owned(),
+            });
+        };
+        if scope == "admin" {
+            let admins: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM api_tokens WHERE scope = 'admin'",
+                [],
+                |r| r.get(0),
+            )?;
+            if admins <= 1 {
+                return Err(StoreError::InUse(
+                    "refusing to revoke the last admin token: nobody could manage the network"
+                        .into(),
+                ));
+            }
+        }
+        tx.execute("DELETE FROM api_tokens WHERE id = ?1", [id])?;
+        audit(&tx, &self.actor, "api_token.delete", id, 0, None)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT id, at, actor, action, target, rev, detail FROM audit WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = st.query_map(
+            params![to_i64(after), i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                ))
+            },
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, at, actor, action, target, rev, detail) = row?;
+            out.push(AuditEntry {
+                id: u64::try_from(id).unwrap_or(0),
+                at_ms: u64::try_from(at).unwrap_or(0),
+                actor,
+                action,
+                target,
+                revision: u64::try_from(rev).unwrap_or(0),
+                detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
+            });
+        }
+        Ok(out)
+    }
+
+    fn save_observed(&mut self, json: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO observed (k, json) VALUES ('edges', ?1)
+             ON CONFLICT (k) DO UPDATE SET json = excluded.json",
+            [json],
+        )?;
+        Ok(())
+    }
+
+    fn load_observed(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT json FROM observed WHERE k = 'edges'", [], |r| {
+                r.get(0)
+            })
+            .optional()?)
     }
 }
 
@@ -528,16 +766,101 @@ mod tests {
 
     #[test]
     fn api_tokens() {
+        let row = |id: &str, sha: &str, scope| ApiTokenRow {
+            id: id.into(),
+            sha256: sha.into(),
+            scope,
+            description: String::new(),
+            created_at_ms: 1,
+        };
         let mut s = SqliteStore::open_in_memory().unwrap();
-        assert!(s.put_api_token("aa", Scope::Admin, 1).unwrap());
-        assert!(!s.put_api_token("aa", Scope::Admin, 2).unwrap());
-        assert!(s.put_api_token("bb", Scope::Node, 1).unwrap());
-        assert_eq!(s.api_token_scope("aa").unwrap(), Some(Scope::Admin));
-        assert_eq!(s.api_token_scope("bb").unwrap(), Some(Scope::Node));
-        assert_eq!(s.api_token_scope("cc").unwrap(), None);
+        assert!(s.put_api_token(&row("a", "aa", Scope::Admin)).unwrap());
+        assert!(!s.put_api_token(&row("a", "aa", Scope::Admin)).unwrap());
+        assert!(s.put_api_token(&row("b", "bb", Scope::Node)).unwrap());
+        assert!(matches!(
+            s.put_api_token(&row("b", "b2", Scope::Read)),
+            Err(StoreError::Duplicate { .. })
+        ));
+        assert_eq!(s.api_token("aa").unwrap(), Some((Scope::Admin, "a".into())));
+        assert_eq!(s.api_token("bb").unwrap(), Some((Scope::Node, "b".into())));
+        assert_eq!(s.api_token("cc").unwrap(), None);
         assert_eq!(s.count_api_tokens(Scope::Admin).unwrap(), 1);
         // API tokens are not desired state.
         assert_eq!(s.revision().unwrap(), 0);
+        // The last admin token cannot be revoked; others can.
+        assert!(matches!(s.revoke_api_token("a"), Err(StoreError::InUse(_))));
+        s.set_actor("token:a");
+        s.revoke_api_token("b").unwrap();
+        assert_eq!(s.api_token("bb").unwrap(), None);
+        let audit = s.list_audit(0, 100).unwrap();
+        let actions: Vec<(&str, &str, &str)> = audit
+            .iter()
+            .map(|a| (a.actor.as_str(), a.action.as_str(), a.target.as_str()))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                ("system", "api_token.put", "a"),
+                ("system", "api_token.put", "b"),
+                ("token:a", "api_token.delete", "b")
+            ]
+        );
+    }
+
+    #[test]
+    fn admin_state_persists_and_is_audited() {
+        let dir = TempDir::new("store-admin-state");
+        let path = dir.path().join("coordinator.db");
+        {
+            let mut s = SqliteStore::open(&path).unwrap();
+            s.create_region(&Region {
+                name: "ams".into(),
+                latitude: None,
+                longitude: None,
+                admin_state: AdminState::Auto,
+            })
+            .unwrap();
+            s.set_actor("token:op");
+            let r = s.set_region_admin_state("ams", AdminState::Down).unwrap();
+            assert_eq!(s.revision().unwrap(), r);
+            assert!(matches!(
+                s.set_region_admin_state("nope", AdminState::Up),
+                Err(StoreError::NotFound { .. })
+            ));
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            s.desired().unwrap().regions[0].admin_state,
+            AdminState::Down
+        );
+        let audit = s.list_audit(0, 10).unwrap();
+        assert_eq!(audit.len(), 2);
+        assert_eq!(audit[1].actor, "token:op");
+        assert_eq!(audit[1].action, "region.admin_state");
+        assert_eq!(audit[1].detail.as_ref().unwrap()["admin_state"], "down");
+        assert_eq!(s.list_audit(audit[0].id, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn migrates_a_version_1_database() {
+        let dir = TempDir::new("store-migrate");
+        let path = dir.path().join("coordinator.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.execute_batch(
+                "INSERT INTO regions VALUES ('ams', 1.0, 2.0);
+                 INSERT INTO api_tokens VALUES ('abcdef0123456789', 'admin', 5);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.list_regions().unwrap()[0].admin_state, AdminState::Auto);
+        assert_eq!(
+            s.api_token("abcdef0123456789").unwrap(),
+            Some((Scope::Admin, "sha-abcdef012345".into()))
+        );
     }
 
     #[test]
