@@ -24,6 +24,9 @@ use crate::wire::{FrameReader, code, write_frame};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// In-flight requests get this long to finish once a connection drains.
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long, after sending `Drain`, new streams are still served while waiting for the edge's
+/// `GoAway` answer (edges that do not answer cost this much extra at shutdown).
+const DRAIN_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// State every slot shares (immutable except the small `targets` map, locked without `.await`).
 pub(crate) struct Shared {
@@ -348,12 +351,27 @@ async fn serve(
                 write_frame(&mut ctl_send, &Frame::Drain),
             )
             .await;
-            drain(conn, streams, ctl_send).await;
+            // Streams the edge opened before it saw `Drain` are still served; the edge's
+            // `GoAway` answer says no more are coming.
+            drain(
+                conn,
+                streams,
+                ctl_send,
+                Some(ctl),
+                shared.stream_ctx.clone(),
+            )
+            .await;
         }
         Stop::EdgeDrain(why) => {
             info!(slot, edge = %addr, %why, in_flight = streams.len(), "edge is draining; reconnecting");
             // Finish in-flight requests in the background while the slot reconnects.
-            shared.tasks.spawn(drain(conn, streams, ctl_send));
+            shared.tasks.spawn(drain(
+                conn,
+                streams,
+                ctl_send,
+                None,
+                shared.stream_ctx.clone(),
+            ));
         }
         Stop::Lost(why) => {
             warn!(slot, edge = %addr, %why, "tunnel connection lost; reconnecting");
@@ -369,19 +387,43 @@ fn origin_health(shared: &Shared, healthy: bool) -> Frame {
     }
 }
 
-/// Takes no new streams (refusing them so the edge may retry elsewhere), lets in-flight ones
-/// finish for up to [`DRAIN_TIMEOUT`], then closes the connection with code 0.
-async fn drain(conn: quinn::Connection, streams: TaskTracker, mut ctl_send: quinn::SendStream) {
+/// Lets in-flight streams finish for up to [`DRAIN_TIMEOUT`], then closes the connection with
+/// code 0. With `ctl` (we sent `Drain`), streams the edge opens until it answers with `GoAway`
+/// (or [`DRAIN_ACK_TIMEOUT`] passes, for edges that do not answer) are still served: the edge
+/// picked this connection before it saw `Drain`, and refusing them would fail requests. Streams
+/// opened after that are refused with [`code::REFUSED`] (nothing reached the origin, so the edge
+/// may retry them elsewhere).
+async fn drain(
+    conn: quinn::Connection,
+    streams: TaskTracker,
+    mut ctl_send: quinn::SendStream,
+    mut ctl: Option<FrameReader>,
+    ctx: Arc<StreamCtx>,
+) {
     let deadline = tokio::time::sleep(DRAIN_TIMEOUT);
     tokio::pin!(deadline);
+    let ack_deadline = tokio::time::sleep(DRAIN_ACK_TIMEOUT);
+    tokio::pin!(ack_deadline);
     loop {
+        let acked = ctl.is_none();
         tokio::select! {
-            _ = streams.wait() => break,
+            _ = streams.wait(), if acked => break,
             _ = &mut deadline => {
                 warn!(in_flight = streams.len(), "drain timed out; closing with requests in flight");
                 break;
             }
+            _ = &mut ack_deadline, if !acked => {
+                debug!("no GoAway answered our Drain; assuming the edge stopped routing");
+                ctl = None;
+            }
+            f = next_ctl(&mut ctl), if !acked => match f {
+                Ok(Some(Frame::GoAway { .. } | Frame::Drain)) | Ok(None) | Err(_) => ctl = None,
+                Ok(Some(_)) => {}
+            },
             s = conn.accept_bi() => match s {
+                Ok((send, recv)) if !acked => {
+                    streams.spawn(stream::handle(send, recv, ctx.clone()));
+                }
                 Ok((mut send, mut recv)) => {
                     let _ = send.reset(quinn::VarInt::from_u32(code::REFUSED));
                     let _ = recv.stop(quinn::VarInt::from_u32(code::REFUSED));
@@ -393,4 +435,11 @@ async fn drain(conn: quinn::Connection, streams: TaskTracker, mut ctl_send: quin
     // `close` drops unacknowledged data: make sure the `Drain` frame got there first.
     stream::finish(&mut ctl_send).await;
     conn.close(quinn::VarInt::from_u32(0), b"drained");
+}
+
+async fn next_ctl(ctl: &mut Option<FrameReader>) -> Result<Option<Frame>, crate::wire::WireError> {
+    match ctl {
+        Some(r) => r.next().await,
+        None => std::future::pending().await,
+    }
 }

@@ -569,3 +569,117 @@ async fn connects_to_a_second_region_and_reconnects_after_drain() {
         .unwrap();
     let _ = std::fs::remove_file(&pki.ca_path);
 }
+
+/// Opens a `GET /echo` stream and returns the first frame, or the reset code if refused.
+async fn try_get(conn: &quinn::Connection) -> Result<Frame, u64> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|_| u64::MAX)?;
+    write(&mut send, &[head("GET", "/echo", &[]), Frame::End], true).await;
+    let _ = send.finish();
+    let mut r = Reader::new(recv);
+    loop {
+        if let Some(f) = r.dec.decode(&mut r.buf).unwrap() {
+            return Ok(f);
+        }
+        match r.recv.read_chunk(65536, true).await {
+            Ok(Some(c)) => r.buf.extend_from_slice(&c.bytes),
+            Err(quinn::ReadError::Reset(code)) => return Err(code.into_inner()),
+            Ok(None) | Err(_) => return Err(u64::MAX),
+        }
+    }
+}
+
+/// A rolling restart must not fail requests: after the agent sends `Drain`, streams the edge
+/// opened before it saw the `Drain` are served; once the edge answers `GoAway`, new ones are
+/// refused with code 3 (retryable) and the connection closes when in-flight streams finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_serves_streams_until_the_edge_answers_goaway() {
+    let pki = pki("drain-ack");
+    let edge = quinn::Endpoint::server(pki.server.clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let origin = origin().await;
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(tunnel_agent::run(
+        agent_config(
+            edge.local_addr().unwrap(),
+            &format!("http://{origin}"),
+            &pki.ca_path,
+        ),
+        shutdown.clone(),
+    ));
+    let (conn, mut ctl_send, mut ctl) = register(&edge, "edge-1", "eu", vec![]).await;
+
+    // A long-lived stream in flight (an upgrade), so the drain cannot end early.
+    let (mut ws_send, ws_recv) = conn.open_bi().await.unwrap();
+    write(
+        &mut ws_send,
+        &[
+            head(
+                "GET",
+                "/ws",
+                &[("connection", "upgrade"), ("upgrade", "echo")],
+            ),
+            Frame::End,
+        ],
+        true,
+    )
+    .await;
+    let mut ws = Reader::new(ws_recv);
+    assert!(matches!(ws.next().await, Some(Frame::ResponseHead(h)) if h.status == 101));
+
+    shutdown.cancel();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ctl.next())
+            .await
+            .unwrap()
+        {
+            Some(Frame::Drain) => break,
+            Some(Frame::Heartbeat { .. } | Frame::OriginHealth { .. }) => {}
+            other => panic!("expected Drain, got {other:?}"),
+        }
+    }
+    // The edge has not answered yet: a request it routed here meanwhile is served.
+    match try_get(&conn).await {
+        Ok(Frame::ResponseHead(h)) => assert_eq!(h.status, 200),
+        other => panic!("a stream opened before the GoAway answer was not served: {other:?}"),
+    }
+
+    write(
+        &mut ctl_send,
+        &[Frame::GoAway {
+            reason: "drain acknowledged".into(),
+        }],
+        false,
+    )
+    .await;
+    // Once the agent has read the answer, new streams are refused with code 3.
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        match try_get(&conn).await {
+            Err(3) => break,
+            Ok(Frame::ResponseHead(_)) if std::time::Instant::now() < deadline => {}
+            other => panic!("expected a refusal with code 3 after GoAway, got {other:?}"),
+        }
+    }
+
+    // The in-flight upgrade still works, and ending it lets the connection close with code 0.
+    ws_send.write_all(b"still-here").await.unwrap();
+    let mut got = ws.buf.to_vec();
+    while got.len() < 10 {
+        let c = ws.recv.read_chunk(1024, true).await.unwrap().unwrap();
+        got.extend_from_slice(&c.bytes);
+    }
+    assert_eq!(&got, b"still-here");
+    ws_send.finish().unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(0)),
+        "{closed:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(15), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(&pki.ca_path);
+}
