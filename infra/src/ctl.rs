@@ -2,7 +2,10 @@
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use coordinator_api::{Client, CreateService, CreateToken, LbPolicy, Mount, Region};
+use coordinator_api::{
+    AdminState, ApiScope, Client, CreateApiToken, CreateService, CreateToken, LbPolicy, Mount,
+    Region,
+};
 use serde::Serialize;
 
 #[derive(clap::Args, Debug)]
@@ -56,6 +59,35 @@ enum Cmd {
     Edges,
     /// Agent connections, with the edge and region holding each.
     Agents,
+    /// Per-region health as GeoDNS sees it: live edges, agents per service, overrides.
+    Health,
+    /// The coordinator at a glance.
+    Status,
+    /// API tokens (admin, read, node): create (shown once), list, revoke.
+    #[command(subcommand, name = "api-token")]
+    ApiToken(ApiTokenCmd),
+    /// The audit log: who changed what, when.
+    Audit {
+        /// Only entries after this id.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ApiTokenCmd {
+    Create {
+        #[arg(long, value_parser = parse_scope)]
+        scope: ApiScope,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,6 +136,23 @@ enum RegionCmd {
         lon: Option<f64>,
     },
     List,
+    /// Force a region out of GeoDNS answers.
+    Down {
+        name: String,
+    },
+    /// Force a region into GeoDNS answers whatever its observed health.
+    Up {
+        name: String,
+    },
+    /// Follow observed health again.
+    Auto {
+        name: String,
+    },
+}
+
+fn parse_scope(s: &str) -> Result<ApiScope, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("unknown scope {s:?} (admin, read, node)"))
 }
 
 fn parse_policy(s: &str) -> Result<LbPolicy, String> {
@@ -141,8 +190,30 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         ),
         Cmd::Service(ServiceCmd::List) | Cmd::Services => {
             let rows = c.list_services().await?;
-            out.table(&rows, &["NAME", "LB"], |s| {
-                vec![s.name.clone(), format!("{:?}", s.lb_policy)]
+            let mounts = c.list_mounts().await?;
+            let agents = c.list_agents().await?;
+            out.table(&rows, &["NAME", "LB", "MOUNTS", "AGENTS"], |s| {
+                let m: Vec<String> = mounts
+                    .iter()
+                    .filter(|m| m.service == s.name)
+                    .map(|m| format!("{}{}", m.host, m.path_prefix))
+                    .collect();
+                let n = agents
+                    .iter()
+                    .filter(|a| a.conn.service == s.name)
+                    .map(|a| a.conn.agent_id.as_str())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len();
+                vec![
+                    s.name.clone(),
+                    serde_plain(&s.lb_policy),
+                    if m.is_empty() {
+                        "-".into()
+                    } else {
+                        m.join(",")
+                    },
+                    n.to_string(),
+                ]
             })
         }
         Cmd::Service(ServiceCmd::Delete { name }) => {
@@ -219,9 +290,118 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         }
         Cmd::Region(RegionCmd::List) | Cmd::Regions => {
             let rows = c.list_regions().await?;
-            out.table(&rows, &["NAME", "LAT", "LON"], |r| {
-                vec![r.name.clone(), opt(r.latitude), opt(r.longitude)]
+            out.table(&rows, &["NAME", "LAT", "LON", "ADMIN"], |r| {
+                vec![
+                    r.name.clone(),
+                    opt(r.latitude),
+                    opt(r.longitude),
+                    serde_plain(&r.admin_state),
+                ]
             })
+        }
+        Cmd::Region(RegionCmd::Down { name }) => {
+            out.one(&c.set_region_admin_state(&name, AdminState::Down).await?)
+        }
+        Cmd::Region(RegionCmd::Up { name }) => {
+            out.one(&c.set_region_admin_state(&name, AdminState::Up).await?)
+        }
+        Cmd::Region(RegionCmd::Auto { name }) => {
+            out.one(&c.set_region_admin_state(&name, AdminState::Auto).await?)
+        }
+        Cmd::Health => {
+            let rows = c.status().await?.regions;
+            out.table(
+                &rows,
+                &["REGION", "HEALTHY", "EDGES", "SERVICES", "STALE"],
+                |h| {
+                    vec![
+                        h.region.clone(),
+                        h.healthy.to_string(),
+                        format!("{}/{}", h.edges_alive, h.edges_total),
+                        h.services
+                            .iter()
+                            .map(|s| format!("{}:{}", s.service, s.agents))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        h.stale.to_string(),
+                    ]
+                },
+            )
+        }
+        Cmd::Status => {
+            let s = c.status().await?;
+            if out.json {
+                return out.one(&s);
+            }
+            println!(
+                "revision {}  observed {}  backend {}  up {}s  watchers {}",
+                s.revision,
+                s.observed_version,
+                s.backend,
+                s.uptime_ms / 1000,
+                s.watchers
+            );
+            println!(
+                "services {}  mounts {}  edges alive {}  agents {}",
+                s.services, s.mounts, s.edges_alive, s.agents
+            );
+            for h in &s.regions {
+                println!(
+                    "  {:<8} {:<9} edges {}/{}",
+                    h.region,
+                    if h.healthy { "healthy" } else { "UNHEALTHY" },
+                    h.edges_alive,
+                    h.edges_total
+                );
+            }
+            Ok(())
+        }
+        Cmd::ApiToken(ApiTokenCmd::Create { scope, description }) => {
+            let t = c
+                .create_api_token(&CreateApiToken { scope, description })
+                .await?;
+            if out.json {
+                return out.one(&t);
+            }
+            println!(
+                "API token {} with scope {} (shown once, store it now):",
+                t.id,
+                serde_plain(&t.scope)
+            );
+            println!("{}", t.token);
+            Ok(())
+        }
+        Cmd::ApiToken(ApiTokenCmd::List) => {
+            let rows = c.list_api_tokens().await?;
+            out.table(&rows, &["ID", "SCOPE", "DESCRIPTION", "CREATED_MS"], |t| {
+                vec![
+                    t.id.clone(),
+                    serde_plain(&t.scope),
+                    t.description.clone(),
+                    t.created_at_ms.to_string(),
+                ]
+            })
+        }
+        Cmd::ApiToken(ApiTokenCmd::Revoke { id }) => {
+            c.revoke_api_token(&id).await?;
+            out.done(&format!("revoked API token {id}"))
+        }
+        Cmd::Audit { after, limit } => {
+            let rows = c.list_audit(after, limit).await?;
+            out.table(
+                &rows,
+                &["ID", "AT_MS", "ACTOR", "ACTION", "TARGET", "REV"],
+                |a| {
+                    vec![
+                        a.id.to_string(),
+                        a.at_ms.to_string(),
+                        a.actor.clone(),
+                        a.action.clone(),
+                        a.target.clone(),
+                        a.revision.to_string(),
+                    ]
+                },
+            )
         }
         Cmd::Edges => {
             let rows = c.list_edges().await?;
@@ -262,6 +442,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                 },
             )
         }
+    }
+}
+
+/// A unit enum as its wire name (`round_robin`, `down`), for tables.
+fn serde_plain<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
     }
 }
 
@@ -340,6 +529,35 @@ mod tests {
             split_target("https://a.b/c/d"),
             ("a.b".into(), "/c/d".into())
         );
+    }
+
+    #[test]
+    fn scopes_and_plain_names() {
+        assert_eq!(parse_scope("read"), Ok(ApiScope::Read));
+        assert!(parse_scope("root").is_err());
+        assert_eq!(serde_plain(&LbPolicy::RoundRobin), "round_robin");
+        assert_eq!(serde_plain(&AdminState::Down), "down");
+    }
+
+    #[test]
+    fn region_override_commands_parse() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: Args,
+        }
+        let t = T::try_parse_from(["x", "region", "down", "ams", "--json"]).unwrap();
+        assert!(t.a.json);
+        assert!(matches!(t.a.command, Cmd::Region(RegionCmd::Down { ref name }) if name == "ams"));
+        let t = T::try_parse_from(["x", "api-token", "create", "--scope", "read"]).unwrap();
+        assert!(matches!(
+            t.a.command,
+            Cmd::ApiToken(ApiTokenCmd::Create {
+                scope: ApiScope::Read,
+                ..
+            })
+        ));
     }
 
     #[test]
