@@ -26,6 +26,9 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long in-flight requests may finish on a connection that is going away.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// `GoAway` reason answering an agent's `Drain`.
+const DRAIN_ACK: &str = "drain acknowledged: no new streams";
+
 /// QUIC application close codes.
 mod close {
     pub(super) const NORMAL: u32 = 0;
@@ -336,6 +339,12 @@ async fn control_loop(
                 Ok(Some(Frame::Drain)) => {
                     if shared.agents.remove(handle) {
                         info!(agent = handle.info.agent_id, "agent draining; no new requests routed to it");
+                    }
+                    // Tells the agent that no new streams will be routed to this connection, so
+                    // it can stop serving new ones (until then it serves what we already picked
+                    // it for, so that no request fails during a rolling restart).
+                    if let Err(e) = write_frame(send, &Frame::GoAway { reason: DRAIN_ACK.into() }).await {
+                        return End::Connection(e.to_string());
                     }
                 }
                 Ok(Some(Frame::GoAway { reason })) => return End::AgentGone(reason),

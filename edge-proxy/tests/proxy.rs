@@ -743,6 +743,8 @@ async fn agent_error_is_502_and_drain_stops_routing() {
     write(&mut a.control_send, &Frame::Drain).await;
     // Heartbeat round trip: once acked, the Drain before it has been processed.
     write(&mut a.control_send, &Frame::Heartbeat { seq: 1 }).await;
+    // The edge answers Drain with GoAway once it stopped routing there (the agent waits for it).
+    assert!(matches!(a.control.next().await, Some(Frame::GoAway { .. })));
     assert_eq!(a.control.next().await, Some(Frame::HeartbeatAck { seq: 1 }));
     let r = get(h.http, "app.test", "/demo").await;
     assert_eq!(r.status, 503, "{r:?}");
