@@ -18,6 +18,7 @@ use tunnel_proto::{Frame, Headers, RequestHead};
 
 use crate::headers::response_headers;
 use crate::registry::Lease;
+use crate::retry::{self, Failure};
 use crate::state::Shared;
 use crate::wire::{FrameReader, WireError, code, write_frame};
 
@@ -88,19 +89,33 @@ pub(crate) async fn forward(shared: &Shared, out: Outgoing) -> Response<RespBody
     }
 }
 
-async fn open(
-    lease: &Lease,
-) -> Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError> {
-    lease.agent().conn.open_bi().await
+/// Most attempts per request (the first plus retries), whatever the budget says.
+const MAX_ATTEMPTS: usize = 3;
+
+/// A failed attempt: how far it got, which connection failed, and the answer if not retried.
+struct Failed {
+    failure: Failure,
+    agent: u64,
+    response: Response<RespBody>,
 }
 
+fn tunnel_failed(service: &str, e: impl std::fmt::Display) -> Response<RespBody> {
+    text(
+        StatusCode::BAD_GATEWAY,
+        format!("tunnel to service {service} failed: {e}"),
+    )
+}
+
+/// Every retry and failover decision is made here: pick, attempt, and on failure ask
+/// [`retry::retryable`] and the budget whether another connection may be tried.
 async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     let Outgoing {
         service,
         head,
-        upgrade,
+        mut upgrade,
         body,
     } = out;
+    let idempotent = retry::idempotent(&head.method);
 
     let mut prelude = BytesMut::new();
     tunnel_proto::encode_preamble(&mut prelude);
@@ -110,35 +125,81 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
             format!("request head cannot be forwarded: {e}"),
         );
     }
+    let prelude = prelude.freeze();
+    shared.retry_budget().on_request(std::time::Instant::now());
 
-    let Some(first) = shared.agents.pick(&service, None) else {
-        return no_agent(&service);
-    };
-    let (lease, mut send, recv) = match open(&first).await {
-        Ok((s, r)) => (first, s, r),
-        Err(e) => {
-            debug!(service, agent = %first.agent().info.agent_id, error = %e, "opening a tunnel stream failed; retrying once");
-            let Some(second) = shared.agents.pick(&service, Some(first.agent().key)) else {
-                return no_agent(&service);
+    // An empty body can be "replayed" after it was consumed; any other only while untouched.
+    let body_empty = http_body::Body::is_end_stream(&body);
+    let mut body = Some(body);
+    let mut exclude = None;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let Some(lease) = shared.agents.pick(&service, exclude) else {
+            return no_agent(&service);
+        };
+        let failed =
+            match attempt_once(shared, &service, lease, &prelude, &mut body, &mut upgrade).await {
+                Ok(resp) => return resp,
+                Err(f) => f,
             };
-            drop(first);
-            match open(&second).await {
-                Ok((s, r)) => (second, s, r),
-                Err(e) => {
-                    return text(
-                        StatusCode::BAD_GATEWAY,
-                        format!("tunnel to service {service} failed: {e}"),
-                    );
-                }
-            }
+        let replayable = body.is_some() || body_empty;
+        if attempt < MAX_ATTEMPTS
+            && retry::retryable(failed.failure, idempotent, replayable)
+            && shared.retry_budget().try_retry(std::time::Instant::now())
+        {
+            debug!(service, attempt, failure = ?failed.failure, "retrying on another agent connection");
+            exclude = Some(failed.agent);
+            continue;
+        }
+        return failed.response;
+    }
+}
+
+/// How a stream read or write error bears on retrying: a reset or stop with code 3 means the
+/// agent did not start the request.
+fn classify_read(e: &WireError) -> Failure {
+    match e {
+        WireError::Read(quinn::ReadError::Reset(c))
+            if c.into_inner() == u64::from(code::REFUSED) =>
+        {
+            Failure::NeverStarted
+        }
+        _ => Failure::MaybeStarted,
+    }
+}
+
+/// One attempt on one agent connection. `body` is taken once its upload starts.
+async fn attempt_once(
+    shared: &Shared,
+    service: &str,
+    lease: Lease,
+    prelude: &Bytes,
+    body: &mut Option<Incoming>,
+    upgrade: &mut Option<OnUpgrade>,
+) -> Result<Response<RespBody>, Failed> {
+    let agent = lease.agent().key;
+    let fail = |failure, response| Failed {
+        failure,
+        agent,
+        response,
+    };
+    let (mut send, recv) = match lease.agent().conn.open_bi().await {
+        Ok(x) => x,
+        Err(e) => {
+            debug!(service, agent, error = %e, "opening a tunnel stream failed");
+            return Err(fail(Failure::NeverStarted, tunnel_failed(service, e)));
         }
     };
 
-    if let Err(e) = send.write_all(&prelude).await {
-        return text(
-            StatusCode::BAD_GATEWAY,
-            format!("tunnel to service {service} failed: {e}"),
-        );
+    if let Err(e) = send.write_all(prelude).await {
+        let failure = match &e {
+            quinn::WriteError::Stopped(c) if c.into_inner() == u64::from(code::REFUSED) => {
+                Failure::NeverStarted
+            }
+            _ => Failure::MaybeStarted,
+        };
+        return Err(fail(failure, tunnel_failed(service, e)));
     }
 
     // Request body: inline for upgrades (it is empty, and the stream is needed afterwards for raw
@@ -148,16 +209,17 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     let max_body = shared.limits.max_request_body;
     let (too_large_tx, mut too_large) = tokio::sync::oneshot::channel::<()>();
     if upgrade.is_some() {
-        if let Err(e) = upload(&mut send, body, max_body).await {
+        if let Err(e) = upload(&mut send, body.take(), max_body).await {
             let _ = send.reset(quinn::VarInt::from_u32(code::CANCELLED));
-            return text(
+            return Ok(text(
                 StatusCode::BAD_GATEWAY,
                 format!("sending the request failed: {e}"),
-            );
+            ));
         }
         upgrade_send = Some(send);
     } else {
         let cancelled = cancel.clone();
+        let body = body.take();
         tokio::spawn(async move {
             let res = tokio::select! {
                 _ = cancelled.cancelled() => Err(UploadError::Abandoned),
@@ -191,66 +253,67 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
                 format!("request body is larger than {} bytes", max_body.unwrap_or_default()),
             );
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return resp;
+            return Ok(resp);
         }
         next = reader.next() => next,
     };
     let head = match next {
         Ok(Some(Frame::ResponseHead(h))) => h,
         Ok(Some(Frame::Error { code, message })) => {
-            return text(
+            return Ok(text(
                 StatusCode::BAD_GATEWAY,
                 format!("service {service} failed ({code}): {message}"),
-            );
+            ));
         }
         Ok(Some(other)) => {
             reader.stop(code::PROTOCOL);
-            return text(
+            return Ok(text(
                 StatusCode::BAD_GATEWAY,
                 format!(
                     "agent protocol error: expected a response head, got frame type {}",
                     other.type_code()
                 ),
-            );
+            ));
         }
         Ok(None) => {
-            return text(
-                StatusCode::BAD_GATEWAY,
-                format!("agent for service {service} closed the stream without a response"),
-            );
+            return Err(fail(
+                Failure::MaybeStarted,
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("agent for service {service} closed the stream without a response"),
+                ),
+            ));
         }
         Err(e) => {
-            return text(
-                StatusCode::BAD_GATEWAY,
-                format!("tunnel to service {service} failed: {e}"),
-            );
+            return Err(fail(classify_read(&e), tunnel_failed(service, e)));
         }
     };
+    let upgrade = upgrade.take();
 
     let Ok(status) = StatusCode::from_u16(head.status) else {
-        return text(
+        return Ok(text(
             StatusCode::BAD_GATEWAY,
             format!("agent sent an invalid status {}", head.status),
-        );
+        ));
     };
     if status == StatusCode::SWITCHING_PROTOCOLS {
         let (Some(on_upgrade), Some(send)) = (upgrade, upgrade_send) else {
-            return text(
+            return Ok(text(
                 StatusCode::BAD_GATEWAY,
                 "origin switched protocols on a request that did not ask to",
-            );
+            ));
         };
         let mut resp = Response::new(empty());
         *resp.status_mut() = status;
         *resp.headers_mut() = response_headers(&head.headers, true);
         tokio::spawn(splice(on_upgrade, reader, send, lease));
-        return resp;
+        return Ok(resp);
     }
     if status.is_informational() {
-        return text(
+        return Ok(text(
             StatusCode::BAD_GATEWAY,
             format!("origin sent an unexpected {status}"),
-        );
+        ));
     }
     let declined = upgrade_send.is_some();
     if let Some(mut send) = upgrade_send {
@@ -267,7 +330,7 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    resp
+    Ok(resp)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,12 +346,17 @@ enum UploadError {
 }
 
 /// Streams the client's body as `Data` frames of at most 64 KiB, then `Trailers` and `End`;
-/// stops with [`UploadError::TooLarge`] once more than `max` bytes arrived.
+/// stops with [`UploadError::TooLarge`] once more than `max` bytes arrived. `None` is an empty
+/// body (a retry of a request whose empty body was already consumed).
 async fn upload(
     send: &mut quinn::SendStream,
-    mut body: Incoming,
+    body: Option<Incoming>,
     max: Option<u64>,
 ) -> Result<(), UploadError> {
+    let Some(mut body) = body else {
+        write_frame(send, &Frame::End).await?;
+        return Ok(());
+    };
     let mut total = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame?;

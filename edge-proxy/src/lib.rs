@@ -15,6 +15,7 @@ mod h1guard;
 mod headers;
 mod heartbeat;
 mod registry;
+mod retry;
 mod routing;
 mod server;
 mod state;
@@ -248,6 +249,7 @@ impl Edge {
             ),
             agents: Registry::default(),
             snapshots: snapshots.clone(),
+            retry_budget: Default::default(),
         });
 
         let tracker = TaskTracker::new();

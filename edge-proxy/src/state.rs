@@ -1,6 +1,6 @@
 //! State shared by every listener of one edge.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use coordinator_api::Snapshot;
@@ -8,6 +8,7 @@ use http::HeaderValue;
 use tokio::sync::watch;
 
 use crate::registry::Registry;
+use crate::retry::RetryBudget;
 use crate::routing::RouteTable;
 
 /// Per-request limits from the command line.
@@ -27,4 +28,13 @@ pub(crate) struct Shared {
     pub(crate) routes: ArcSwap<RouteTable>,
     pub(crate) agents: Registry,
     pub(crate) snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    pub(crate) retry_budget: Mutex<RetryBudget>,
+}
+
+impl Shared {
+    /// The process-wide retry budget. The lock is held for a few counter updates, never across
+    /// `.await`; a poisoned lock still holds valid counters.
+    pub(crate) fn retry_budget(&self) -> std::sync::MutexGuard<'_, RetryBudget> {
+        self.retry_budget.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }

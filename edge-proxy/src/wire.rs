@@ -110,4 +110,6 @@ pub(crate) mod code {
     pub(crate) const CANCELLED: u32 = 0x1;
     /// The peer broke the protocol.
     pub(crate) const PROTOCOL: u32 = 0x2;
+    /// From an agent: it did not start this request (draining), so retrying is always safe.
+    pub(crate) const REFUSED: u32 = 0x3;
 }

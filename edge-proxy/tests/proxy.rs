@@ -182,6 +182,10 @@ struct Agent {
 }
 
 async fn connect_agent(h: &Harness, token: &str, services: &[&str]) -> Agent {
+    connect_agent_as(h, "agent-1", token, services).await
+}
+
+async fn connect_agent_as(h: &Harness, id: &str, token: &str, services: &[&str]) -> Agent {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(h.cert.clone()).unwrap();
     let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -208,7 +212,7 @@ async fn connect_agent(h: &Harness, token: &str, services: &[&str]) -> Agent {
         &Frame::Hello {
             version: tunnel_proto::VERSION,
             token: token.into(),
-            agent_id: "agent-1".into(),
+            agent_id: id.into(),
             services: services.iter().map(|s| s.to_string()).collect(),
         },
     )
@@ -261,6 +265,9 @@ fn serve_streams(conn: quinn::Connection) -> Arc<AtomicUsize> {
                     }
                 }
                 let h = |n: &str| Bytes::from(header(&head, n).unwrap_or("-").to_owned());
+                if head.uri.ends_with(b"/slow") {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 if head.uri.ends_with(b"/hang") {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                     return;
@@ -743,9 +750,14 @@ async fn agent_error_is_502_and_drain_stops_routing() {
     write(&mut a.control_send, &Frame::Drain).await;
     // Heartbeat round trip: once acked, the Drain before it has been processed.
     write(&mut a.control_send, &Frame::Heartbeat { seq: 1 }).await;
-    // The edge answers Drain with GoAway once it stopped routing there (the agent waits for it).
-    assert!(matches!(a.control.next().await, Some(Frame::GoAway { .. })));
-    assert_eq!(a.control.next().await, Some(Frame::HeartbeatAck { seq: 1 }));
+    // The edge may acknowledge the Drain (GoAway) before the heartbeat ack.
+    loop {
+        match a.control.next().await {
+            Some(Frame::HeartbeatAck { seq: 1 }) => break,
+            Some(Frame::GoAway { .. }) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
     let r = get(h.http, "app.test", "/demo").await;
     assert_eq!(r.status, 503, "{r:?}");
 }
@@ -984,4 +996,91 @@ async fn connections_over_the_limit_are_closed() {
         assert!(tokio::time::Instant::now() < deadline, "slot never freed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// An agent that refuses every stream the way a draining tunnel-agent does: reset with code 3.
+fn refuse_streams(conn: quinn::Connection) -> Arc<AtomicUsize> {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let _ = send.reset(quinn::VarInt::from_u32(3));
+            let _ = recv.stop(quinn::VarInt::from_u32(3));
+        }
+    });
+    seen
+}
+
+#[tokio::test]
+async fn refused_streams_are_retried_even_for_post() {
+    let h = start(Some(snapshot())).await;
+    let a = connect_agent_as(&h, "refuser", GOOD_TOKEN, &["web"]).await;
+    let refused = refuse_streams(a.conn.clone());
+    let b = connect_agent_as(&h, "server", GOOD_TOKEN, &["web"]).await;
+    let served = serve_streams(b.conn.clone());
+
+    for i in 0..20 {
+        let r = raw(
+            h.http,
+            format!(
+                "POST /demo/p{i} HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "request {i}: {r:?}");
+    }
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "the refusing agent was tried"
+    );
+    assert_eq!(served.load(Ordering::SeqCst), 20);
+}
+
+#[tokio::test]
+async fn killing_one_of_two_agents_mid_load_fails_no_idempotent_request() {
+    let h = start(Some(snapshot())).await;
+    let a = connect_agent_as(&h, "victim", GOOD_TOKEN, &["web"]).await;
+    let victim = serve_streams(a.conn.clone());
+    let b = connect_agent_as(&h, "survivor", GOOD_TOKEN, &["web"]).await;
+    serve_streams(b.conn.clone());
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let addr = h.http;
+        let done = done.clone();
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for i in 0..40 {
+                let r = get(addr, "app.test", &format!("/demo/{w}-{i}/slow")).await;
+                if r.status != 200 {
+                    failures.push(r);
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            failures
+        }));
+    }
+    // Kill the victim once load is flowing through both agents.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while done.load(Ordering::SeqCst) < 40 || victim.load(Ordering::SeqCst) < 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "load never reached the victim"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.conn.close(quinn::VarInt::from_u32(0), b"killed");
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    assert_eq!(done.load(Ordering::SeqCst), 320);
 }
