@@ -57,6 +57,45 @@ pub struct Config {
     #[arg(long, default_value_t = 2000)]
     pub health_fall_ms: u64,
 
+    /// MaxMind-format database (GeoIP2/GeoLite2/DB-IP City or Country, or a flat schema with
+    /// the `--geoip-*-field` paths) used for clients no `--net` matches. Re-read when its
+    /// modification time changes.
+    #[arg(long, value_name = "PATH")]
+    pub geoip_db: Option<PathBuf>,
+
+    /// How often to check `--geoip-db` for a new file, in seconds (0: never).
+    #[arg(long, default_value_t = 10)]
+    pub geoip_reload_secs: u64,
+
+    /// Country or continent → ordered region list: `country:DE=ams,iad`, `continent:NA=iad`
+    /// (repeatable). Country beats continent; clients with neither go by coordinates.
+    #[arg(
+        long = "map",
+        value_name = "country:CC=REGION[,..]|continent:CC=REGION[,..]"
+    )]
+    pub maps: Vec<GeoMap>,
+
+    /// With coordinates but no `--map`, only regions within this distance are chosen by
+    /// nearness; a client farther from every region gets the default order.
+    #[arg(long)]
+    pub nearest_limit_km: Option<f64>,
+
+    /// Dotted path of the ISO country code in each database record.
+    #[arg(long, default_value = "country.iso_code")]
+    pub geoip_country_field: String,
+
+    /// Dotted path of the continent code.
+    #[arg(long, default_value = "continent.code")]
+    pub geoip_continent_field: String,
+
+    /// Dotted path of the latitude.
+    #[arg(long, default_value = "location.latitude")]
+    pub geoip_latitude_field: String,
+
+    /// Dotted path of the longitude.
+    #[arg(long, default_value = "location.longitude")]
+    pub geoip_longitude_field: String,
+
     /// A down region with live edges again is put back only after 3 consecutive observations
     /// spanning at least this many milliseconds.
     #[arg(long, default_value_t = 10_000)]
@@ -79,6 +118,24 @@ impl Config {
             ns_ip: None,
             health_fall_ms: 2000,
             health_rise_ms: 10_000,
+            geoip_db: None,
+            geoip_reload_secs: 10,
+            maps: Vec::new(),
+            nearest_limit_km: None,
+            geoip_country_field: "country.iso_code".into(),
+            geoip_continent_field: "continent.code".into(),
+            geoip_latitude_field: "location.latitude".into(),
+            geoip_longitude_field: "location.longitude".into(),
+        }
+    }
+
+    /// The database field paths from the flags.
+    pub fn field_paths(&self) -> crate::geoip::FieldPaths {
+        crate::geoip::FieldPaths {
+            country: self.geoip_country_field.clone(),
+            continent: self.geoip_continent_field.clone(),
+            latitude: self.geoip_latitude_field.clone(),
+            longitude: self.geoip_longitude_field.clone(),
         }
     }
 }
@@ -133,6 +190,80 @@ impl fmt::Display for NetRule {
     }
 }
 
+/// What a `--map` keys on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GeoKey {
+    Country,
+    Continent,
+}
+
+/// One `--map` flag: a country or continent code and its regions, best first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GeoMap {
+    pub key: GeoKey,
+    /// Upper case, two letters.
+    pub code: String,
+    /// Non-empty, without duplicates.
+    pub regions: Vec<String>,
+}
+
+/// Why a `--map` value was rejected.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid --map {value:?}: {reason} (expected country:CC=REGION[,..] or continent:CC=REGION[,..])"
+)]
+pub struct GeoMapError {
+    value: String,
+    reason: &'static str,
+}
+
+impl FromStr for GeoMap {
+    type Err = GeoMapError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| GeoMapError {
+            value: s.to_owned(),
+            reason,
+        };
+        let (kind, rest) = s.split_once(':').ok_or_else(|| err("missing ':'"))?;
+        let key = match kind.trim().to_ascii_lowercase().as_str() {
+            "country" => GeoKey::Country,
+            "continent" => GeoKey::Continent,
+            _ => return Err(err("kind must be country or continent")),
+        };
+        let (code, regions) = rest.split_once('=').ok_or_else(|| err("missing '='"))?;
+        let code = code.trim();
+        if code.len() != 2 || !code.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err(err("code must be two letters"));
+        }
+        let mut list: Vec<String> = Vec::new();
+        for r in regions.split(',') {
+            let r = r.trim();
+            if r.is_empty() {
+                return Err(err("empty region name"));
+            }
+            if !list.iter().any(|x| x == r) {
+                list.push(r.to_owned());
+            }
+        }
+        Ok(Self {
+            key,
+            code: code.to_ascii_uppercase(),
+            regions: list,
+        })
+    }
+}
+
+impl fmt::Display for GeoMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.key {
+            GeoKey::Country => "country",
+            GeoKey::Continent => "continent",
+        };
+        write!(f, "{kind}:{}={}", self.code, self.regions.join(","))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +289,20 @@ mod tests {
     }
 
     #[test]
+    fn parses_geo_maps() {
+        let m: GeoMap = "country:de=ams, iad".parse().unwrap();
+        assert_eq!((m.key, m.code.as_str()), (GeoKey::Country, "DE"));
+        assert_eq!(m.regions, vec!["ams", "iad"]);
+        assert_eq!(m.to_string(), "country:DE=ams,iad");
+        let m: GeoMap = "continent:NA=iad".parse().unwrap();
+        assert_eq!(m.key, GeoKey::Continent);
+        assert!("planet:EA=ams".parse::<GeoMap>().is_err());
+        assert!("country:DEU=ams".parse::<GeoMap>().is_err());
+        assert!("country:DE=".parse::<GeoMap>().is_err());
+        assert!("country=ams".parse::<GeoMap>().is_err());
+    }
+
+    #[test]
     fn flag_defaults_match_with_defaults() {
         let cli = Cli::parse_from(["geodns"]);
         let d = Config::with_defaults();
@@ -165,6 +310,9 @@ mod tests {
         assert_eq!(cli.config.zone, d.zone);
         assert_eq!(cli.config.geo_names, d.geo_names);
         assert_eq!(cli.config.ttl, d.ttl);
+        assert_eq!(cli.config.field_paths(), d.field_paths());
+        assert_eq!(cli.config.health_fall_ms, d.health_fall_ms);
+        assert_eq!(cli.config.geoip_reload_secs, d.geoip_reload_secs);
         let cli = Cli::parse_from([
             "geodns",
             "--listen",

@@ -12,42 +12,138 @@ use std::sync::Arc;
 use coordinator_api::Snapshot;
 use ipnet::IpNet;
 
-use crate::config::NetRule;
+use crate::config::{GeoKey, GeoMap, NetRule};
+use crate::geoip::{GeoDb, Location};
 use crate::health::{HealthTracker, Verdict};
+use crate::prefix::PrefixTree;
 
 /// TTL ceiling while any region is down, so clients move back quickly once it recovers.
 pub const DEGRADED_TTL: u32 = 10;
 
-/// Client-to-region policy from the configuration; independent of any snapshot.
+/// Client-to-region policy from the configuration and the GeoIP database; independent of any
+/// snapshot. Rebuilt (off the query path) when the database file changes.
 #[derive(Debug)]
 pub struct Policy {
-    prefixes: PrefixIndex,
-    /// Preference list of each `--net` rule, indexed by the prefix index's values.
+    tree: PrefixTree,
+    /// What each tree value stands for: `--net` rule `i` is class `i`, database locations follow.
+    classes: Vec<Class>,
+    /// Preference list of each `--net` rule.
     rules: Vec<Vec<String>>,
+    countries: HashMap<String, Vec<String>>,
+    continents: HashMap<String, Vec<String>>,
+    nearest_limit_km: Option<f64>,
     default_region: Option<String>,
     ttl: u32,
+    db: Option<GeoDb>,
+}
+
+/// What decided a client's location.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Class {
+    /// `--net` rule by index.
+    Net(usize),
+    /// A database record.
+    Geo(Location),
+}
+
+/// How a client was classified: the class and the prefix behind it.
+#[derive(Clone, Copy, Debug)]
+pub struct Classified<'a> {
+    pub class: Option<&'a Class>,
+    pub class_index: Option<usize>,
+    /// Length of the matched prefix (0: nothing matched).
+    pub prefix_len: u8,
+    /// ECS scope of any answer derived from this classification.
+    pub scope: u8,
 }
 
 impl Policy {
-    /// Later rules for the same prefix replace earlier ones.
+    /// A policy from `--net` rules only. Later rules for the same prefix replace earlier ones.
     pub fn new(nets: &[NetRule], default_region: Option<String>, ttl: u32) -> Self {
-        let mut prefixes = PrefixIndex::default();
-        let mut rules = Vec::with_capacity(nets.len());
-        for rule in nets {
-            prefixes.insert(rule.net, rules.len());
-            rules.push(rule.regions.clone());
+        Self::build(nets, &[], None, default_region, ttl, None)
+    }
+
+    /// Merges the `--net` rules (which win) and the database's networks into one prefix tree.
+    pub fn build(
+        nets: &[NetRule],
+        maps: &[GeoMap],
+        nearest_limit_km: Option<f64>,
+        default_region: Option<String>,
+        ttl: u32,
+        mut db: Option<GeoDb>,
+    ) -> Self {
+        let mut tree = PrefixTree::default();
+        let mut classes: Vec<Class> = (0..nets.len()).map(Class::Net).collect();
+        if let Some(db) = db.as_mut() {
+            type Key = (Option<String>, Option<String>, Option<(u64, u64)>);
+            let mut seen: HashMap<Key, u32> = HashMap::new();
+            let result = db.for_each(|net, loc| {
+                let key = (
+                    loc.country.clone(),
+                    loc.continent.clone(),
+                    loc.coords.map(|(a, b)| (a.to_bits(), b.to_bits())),
+                );
+                let id = *seen.entry(key).or_insert_with(|| {
+                    classes.push(Class::Geo(loc));
+                    u32::try_from(classes.len() - 1).unwrap_or(u32::MAX)
+                });
+                tree.insert(net, id, false);
+            });
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "GeoIP database only partly read");
+            }
+        }
+        // Shorter rules first, each dropping finer database entries beneath it; finer rules
+        // inserted later survive. A stable sort keeps "later flag wins" for equal prefixes.
+        let mut order: Vec<usize> = (0..nets.len()).collect();
+        order.sort_by_key(|&i| nets.get(i).map_or(0, |r| r.net.prefix_len()));
+        for i in order {
+            if let (Some(rule), Ok(id)) = (nets.get(i), u32::try_from(i)) {
+                tree.insert(rule.net, id, true);
+            }
+        }
+        let mut countries = HashMap::new();
+        let mut continents = HashMap::new();
+        for m in maps {
+            let target = match m.key {
+                GeoKey::Country => &mut countries,
+                GeoKey::Continent => &mut continents,
+            };
+            target.insert(m.code.clone(), m.regions.clone());
         }
         Self {
-            prefixes,
-            rules,
+            tree,
+            classes,
+            rules: nets.iter().map(|r| r.regions.clone()).collect(),
+            countries,
+            continents,
+            nearest_limit_km: nearest_limit_km.filter(|k| k.is_finite() && *k > 0.0),
             default_region,
             ttl,
+            db,
         }
     }
 
-    /// Which rule a client falls in and the ECS scope of that decision.
-    pub fn classify(&self, client: IpAddr) -> (Option<usize>, u8) {
-        self.prefixes.lookup(client)
+    /// Which class a client falls in and the ECS scope of that decision.
+    pub fn classify(&self, client: IpAddr) -> Classified<'_> {
+        let m = self.tree.lookup(client);
+        let class_index = m.value.map(|v| v as usize);
+        Classified {
+            class: class_index.and_then(|i| self.classes.get(i)),
+            class_index,
+            prefix_len: m.prefix_len,
+            scope: m.scope,
+        }
+    }
+
+    /// The database, if one is loaded.
+    pub fn db(&self) -> Option<&GeoDb> {
+        self.db.as_ref()
+    }
+
+    /// Distinct client classes (rules plus database locations) and tree size, for logs.
+    pub fn size(&self) -> (usize, usize) {
+        (self.classes.len(), self.tree.node_count())
     }
 }
 
@@ -79,11 +175,10 @@ pub struct AnswerTable {
     policy: Arc<Policy>,
     /// Sorted by name.
     regions: Vec<RegionAnswer>,
-    /// Per policy rule.
-    rule_picks: Vec<Option<Pick>>,
+    /// Per policy class (rules, then database locations), precomputed for this snapshot.
+    class_picks: Vec<Option<Pick>>,
     default_pick: Option<Pick>,
-    /// Full ordered region list per rule and for the default, kept for `explain`.
-    rule_orders: Vec<Vec<usize>>,
+    /// Full ordered region list for unmatched clients, kept for `explain` and as fallback.
     default_order: Vec<usize>,
     ttl: u32,
     revision: u64,
@@ -190,15 +285,19 @@ impl AnswerTable {
             .map(|(i, r)| (r.name.as_str(), i))
             .collect();
 
-        let rule_orders: Vec<Vec<usize>> = policy
-            .rules
-            .iter()
-            .map(|list| order(&regions, &index, list))
-            .collect();
         let default_list: Vec<String> = policy.default_region.iter().cloned().collect();
-        let default_order = order(&regions, &index, &default_list);
-        let rule_picks = rule_orders.iter().map(|o| pick(&regions, o)).collect();
+        let default_order = order(&regions, &index, &default_list, None);
         let default_pick = pick(&regions, &default_order);
+        let class_picks = policy
+            .classes
+            .iter()
+            .map(|c| {
+                pick(
+                    &regions,
+                    &class_order(&policy, &regions, &index, &default_order, c).1,
+                )
+            })
+            .collect();
 
         let degraded = regions.iter().any(|r| !r.live);
         let ttl = if degraded {
@@ -209,9 +308,8 @@ impl AnswerTable {
         Self {
             policy,
             regions,
-            rule_picks,
+            class_picks,
             default_pick,
-            rule_orders,
             default_order,
             ttl,
             revision: snapshot.revision,
@@ -220,9 +318,10 @@ impl AnswerTable {
 
     /// The answer for `client`; `None` only when the snapshot has no region at all.
     pub fn answer(&self, client: IpAddr) -> Option<Answer<'_>> {
-        let (rule, scope) = self.policy.classify(client.to_canonical());
-        let pick = match rule {
-            Some(i) => self.rule_picks.get(i).copied().flatten(),
+        let c = self.policy.classify(client.to_canonical());
+        let scope = c.scope;
+        let pick = match c.class_index {
+            Some(i) => self.class_picks.get(i).copied().flatten(),
             None => self.default_pick,
         }?;
         let region = self.regions.get(pick.region)?;
@@ -248,39 +347,195 @@ impl AnswerTable {
         &self.regions
     }
 
-    /// Human-readable account of how `client` is answered (for `geodns explain`-style tools).
+    /// Human-readable account of how `client` is answered: which prefix and database fields
+    /// decided, the region walk with health verdicts, and the answer (for `meridian dns explain`).
     pub fn explain(&self, client: IpAddr) -> String {
+        use std::fmt::Write as _;
         let client = client.to_canonical();
-        let (rule, scope) = self.policy.classify(client);
-        let (source, order) = match rule {
-            Some(i) => (
-                format!("net rule #{i} {:?}", self.policy.rules.get(i)),
-                self.rule_orders
-                    .get(i)
-                    .map(Vec::as_slice)
-                    .unwrap_or_default(),
+        let c = self.policy.classify(client);
+        let mut out = String::new();
+        let _ = writeln!(out, "client: {client}");
+        let matched = IpNet::new(client, c.prefix_len).map(|n| n.trunc());
+        match (c.class, matched) {
+            (Some(Class::Net(i)), Ok(net)) => {
+                let _ = writeln!(
+                    out,
+                    "decided by: --net {net}={} (rule #{i})",
+                    self.policy
+                        .rules
+                        .get(*i)
+                        .map(|r| r.join(","))
+                        .unwrap_or_default()
+                );
+            }
+            (Some(Class::Geo(loc)), Ok(net)) => {
+                let _ = writeln!(out, "decided by: GeoIP network {net}");
+                let _ = writeln!(
+                    out,
+                    "location: country={} continent={} coords={}",
+                    loc.country.as_deref().unwrap_or("-"),
+                    loc.continent.as_deref().unwrap_or("-"),
+                    loc.coords
+                        .map_or("-".to_owned(), |(a, b)| format!("{a},{b}"))
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    out,
+                    "decided by: nothing matched; default region {}",
+                    self.policy
+                        .default_region
+                        .as_deref()
+                        .unwrap_or("(none: all regions)")
+                );
+            }
+        }
+        if let Some(db) = self.policy.db() {
+            let f = db.fields();
+            match db.lookup(client) {
+                Some((net, record, _)) => {
+                    let get = |p: &str| {
+                        p.split('.')
+                            .try_fold(&record, |v, k| v.get(k))
+                            .map_or("-".to_owned(), |v| v.to_string())
+                    };
+                    let _ = writeln!(
+                        out,
+                        "database {} ({}): {net}: {}={} {}={} {}={} {}={}",
+                        db.path.display(),
+                        db.database_type(),
+                        f.country,
+                        get(&f.country),
+                        f.continent,
+                        get(&f.continent),
+                        f.latitude,
+                        get(&f.latitude),
+                        f.longitude,
+                        get(&f.longitude),
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "database {}: no record", db.path.display());
+                }
+            }
+        }
+        let (reason, order) = match c.class {
+            Some(class) => class_order(
+                &self.policy,
+                &self.regions,
+                &self.index(),
+                &self.default_order,
+                class,
             ),
-            None => (
-                format!("default ({:?})", self.policy.default_region),
-                self.default_order.as_slice(),
-            ),
+            None => ("default order".to_owned(), self.default_order.clone()),
         };
         let walk: Vec<String> = order
             .iter()
             .filter_map(|&i| self.regions.get(i))
             .map(|r| format!("{}({:?})", r.name, r.verdict))
             .collect();
+        let _ = writeln!(out, "policy: {reason}");
+        let _ = writeln!(out, "walk: {}", walk.join(" "));
+        let _ = writeln!(out, "ecs scope: /{}", c.scope);
         match self.answer(client) {
-            Some(a) => format!(
-                "{client}: {source}, scope /{scope}, walk [{}] → {}{} v4={:?} v6={:?} ttl={}",
-                walk.join(" "),
-                a.region.name,
-                if a.fail_open { " (fail open)" } else { "" },
-                a.v4(),
-                a.v6(),
-                a.ttl
-            ),
-            None => format!("{client}: {source}, scope /{scope}: no regions known"),
+            Some(a) => {
+                let _ = writeln!(
+                    out,
+                    "answer: {}{} A={:?} AAAA={:?} ttl={}",
+                    a.region.name,
+                    if a.fail_open { " (fail open)" } else { "" },
+                    a.v4(),
+                    a.v6(),
+                    a.ttl
+                );
+            }
+            None => {
+                let _ = writeln!(out, "answer: none (no regions known)");
+            }
+        }
+        out
+    }
+
+    fn index(&self) -> HashMap<&str, usize> {
+        self.regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), i))
+            .collect()
+    }
+}
+
+/// The walk order for one class and why: `--net` and `--map` lists first (then the rest by
+/// distance from the first listed region), database coordinates by distance within the limit,
+/// anything else the default order.
+fn class_order(
+    policy: &Policy,
+    regions: &[RegionAnswer],
+    index: &HashMap<&str, usize>,
+    default_order: &[usize],
+    class: &Class,
+) -> (String, Vec<usize>) {
+    match class {
+        Class::Net(i) => {
+            let list = policy.rules.get(*i).map(Vec::as_slice).unwrap_or_default();
+            (
+                format!("--net list {}", list.join(",")),
+                order(regions, index, list, None),
+            )
+        }
+        Class::Geo(loc) => {
+            if let Some((code, list)) = loc
+                .country
+                .as_ref()
+                .and_then(|c| policy.countries.get(c).map(|l| (c, l)))
+            {
+                return (
+                    format!("--map country:{code}={}", list.join(",")),
+                    order(regions, index, list, None),
+                );
+            }
+            if let Some((code, list)) = loc
+                .continent
+                .as_ref()
+                .and_then(|c| policy.continents.get(c).map(|l| (c, l)))
+            {
+                return (
+                    format!("--map continent:{code}={}", list.join(",")),
+                    order(regions, index, list, None),
+                );
+            }
+            if let Some(at) = loc.coords {
+                let mut near: Vec<(usize, f64)> = regions
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| r.coords.map(|c| (i, great_circle_km(at, c))))
+                    .filter(|(_, d)| policy.nearest_limit_km.is_none_or(|l| *d <= l))
+                    .collect();
+                if !near.is_empty() {
+                    near.sort_by(|a, b| a.1.total_cmp(&b.1));
+                    let mut out: Vec<usize> = near.iter().map(|n| n.0).collect();
+                    let rest: Vec<usize> = default_order
+                        .iter()
+                        .filter(|i| !out.contains(i))
+                        .copied()
+                        .collect();
+                    out.extend(rest);
+                    return (format!("nearest to {},{}", at.0, at.1), out);
+                }
+                return (
+                    format!(
+                        "no region within {} km of {},{}: default order",
+                        policy.nearest_limit_km.unwrap_or(f64::INFINITY),
+                        at.0,
+                        at.1
+                    ),
+                    default_order.to_vec(),
+                );
+            }
+            (
+                "no usable location: default order".to_owned(),
+                default_order.to_vec(),
+            )
         }
     }
 }
@@ -303,7 +558,12 @@ impl RegionAnswer {
 /// The full walk order for a preference list: the listed regions that exist, then every other
 /// region by great-circle distance from the first listed region with coordinates (regions
 /// without coordinates last, by name — `regions` is sorted by name and the sort is stable).
-fn order(regions: &[RegionAnswer], index: &HashMap<&str, usize>, list: &[String]) -> Vec<usize> {
+fn order(
+    regions: &[RegionAnswer],
+    index: &HashMap<&str, usize>,
+    list: &[String],
+    anchor: Option<(f64, f64)>,
+) -> Vec<usize> {
     let mut out: Vec<usize> = Vec::with_capacity(regions.len());
     for name in list {
         if let Some(&i) = index.get(name.as_str())
@@ -312,9 +572,10 @@ fn order(regions: &[RegionAnswer], index: &HashMap<&str, usize>, list: &[String]
             out.push(i);
         }
     }
-    let anchor = out
-        .iter()
-        .find_map(|&i| regions.get(i).and_then(|r| r.coords));
+    let anchor = anchor.or_else(|| {
+        out.iter()
+            .find_map(|&i| regions.get(i).and_then(|r| r.coords))
+    });
     let mut rest: Vec<(usize, f64)> = (0..regions.len())
         .filter(|i| !out.contains(i))
         .map(|i| {
@@ -355,83 +616,6 @@ pub fn great_circle_km(a: (f64, f64), b: (f64, f64)) -> f64 {
     let h = ((lat2 - lat1) / 2.0).sin().powi(2)
         + lat1.cos() * lat2.cos() * ((lon2 - lon1) / 2.0).sin().powi(2);
     2.0 * EARTH_RADIUS_KM * h.sqrt().clamp(0.0, 1.0).asin()
-}
-
-/// Longest-prefix match over both families, with exact-match maps per prefix length.
-///
-/// Addresses are stored left-aligned in a `u128` so one mask works for IPv4 and IPv6.
-#[derive(Debug, Default)]
-struct PrefixIndex {
-    v4: Family,
-    v6: Family,
-}
-
-#[derive(Debug, Default)]
-struct Family {
-    /// Longest prefix length first.
-    by_len: Vec<(u8, HashMap<u128, usize>)>,
-    /// Every prefix, for the ECS scope computation.
-    all: Vec<(u128, u8)>,
-}
-
-impl PrefixIndex {
-    fn insert(&mut self, net: IpNet, value: usize) {
-        let (family, bits) = match net {
-            IpNet::V4(n) => (&mut self.v4, u128::from(u32::from(n.network())) << 96),
-            IpNet::V6(n) => (&mut self.v6, u128::from(n.network())),
-        };
-        let len = net.prefix_len();
-        let key = bits & mask(len);
-        match family.by_len.iter_mut().find(|(l, _)| *l == len) {
-            Some((_, map)) => {
-                map.insert(key, value);
-            }
-            None => {
-                family.by_len.push((len, HashMap::from([(key, value)])));
-                family.by_len.sort_by_key(|e| std::cmp::Reverse(e.0));
-            }
-        }
-        if !family.all.contains(&(key, len)) {
-            family.all.push((key, len));
-        }
-    }
-
-    /// The matched rule and the ECS scope: the matched prefix length, lengthened just enough
-    /// that the scope excludes every longer configured prefix (which would answer differently),
-    /// so a resolver caching at that scope never serves this answer to those clients.
-    fn lookup(&self, addr: IpAddr) -> (Option<usize>, u8) {
-        let (family, bits, width) = match addr {
-            IpAddr::V4(a) => (&self.v4, u128::from(u32::from(a)) << 96, 32u8),
-            IpAddr::V6(a) => (&self.v6, u128::from(a), 128u8),
-        };
-        let mut matched: Option<(usize, u8)> = None;
-        for (len, map) in &family.by_len {
-            if let Some(&v) = map.get(&(bits & mask(*len))) {
-                matched = Some((v, *len));
-                break;
-            }
-        }
-        let matched_len = matched.map_or(0, |m| m.1);
-        let mut scope = matched_len;
-        for &(prefix, len) in &family.all {
-            if len <= matched_len {
-                continue;
-            }
-            // The client is outside this longer prefix (else it would have matched), so the
-            // common bits are fewer than `len`; one more bit separates them.
-            let common = u8::try_from((bits ^ prefix).leading_zeros()).unwrap_or(u8::MAX);
-            scope = scope.max(common.saturating_add(1).min(len));
-        }
-        (matched.map(|m| m.0), scope.min(width))
-    }
-}
-
-fn mask(len: u8) -> u128 {
-    if len == 0 {
-        0
-    } else {
-        u128::MAX << (128 - u32::from(len.min(128)))
-    }
 }
 
 #[cfg(test)]
@@ -653,11 +837,12 @@ mod tests {
         let t = AnswerTable::build(dev_policy(&["100.64.0.0/10=nowhere,ams"]), &snap);
         // nowhere does not exist; ams and iad are down; sin has coordinates so beats aaa.
         assert_eq!(region_of(&t, "100.64.0.1"), "sin");
-        let order: Vec<&str> = t.rule_orders[3]
-            .iter()
-            .map(|&i| t.regions[i].name.as_str())
-            .collect();
-        assert_eq!(order, ["ams", "iad", "sin", "aaa"]);
+        assert!(
+            t.explain(ip("100.64.0.1"))
+                .contains("walk: ams(Down) iad(Down) sin(Up) aaa(Up)"),
+            "{}",
+            t.explain(ip("100.64.0.1"))
+        );
     }
 
     #[test]
@@ -688,5 +873,39 @@ mod tests {
         assert!((6000.0..6400.0).contains(&d), "{d}");
         assert!(great_circle_km(sin, ams) < great_circle_km(sin, iad));
         assert_eq!(great_circle_km(ams, ams), 0.0);
+    }
+
+    #[test]
+    fn explain_names_the_prefix_and_database_fields() {
+        use crate::geoip::{FieldPaths, GeoDb};
+        use crate::mmdb_writer::{Value, write};
+        let bytes = write(
+            "GeoIP2-City",
+            &[(
+                "192.0.2.0/25".parse().unwrap(),
+                Value::geoip2_city("EU", "DE", "Frankfurt", 50.11, 8.68),
+            )],
+        )
+        .unwrap();
+        let db = GeoDb::from_bytes(bytes, FieldPaths::default()).unwrap();
+        let maps = ["country:DE=iad,ams".parse().unwrap()];
+        let policy = Arc::new(Policy::build(
+            &[],
+            &maps,
+            None,
+            Some("ams".into()),
+            30,
+            Some(db),
+        ));
+        let t = AnswerTable::build(policy, &dev_snapshot([true; 3]));
+        let e = t.explain(ip("192.0.2.9"));
+        assert!(e.contains("decided by: GeoIP network 192.0.2.0/25"), "{e}");
+        assert!(e.contains("country.iso_code=\"DE\""), "{e}");
+        assert!(e.contains("policy: --map country:DE=iad,ams"), "{e}");
+        assert!(e.contains("ecs scope: /25"), "{e}");
+        assert!(e.contains("answer: iad"), "{e}");
+        let e = t.explain(ip("198.51.100.1"));
+        assert!(e.contains("nothing matched"), "{e}");
+        assert!(e.contains("no record"), "{e}");
     }
 }

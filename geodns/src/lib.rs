@@ -6,8 +6,11 @@
 //! atomically, so queries never wait on the control plane.
 
 pub mod config;
+pub mod geoip;
 pub mod gslb;
 pub mod health;
+pub mod mmdb_writer;
+pub mod prefix;
 pub mod respond;
 pub mod server;
 pub mod zone;

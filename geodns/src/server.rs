@@ -23,10 +23,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::Error;
 use crate::config::Config;
-use crate::gslb::AnswerTable;
+use crate::geoip;
+use crate::gslb::{AnswerTable, Policy};
 use crate::health::HealthTracker;
 use crate::respond::{MAX_QUERY_LEN, Outcome, Transport, respond};
-use crate::zone::{Zone, ZoneConfig};
+use crate::zone::{Zone, ZoneConfig, build_policy};
 
 /// Open TCP connections across all listeners; more are closed on accept.
 pub const MAX_TCP_CONNECTIONS: usize = 256;
@@ -78,8 +79,9 @@ impl Server {
     /// Validates the config and binds UDP and TCP on every `--listen` address (port 0 picks one
     /// free port for both).
     pub async fn bind(config: &Config) -> Result<Self, Error> {
-        let zone_config =
-            Arc::new(ZoneConfig::from_config(config).map_err(|e| Error::Config(e.to_string()))?);
+        if config.listen.is_empty() {
+            return Err(Error::Config("at least one --listen is required".into()));
+        }
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         let mut addrs = Vec::new();
@@ -89,6 +91,11 @@ impl Server {
             tcp.push(t);
             addrs.push(bound);
         }
+        // Listeners first, then the slow part (reading the GeoIP database).
+        let zone_config =
+            Arc::new(ZoneConfig::from_config(config).map_err(|e| Error::Config(e.to_string()))?);
+        let (classes, nodes) = zone_config.policy.size();
+        info!(classes, nodes, "client policy built");
         let state = Arc::new(ArcSwap::from_pointee(Zone::new(zone_config.clone(), None)));
         Ok(Self {
             zone_config,
@@ -129,7 +136,7 @@ impl Server {
         let mut health = HealthTracker::new(zone_config.hysteresis);
         if let Some(snap) = &initial {
             health.observe(snap, Instant::now());
-            apply(snap, &zone_config, &state, &health);
+            apply(snap, &zone_config, &zone_config.policy, &state, &health);
         }
         let mut tasks = JoinSet::new();
         tasks.spawn(follow_snapshots(
@@ -227,6 +234,13 @@ async fn follow_snapshots(
 ) {
     let mut tick = tokio::time::interval(zone_config.hysteresis.tick());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut policy = zone_config.policy.clone();
+    let reload_every = Duration::from_secs(zone_config.source.geoip_reload_secs.max(1));
+    let reloading =
+        zone_config.source.geoip_db.is_some() && zone_config.source.geoip_reload_secs > 0;
+    let mut reload =
+        tokio::time::interval_at(tokio::time::Instant::now() + reload_every, reload_every);
+    reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -234,7 +248,16 @@ async fn follow_snapshots(
                 if let Some(snap) = &last
                     && health.observe(snap, Instant::now())
                 {
-                    apply(snap, &zone_config, &state, &health);
+                    apply(snap, &zone_config, &policy, &state, &health);
+                }
+                continue;
+            }
+            _ = reload.tick(), if reloading => {
+                if let Some(p) = reload_policy(&zone_config, &policy).await {
+                    policy = p;
+                    if let Some(snap) = &last {
+                        apply(snap, &zone_config, &policy, &state, &health);
+                    }
                 }
                 continue;
             }
@@ -248,7 +271,7 @@ async fn follow_snapshots(
                         _ = tick.tick() => if let Some(snap) = &last
                             && health.observe(snap, Instant::now())
                         {
-                            apply(snap, &zone_config, &state, &health);
+                            apply(snap, &zone_config, &policy, &state, &health);
                         }
                     }
                 }
@@ -259,20 +282,51 @@ async fn follow_snapshots(
             && !last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &snap))
         {
             health.observe(&snap, Instant::now());
-            apply(&snap, &zone_config, &state, &health);
+            apply(&snap, &zone_config, &policy, &state, &health);
             last = Some(snap);
         }
     }
 }
 
-/// Builds the table for `snap` under `health` and swaps it in.
+/// Re-reads `--geoip-db` if its modification time changed; `None` when unchanged or unreadable
+/// (a bad new file keeps the old policy serving).
+async fn reload_policy(
+    zone_config: &Arc<ZoneConfig>,
+    current: &Arc<Policy>,
+) -> Option<Arc<Policy>> {
+    let path = zone_config.source.geoip_db.clone()?;
+    let loaded = current.db().and_then(|db| db.mtime);
+    let now = geoip::mtime_of(&path);
+    if now.is_none() || now == loaded {
+        return None;
+    }
+    let source = zone_config.source.clone();
+    match tokio::task::spawn_blocking(move || build_policy(&source)).await {
+        Ok(Ok(p)) => {
+            let (classes, nodes) = p.size();
+            info!(path = %path.display(), classes, nodes, "GeoIP database reloaded");
+            Some(Arc::new(p))
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "GeoIP database reload failed; keeping the previous one");
+            None
+        }
+        Err(e) => {
+            error!(error = %e, "GeoIP reload task failed");
+            None
+        }
+    }
+}
+
+/// Builds the table for `snap` under `policy` and `health` and swaps it in.
 fn apply(
     snap: &Snapshot,
     zone_config: &Arc<ZoneConfig>,
+    policy: &Arc<Policy>,
     state: &ArcSwap<Zone>,
     health: &HealthTracker,
 ) {
-    let table = AnswerTable::build_with_health(zone_config.policy.clone(), snap, health);
+    let table = AnswerTable::build_with_health(policy.clone(), snap, health);
     let verdicts: Vec<String> = health
         .verdicts()
         .map(|(n, v)| format!("{n}={v:?}"))

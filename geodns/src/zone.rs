@@ -7,6 +7,7 @@ use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
 use hickory_proto::rr::{Name, RData, Record};
 
 use crate::config::Config;
+use crate::geoip::GeoDb;
 use crate::gslb::{AnswerTable, Policy};
 use crate::health::Hysteresis;
 
@@ -29,6 +30,8 @@ pub struct ZoneConfig {
     pub ttl: u32,
     pub policy: Arc<Policy>,
     pub hysteresis: Hysteresis,
+    /// The flags this was built from (to rebuild the policy when the database changes).
+    pub source: Config,
 }
 
 /// Why the configuration cannot describe a zone.
@@ -83,11 +86,7 @@ impl ZoneConfig {
                 return Err(ZoneConfigError("at least one --listen is required".into()));
             }
         };
-        let policy = Arc::new(Policy::new(
-            &config.nets,
-            config.default_region.clone(),
-            config.ttl,
-        ));
+        let policy = Arc::new(build_policy(config)?);
         Ok(Self {
             origin,
             geo_names,
@@ -101,8 +100,28 @@ impl ZoneConfig {
                 rise_after: std::time::Duration::from_millis(config.health_rise_ms),
                 ..Hysteresis::default()
             },
+            source: config.clone(),
         })
     }
+}
+
+/// Builds the client policy from the flags, reading `--geoip-db` if given (slow for real
+/// databases: call it after binding, or off the async runtime).
+pub fn build_policy(config: &Config) -> Result<Policy, ZoneConfigError> {
+    let db = match &config.geoip_db {
+        Some(path) => Some(
+            GeoDb::open(path, config.field_paths()).map_err(|e| ZoneConfigError(e.to_string()))?,
+        ),
+        None => None,
+    };
+    Ok(Policy::build(
+        &config.nets,
+        &config.maps,
+        config.nearest_limit_km,
+        config.default_region.clone(),
+        config.ttl,
+        db,
+    ))
 }
 
 /// One immutable view of the zone, rebuilt on each snapshot and swapped atomically.

@@ -501,3 +501,155 @@ async fn failover_and_recovery_with_hysteresis_and_admin_override() {
         .unwrap()
         .unwrap();
 }
+
+/// The test GeoIP database over documentation prefixes.
+fn geo_db(frankfurt_country: &str) -> Vec<u8> {
+    use geodns::mmdb_writer::{Value, write};
+    let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+    write(
+        "GeoIP2-City",
+        &[
+            (
+                net("192.0.2.0/25"),
+                Value::geoip2_city("EU", frankfurt_country, "Frankfurt", 50.11, 8.68),
+            ),
+            (
+                net("192.0.2.128/25"),
+                Value::geoip2_city("EU", "NL", "Amsterdam", 52.37, 4.90),
+            ),
+            (
+                net("198.51.100.0/24"),
+                Value::geoip2_city("NA", "US", "Ashburn", 39.04, -77.49),
+            ),
+            (
+                net("203.0.113.0/24"),
+                Value::geoip2_city("AS", "SG", "Singapore", 1.29, 103.85),
+            ),
+            (
+                net("2001:db8::/48"),
+                Value::geoip2_city("AS", "JP", "Tokyo", 35.68, 139.69),
+            ),
+            (
+                net("2001:db8:1::/48"),
+                Value::geoip2_city("SA", "BR", "Sao Paulo", -23.55, -46.63),
+            ),
+        ],
+    )
+    .unwrap()
+}
+
+fn temp_path(name: &str) -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!("geodns-test-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[tokio::test]
+async fn geoip_database_policies_over_real_packets() {
+    let path = temp_path("city.mmdb");
+    std::fs::write(&path, geo_db("DE")).unwrap();
+    let mut cfg = Config::with_defaults();
+    cfg.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.default_region = Some("ams".into());
+    cfg.geoip_db = Some(path.clone());
+    cfg.geoip_reload_secs = 1;
+    cfg.nearest_limit_km = Some(6000.0);
+    cfg.maps = vec![
+        "country:DE=iad,ams".parse().unwrap(),
+        "continent:NA=iad".parse().unwrap(),
+    ];
+    cfg.nets = vec!["192.0.2.64/26=sin".parse().unwrap()];
+    let s = start_with(cfg, Some(dev_snapshot())).await;
+    let (ams, iad, sin) = ([127, 0, 0, 11], [127, 0, 0, 12], [127, 0, 0, 13]);
+    let ask = |ecs: &'static str| {
+        let addr = s.addr;
+        async move {
+            let r = udp(
+                addr,
+                &query("edge.meridian.test.", RecordType::A, Some(ecs)),
+            )
+            .await;
+            (ips(&r), scope(&r))
+        }
+    };
+    // Country map beats nearness (Frankfurt is nearest to ams); the scope is the database
+    // network, lengthened to keep the --net rule's /26 out.
+    assert_eq!(
+        ask("192.0.2.10/32").await,
+        (vec![IpAddr::from(iad)], Some(26))
+    );
+    // --net wins over the database.
+    assert_eq!(
+        ask("192.0.2.70/32").await,
+        (vec![IpAddr::from(sin)], Some(26))
+    );
+    // No map for NL: nearest by coordinates.
+    assert_eq!(
+        ask("192.0.2.200/32").await,
+        (vec![IpAddr::from(ams)], Some(25))
+    );
+    // Continent map.
+    assert_eq!(
+        ask("198.51.100.7/24").await,
+        (vec![IpAddr::from(iad)], Some(24))
+    );
+    // Singapore: nearest.
+    assert_eq!(
+        ask("203.0.113.9/24").await,
+        (vec![IpAddr::from(sin)], Some(24))
+    );
+    // IPv6: Tokyo → sin (≈5,300 km, inside the limit).
+    assert_eq!(
+        ask("2001:db8::1/56").await,
+        (vec![IpAddr::from(sin)], Some(48))
+    );
+    // São Paulo: no region within 6,000 km → default (ams).
+    assert_eq!(
+        ask("2001:db8:1::1/56").await,
+        (vec![IpAddr::from(ams)], Some(48))
+    );
+    // Not in the database at all: default, and scope wide enough to exclude the DB's networks.
+    let (got, sc) = ask("100.64.0.1/24").await;
+    assert_eq!(got, vec![IpAddr::from(ams)]);
+    assert!(sc.unwrap() <= 24);
+
+    // Replace the file: Frankfurt is now "NL" (no map) → nearest → ams. No restart.
+    tokio::time::sleep(Duration::from_millis(20)).await; // a distinct mtime
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, geo_db("NL")).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while ask("192.0.2.10/32").await.0 != vec![IpAddr::from(ams)] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "database never reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A broken file keeps the last good database.
+    std::fs::write(&path, b"not a database").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(ask("192.0.2.10/32").await.0, vec![IpAddr::from(ams)]);
+    assert_eq!(ask("198.51.100.7/24").await.0, vec![IpAddr::from(iad)]);
+
+    s.shutdown.cancel();
+    tokio::time::timeout(TIMEOUT, s.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[tokio::test]
+async fn missing_geoip_database_is_a_config_error() {
+    let mut cfg = Config::with_defaults();
+    cfg.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.geoip_db = Some("/nonexistent/geo.mmdb".into());
+    let err = Server::bind(&cfg).await.unwrap_err();
+    assert!(matches!(err, geodns::Error::Config(_)), "{err}");
+}
