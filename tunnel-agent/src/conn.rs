@@ -79,7 +79,7 @@ async fn run_slot(shared: Arc<Shared>, slot: SlotId) {
                 Outcome::Shutdown => break,
             }
         }
-        let delay = backoff.next_delay(&mut rng);
+        let delay = backoff.next_delay(Instant::now(), &mut rng);
         debug!(slot, ?delay, "next connection attempt after");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

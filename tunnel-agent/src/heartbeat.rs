@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-pub(crate) const INTERVAL: Duration = Duration::from_secs(2);
-/// No ack for this long: the edge is wedged; drop the connection and reconnect.
-pub(crate) const TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const INTERVAL: Duration = Duration::from_secs(1);
+/// No ack for this long: the edge is dead or wedged (a kill -9 sends nothing); drop the
+/// connection and reconnect. Short, so a dead edge costs seconds, not the QUIC idle timeout.
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug)]
 pub(crate) struct Heartbeat {
