@@ -133,9 +133,12 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     let mut body = Some(body);
     let mut exclude = None;
     let mut attempt = 0;
+    let policies = shared.policies.load_full();
+    let balance = policies.get(&service);
+    let choice = balance.map_or(crate::balance::Choice::P2c, |b| b.choice());
     loop {
         attempt += 1;
-        let Some(lease) = shared.agents.pick(&service, exclude) else {
+        let Some(lease) = shared.agents.pick(&service, exclude, choice) else {
             return no_agent(&service);
         };
         let failed =

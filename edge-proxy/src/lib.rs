@@ -247,6 +247,12 @@ impl Edge {
                     .map(|s| RouteTable::from_mounts(&s.mounts))
                     .unwrap_or_default(),
             ),
+            policies: ArcSwap::from_pointee(
+                initial
+                    .as_deref()
+                    .map(|s| balance::policies(&s.services))
+                    .unwrap_or_default(),
+            ),
             agents: Registry::default(),
             snapshots: snapshots.clone(),
             retry_budget: Default::default(),
@@ -331,6 +337,17 @@ async fn update_routes(
             shared
                 .routes
                 .store(Arc::new(RouteTable::from_mounts(&snap.mounts)));
+            // Keep a service's balancing state (round-robin position) when its policy is unchanged.
+            let old = shared.policies.load();
+            let mut next = balance::policies(&snap.services);
+            for (name, sb) in next.iter_mut() {
+                if let Some(prev) = old.get(name)
+                    && prev.policy == sb.policy
+                {
+                    *sb = prev.clone();
+                }
+            }
+            shared.policies.store(Arc::new(next));
             tracing::debug!(
                 revision = snap.revision,
                 mounts = snap.mounts.len(),

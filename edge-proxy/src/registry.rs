@@ -130,15 +130,22 @@ impl Registry {
         true
     }
 
-    /// Picks a connection for `service` by P2C over in-flight requests, skipping `exclude` and
+    /// Picks a connection for `service` by its balancing `choice`, skipping `exclude` and
     /// preferring connections whose origin is healthy (all of them when none is).
-    pub(crate) fn pick(&self, service: &str, exclude: Option<u64>) -> Option<Lease> {
+    pub(crate) fn pick(
+        &self,
+        service: &str,
+        exclude: Option<u64>,
+        choice: balance::Choice<'_>,
+    ) -> Option<Lease> {
         let map = self.by_service.load();
         let list = map.get(service)?;
         let mut rng = rand::rng();
         let chosen = if exclude.is_none() && list.iter().all(|h| h.origin_healthy()) {
             // Fast path: no filtering, no allocation.
-            balance::p2c(list.len(), |i| list[i].in_flight(), &mut rng).map(|i| &list[i])
+            choice
+                .pick(list.len(), |i| list[i].in_flight(), &mut rng)
+                .map(|i| &list[i])
         } else {
             let usable: Vec<&Arc<AgentHandle>> =
                 list.iter().filter(|h| Some(h.key) != exclude).collect();
@@ -148,7 +155,9 @@ impl Registry {
                 .filter(|h| h.origin_healthy())
                 .collect();
             let pool = if healthy.is_empty() { usable } else { healthy };
-            balance::p2c(pool.len(), |i| pool[i].in_flight(), &mut rng).map(|i| pool[i])
+            choice
+                .pick(pool.len(), |i| pool[i].in_flight(), &mut rng)
+                .map(|i| pool[i])
         }?;
         Some(chosen.lease())
     }

@@ -26,6 +26,8 @@ pub(crate) struct Shared {
     pub(crate) region_header: HeaderValue,
     pub(crate) edge_header: HeaderValue,
     pub(crate) routes: ArcSwap<RouteTable>,
+    /// Balancing policy and state per service, swapped with each snapshot.
+    pub(crate) policies: ArcSwap<crate::balance::Policies>,
     pub(crate) agents: Registry,
     pub(crate) snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pub(crate) retry_budget: Mutex<RetryBudget>,

@@ -1084,3 +1084,24 @@ async fn killing_one_of_two_agents_mid_load_fails_no_idempotent_request() {
     );
     assert_eq!(done.load(Ordering::SeqCst), 320);
 }
+
+#[tokio::test]
+async fn service_lb_policy_round_robin_alternates_agents() {
+    let mut snap = snapshot();
+    snap.services[0].lb_policy = coordinator_api::LbPolicy::RoundRobin;
+    let h = start(Some(snap)).await;
+    let a = connect_agent_as(&h, "a", GOOD_TOKEN, &["web"]).await;
+    let seen_a = serve_streams(a.conn.clone());
+    let b = connect_agent_as(&h, "b", GOOD_TOKEN, &["web"]).await;
+    let seen_b = serve_streams(b.conn.clone());
+    for i in 0..20 {
+        let r = get(h.http, "app.test", &format!("/demo/{i}")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let (x, y) = (seen_a.load(Ordering::SeqCst), seen_b.load(Ordering::SeqCst));
+        assert!(
+            x.abs_diff(y) <= 1,
+            "after {i}: {x} vs {y} — not round robin"
+        );
+    }
+    assert_eq!(seen_a.load(Ordering::SeqCst), 10);
+}
