@@ -6,6 +6,7 @@
 //! atomically, so queries never wait on the control plane.
 
 pub mod config;
+pub mod explain;
 pub mod geoip;
 pub mod gslb;
 pub mod health;
@@ -21,7 +22,8 @@ use coordinator_api::{Snapshot, Subscriber, SubscriberConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, NetRule};
+pub use config::{Config, GeoMap, NetRule};
+pub use explain::{ExplainArgs, explain};
 pub use server::{Server, Stats};
 
 /// File in `--state-dir` holding the last good snapshot.

@@ -37,11 +37,23 @@ enum Command {
     Dev(dev::Config),
     /// Manage the network through the coordinator's API.
     Ctl(ctl::Args),
+    /// GeoDNS tools.
+    #[command(subcommand)]
+    Dns(DnsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DnsCommand {
+    /// How an address maps to a region (prefix, database fields) and what it would be answered.
+    Explain(geodns::ExplainArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log, matches!(cli.command, Command::Ctl(_)));
+    init_tracing(
+        &cli.log,
+        matches!(cli.command, Command::Ctl(_) | Command::Dns(_)),
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,6 +77,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Ctl(args) => ctl::run(args).await,
         Command::Dev(cfg) => dev::run(cfg).await,
+        Command::Dns(DnsCommand::Explain(args)) => {
+            print!("{}", geodns::explain(args).await?);
+            Ok(())
+        }
         role => {
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
@@ -74,7 +90,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Command::Geodns(cfg) => geodns::run(cfg, shutdown).await?,
                 Command::Agent(cfg) => tunnel_agent::run(cfg, shutdown).await?,
                 Command::DemoApp(cfg) => demo_app::run(cfg, shutdown).await?,
-                Command::Ctl(_) | Command::Dev(_) => unreachable!("handled above"),
+                Command::Ctl(_) | Command::Dev(_) | Command::Dns(_) => {
+                    unreachable!("handled above")
+                }
             }
             Ok(())
         }

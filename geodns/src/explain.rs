@@ -1,0 +1,213 @@
+//! `meridian dns explain IP [NAME]`: how one client address is mapped and what it would be
+//! answered, computed by the same code that serves queries.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use coordinator_api::Snapshot;
+use hickory_proto::op::{Edns, Message, Query};
+use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
+use hickory_proto::rr::{Name, RecordType};
+
+use crate::config::Config;
+use crate::gslb::AnswerTable;
+use crate::respond::{Transport, respond};
+use crate::zone::{Zone, ZoneConfig};
+use crate::{Error, SNAPSHOT_CACHE_FILE};
+
+/// Arguments of `meridian dns explain`; takes the GeoDNS role's flags so the policy (nets,
+/// database, maps) is the one the server runs with.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// Client address (treated as an ECS subnet of full length).
+    pub ip: IpAddr,
+    /// Name to resolve, absolute or relative to --zone (default: the first --geo-name).
+    pub name: Option<String>,
+    /// Use the cached snapshot in --state-dir only; never contact the coordinator.
+    #[arg(long)]
+    pub offline: bool,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// Where the snapshot came from, for the report.
+async fn snapshot(args: &ExplainArgs) -> Result<(Snapshot, String), Error> {
+    let cache = args
+        .config
+        .state_dir
+        .as_ref()
+        .map(|d| d.join(SNAPSHOT_CACHE_FILE));
+    let cached = || -> Result<Option<(Snapshot, String)>, Error> {
+        let Some(path) = &cache else { return Ok(None) };
+        match coordinator_api::subscriber::load_cache(path) {
+            Ok(Some(s)) => Ok(Some((s, format!("cached {}", path.display())))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(Error::Config(format!("{}: {e}", path.display()))),
+        }
+    };
+    if !args.offline
+        && let Some(url) = &args.config.coordinator
+    {
+        let client =
+            coordinator_api::Client::new(url, args.config.node_token.clone().unwrap_or_default())?;
+        match client.snapshot().await {
+            Ok(s) => return Ok((s, format!("coordinator {url}"))),
+            Err(e) => {
+                if let Some((s, from)) = cached()? {
+                    return Ok((s, format!("{from} (coordinator unreachable: {e})")));
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    cached()?.ok_or_else(|| {
+        Error::Config("no snapshot: pass --coordinator, or --state-dir with a cached one".into())
+    })
+}
+
+/// The full explanation as text.
+pub async fn explain(args: ExplainArgs) -> Result<String, Error> {
+    let (snap, from) = snapshot(&args).await?;
+    let config = args.config.clone();
+    // Reading a real GeoIP database takes a while: keep it off the runtime's workers.
+    let zone_config = tokio::task::spawn_blocking(move || ZoneConfig::from_config(&config))
+        .await
+        .map_err(|e| Error::Config(format!("policy build failed: {e}")))?
+        .map_err(|e| Error::Config(e.to_string()))?;
+    Ok(explain_with(
+        Arc::new(zone_config),
+        &snap,
+        &from,
+        args.ip,
+        args.name.as_deref(),
+    ))
+}
+
+/// [`explain`] over an already built zone and snapshot (unit-testable).
+pub fn explain_with(
+    zone_config: Arc<ZoneConfig>,
+    snap: &Snapshot,
+    from: &str,
+    ip: IpAddr,
+    name: Option<&str>,
+) -> String {
+    let table = AnswerTable::build(zone_config.policy.clone(), snap);
+    let mut out = format!(
+        "snapshot: revision {} from {from} (health as observed now; no hysteresis history)\n",
+        snap.revision
+    );
+    out.push_str(&table.explain(ip));
+    let qname = match name {
+        Some(n) if n.ends_with('.') => Name::from_ascii(n),
+        Some(n) => Name::parse(n, Some(&zone_config.origin)),
+        None => Ok(zone_config
+            .geo_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| zone_config.origin.clone())),
+    };
+    let qname = match qname {
+        Ok(n) => n,
+        Err(e) => {
+            out.push_str(&format!("name {name:?}: invalid: {e}\n"));
+            return out;
+        }
+    };
+    let zone = Zone::new(zone_config, Some(table));
+    let prefix = if ip.to_canonical().is_ipv4() { 32 } else { 128 };
+    for qtype in [RecordType::A, RecordType::AAAA] {
+        let mut q = Message::query();
+        q.add_query(Query::query(qname.clone(), qtype));
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        if let Ok(cs) = ClientSubnet::from_str(&format!("{}/{prefix}", ip.to_canonical())) {
+            e.options_mut().insert(EdnsOption::Subnet(cs));
+        }
+        q.set_edns(e);
+        let Ok(bytes) = q.to_vec() else { continue };
+        let reply = respond(&zone, &bytes, ip, Transport::Tcp)
+            .reply
+            .and_then(|r| Message::from_vec(&r).ok());
+        let Some(r) = reply else {
+            out.push_str(&format!("{qname} {qtype}: no reply\n"));
+            continue;
+        };
+        let scope = match r.edns.as_ref().and_then(|e| e.option(EdnsCode::Subnet)) {
+            Some(EdnsOption::Subnet(cs)) => format!(" ecs-scope=/{}", cs.scope_prefix()),
+            _ => String::new(),
+        };
+        let answers: Vec<String> = r
+            .answers
+            .iter()
+            .map(|a| format!("{} {}", a.data, a.ttl))
+            .collect();
+        out.push_str(&format!(
+            "{qname} {qtype}: {}{scope} [{}]\n",
+            r.response_code,
+            answers.join(", ")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coordinator_api::{EdgeInfo, EdgeStatus, Region};
+
+    #[test]
+    fn explains_net_rule_and_answers() {
+        let mut c = Config::with_defaults();
+        c.nets = vec!["198.51.100.0/24=iad".parse().unwrap()];
+        c.default_region = Some("ams".into());
+        let zc = Arc::new(ZoneConfig::from_config(&c).unwrap());
+        let snap = Snapshot {
+            revision: 9,
+            regions: vec![Region {
+                name: "iad".into(),
+                latitude: Some(38.95),
+                longitude: Some(-77.45),
+                admin_state: Default::default(),
+            }],
+            edges: vec![EdgeStatus {
+                info: EdgeInfo {
+                    id: "iad-1".into(),
+                    region: "iad".into(),
+                    public_ips: vec!["127.0.0.12".parse().unwrap()],
+                    http_addr: None,
+                    https_addr: None,
+                    tunnel_addr: None,
+                },
+                alive: true,
+                last_seen_ms: 0,
+                agents: Vec::new(),
+            }],
+            ..Snapshot::default()
+        };
+        let out = explain_with(
+            zc.clone(),
+            &snap,
+            "test",
+            "198.51.100.7".parse().unwrap(),
+            None,
+        );
+        assert!(out.contains("revision 9"), "{out}");
+        assert!(out.contains("--net 198.51.100.0/24=iad"), "{out}");
+        assert!(
+            out.contains("edge.meridian.test. A: No Error ecs-scope=/24 [127.0.0.12 30]"),
+            "{out}"
+        );
+        let out = explain_with(
+            zc,
+            &snap,
+            "test",
+            "192.0.2.1".parse().unwrap(),
+            Some("nope"),
+        );
+        assert!(
+            out.contains("nope.meridian.test. A: Non-Existent Domain"),
+            "{out}"
+        );
+    }
+}
