@@ -271,6 +271,7 @@ fn print_banner(data: &Path, ca: &Path, admin_token: &str) {
     println!("meridian dev: ready");
     println!();
     println!("  coordinator  http://{COORDINATOR}   (dashboard and API)");
+    println!("  dashboard    http://{COORDINATOR}/#token={admin_token}");
     println!("  admin token  {admin_token}");
     for r in &REGIONS {
         println!(
