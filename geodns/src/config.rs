@@ -96,6 +96,15 @@ pub struct Config {
     #[arg(long, default_value = "location.longitude")]
     pub geoip_longitude_field: String,
 
+    /// Response rate limit per client prefix (/24, /56) over UDP, responses per second (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub rrl_rate: u32,
+
+    /// Over the rate limit, send every Nth response truncated (TC) instead of dropping it, so
+    /// real clients retry over TCP (0: drop all).
+    #[arg(long, default_value_t = 2)]
+    pub rrl_slip: u32,
+
     /// A down region with live edges again is put back only after 3 consecutive observations
     /// spanning at least this many milliseconds.
     #[arg(long, default_value_t = 10_000)]
@@ -120,6 +129,8 @@ impl Config {
             health_rise_ms: 10_000,
             geoip_db: None,
             geoip_reload_secs: 10,
+            rrl_rate: 0,
+            rrl_slip: 2,
             maps: Vec::new(),
             nearest_limit_km: None,
             geoip_country_field: "country.iso_code".into(),

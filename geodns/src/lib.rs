@@ -13,6 +13,7 @@ pub mod health;
 pub mod mmdb_writer;
 pub mod prefix;
 pub mod respond;
+pub mod rrl;
 pub mod server;
 pub mod zone;
 

@@ -103,6 +103,24 @@ pub fn respond(zone: &Zone, packet: &[u8], src: IpAddr, transport: Transport) ->
     }
 }
 
+/// A reply with only the header and question and TC set, so the client retries over TCP: what
+/// rate limiting "slips" instead of a full answer. `None` for anything that is not a query.
+pub fn truncated_reply(packet: &[u8]) -> Option<Vec<u8>> {
+    if packet.len() > MAX_QUERY_LEN {
+        return None;
+    }
+    let request = Message::from_vec(packet).ok()?;
+    if request.message_type != MessageType::Query {
+        return None;
+    }
+    let mut r = response_for(&request);
+    r.metadata.truncation = true;
+    if request.edns.is_some() {
+        r.set_edns(response_edns(None));
+    }
+    encode_plain(&r)
+}
+
 /// The response skeleton: same id, opcode, RD and CD; RA never set (we never recurse).
 fn response_for(request: &Message) -> Message {
     let mut r = Message::new(request.id, MessageType::Response, request.op_code);
@@ -196,8 +214,8 @@ fn build_response(zone: &Zone, request: &Message, src: IpAddr) -> Result<Message
                 r.add_additional(zone.glue.clone());
             }
             RecordType::ANY => {
+                // RFC 8482: one RRset is a complete answer to ANY; no amplification.
                 r.add_answer(zone.soa.clone());
-                r.add_answer(zone.ns.clone());
             }
             _ => {
                 r.add_authority(zone.soa.clone());
@@ -246,10 +264,14 @@ fn add_geo_answers(
     scope: &mut u8,
 ) {
     let qtype = query.query_type();
-    let wants_v4 = matches!(qtype, RecordType::A | RecordType::ANY);
-    let wants_v6 = matches!(qtype, RecordType::AAAA | RecordType::ANY);
     let owner: &Name = query.name();
-    if let Some(answer) = table.answer(client).filter(|_| wants_v4 || wants_v6) {
+    let wanted = matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY);
+    if let Some(answer) = table.answer(client).filter(|_| wanted) {
+        // RFC 8482: ANY gets one RRset (A, or AAAA for an IPv6-only region).
+        let wants_v4 =
+            qtype == RecordType::A || (qtype == RecordType::ANY && !answer.v4().is_empty());
+        let wants_v6 =
+            qtype == RecordType::AAAA || (qtype == RecordType::ANY && answer.v4().is_empty());
         *scope = answer.scope;
         let ttl = answer.ttl;
         if wants_v4 {
@@ -527,8 +549,27 @@ mod tests {
         );
         // No IPv6 rules: the answer does not depend on the client.
         assert_eq!(ecs_of(&r).unwrap().scope_prefix(), 0);
+        // RFC 8482: ANY gets one RRset, not A and AAAA.
         let r = ask(&zone, &query("edge.meridian.test.", RecordType::ANY, None));
-        assert_eq!(r.answers.len(), 2);
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(r.answers[0].record_type(), RecordType::A);
+        let r = ask(&zone, &query("meridian.test.", RecordType::ANY, None));
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(r.answers[0].record_type(), RecordType::SOA);
+    }
+
+    #[test]
+    fn truncated_reply_keeps_question_and_sets_tc() {
+        let q = query("edge.meridian.test.", RecordType::A, Some("192.0.2.1/24"));
+        let r = Message::from_vec(&truncated_reply(&q.to_vec().unwrap()).unwrap()).unwrap();
+        assert!(r.truncation);
+        assert_eq!(r.id, q.id);
+        assert_eq!(r.queries, q.queries);
+        assert!(r.answers.is_empty());
+        assert!(truncated_reply(&[1, 2, 3]).is_none());
+        let mut resp = q.clone();
+        resp.metadata.message_type = MessageType::Response;
+        assert!(truncated_reply(&resp.to_vec().unwrap()).is_none());
     }
 
     /// Bytes as `dig edge.meridian.test A +subnet=198.51.100.7/24` sends them: RD and AD set,

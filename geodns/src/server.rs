@@ -26,7 +26,8 @@ use crate::config::Config;
 use crate::geoip;
 use crate::gslb::{AnswerTable, Policy};
 use crate::health::HealthTracker;
-use crate::respond::{MAX_QUERY_LEN, Outcome, Transport, respond};
+use crate::respond::{MAX_QUERY_LEN, Outcome, Transport, respond, truncated_reply};
+use crate::rrl::{Decision, SharedLimiter};
 use crate::zone::{Zone, ZoneConfig, build_policy};
 
 /// Open TCP connections across all listeners; more are closed on accept.
@@ -47,6 +48,10 @@ pub struct Stats {
     pub malformed: AtomicU64,
     pub truncated: AtomicU64,
     pub tcp_rejected: AtomicU64,
+    /// UDP responses dropped by rate limiting.
+    pub rrl_dropped: AtomicU64,
+    /// UDP responses sent truncated by rate limiting.
+    pub rrl_slipped: AtomicU64,
     pub io_errors: AtomicU64,
     /// Bugs caught at the packet boundary; must stay 0.
     pub panics: AtomicU64,
@@ -150,12 +155,19 @@ impl Server {
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .clamp(1, MAX_UDP_WORKERS);
+        let rrl = (zone_config.source.rrl_rate > 0).then(|| {
+            Arc::new(SharedLimiter::new(
+                zone_config.source.rrl_rate,
+                zone_config.source.rrl_slip,
+            ))
+        });
         for sock in udp {
             for _ in 0..workers {
                 tasks.spawn(udp_worker(
                     sock.clone(),
                     state.clone(),
                     stats.clone(),
+                    rrl.clone(),
                     shutdown.clone(),
                 ));
             }
@@ -185,6 +197,8 @@ impl Server {
             malformed = stats.malformed.load(Ordering::Relaxed),
             truncated = stats.truncated.load(Ordering::Relaxed),
             tcp_rejected = stats.tcp_rejected.load(Ordering::Relaxed),
+            rrl_dropped = stats.rrl_dropped.load(Ordering::Relaxed),
+            rrl_slipped = stats.rrl_slipped.load(Ordering::Relaxed),
             "geodns stopped"
         );
         Ok(())
@@ -373,6 +387,7 @@ async fn udp_worker(
     sock: Arc<UdpSocket>,
     state: Arc<ArcSwap<Zone>>,
     stats: Arc<Stats>,
+    rrl: Option<Arc<SharedLimiter>>,
     shutdown: CancellationToken,
 ) {
     // One byte more than we accept, so oversized datagrams are seen as such and dropped.
@@ -402,14 +417,22 @@ async fn udp_worker(
             stats.malformed.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let out = answer(
-            &state,
-            &stats,
-            buf.get(..n).unwrap_or_default(),
-            peer,
-            Transport::Udp,
-        );
-        if let Some(reply) = out.reply
+        let packet = buf.get(..n).unwrap_or_default();
+        let decision = rrl
+            .as_ref()
+            .map_or(Decision::Send, |l| l.check(peer.ip(), Instant::now()));
+        let reply = match decision {
+            Decision::Send => answer(&state, &stats, packet, peer, Transport::Udp).reply,
+            Decision::Slip => {
+                stats.rrl_slipped.fetch_add(1, Ordering::Relaxed);
+                truncated_reply(packet)
+            }
+            Decision::Drop => {
+                stats.rrl_dropped.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        };
+        if let Some(reply) = reply
             && let Err(e) = sock.send_to(&reply, peer).await
         {
             stats.io_errors.fetch_add(1, Ordering::Relaxed);

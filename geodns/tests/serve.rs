@@ -653,3 +653,110 @@ async fn missing_geoip_database_is_a_config_error() {
     let err = Server::bind(&cfg).await.unwrap_err();
     assert!(matches!(err, geodns::Error::Config(_)), "{err}");
 }
+
+#[tokio::test]
+async fn rate_limit_per_prefix_with_slip() {
+    let mut cfg = dev_config();
+    cfg.rrl_rate = 5;
+    cfg.rrl_slip = 2;
+    let s = start_with(cfg, Some(dev_snapshot())).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    const N: usize = 30;
+    for i in 0..N {
+        let mut q = query("edge.meridian.test.", RecordType::A, None);
+        q.metadata.id = i as u16;
+        sock.send_to(&q.to_vec().unwrap(), s.addr).await.unwrap();
+    }
+    let (mut full, mut slipped) = (0, 0);
+    let mut buf = vec![0u8; 4096];
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf)).await
+    {
+        let r = Message::from_vec(&buf[..n]).unwrap();
+        if r.truncation {
+            assert!(r.answers.is_empty());
+            slipped += 1;
+        } else {
+            assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 11])]);
+            full += 1;
+        }
+    }
+    let dropped = N - full - slipped;
+    assert!((5..=7).contains(&full), "full={full}");
+    assert!(slipped >= 8, "slipped={slipped}");
+    assert!(dropped >= 8, "dropped={dropped}");
+    let st = &s.stats;
+    assert_eq!(
+        st.rrl_dropped.load(std::sync::atomic::Ordering::Relaxed) as usize,
+        dropped
+    );
+    // Another /24 has its own budget; TCP is never limited.
+    let other = UdpSocket::bind("127.0.1.1:0").await.unwrap();
+    other
+        .send_to(
+            &query("edge.meridian.test.", RecordType::A, None)
+                .to_vec()
+                .unwrap(),
+            s.addr,
+        )
+        .await
+        .unwrap();
+    let (n, _) = tokio::time::timeout(TIMEOUT, other.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!Message::from_vec(&buf[..n]).unwrap().answers.is_empty());
+    let mut conn = TcpStream::connect(s.addr).await.unwrap();
+    for _ in 0..10 {
+        let r = tcp(
+            &mut conn,
+            &query("edge.meridian.test.", RecordType::A, None),
+        )
+        .await;
+        assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 11])]);
+    }
+    s.shutdown.cancel();
+    tokio::time::timeout(TIMEOUT, s.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn large_answers_truncate_over_udp_and_complete_over_tcp() {
+    let mut snap = dev_snapshot();
+    for i in 0..100u8 {
+        let mut e = snap.edges[0].clone();
+        e.info.id = format!("ams-{i}");
+        e.info.public_ips = vec![IpAddr::from([127, 0, 1, i])];
+        snap.edges.push(e);
+    }
+    let s = start(Some(snap)).await;
+    // Without EDNS (512 bytes) and with EDNS (1232): TC, no partial RRset.
+    for ecs in [None, Some("192.0.2.7/24")] {
+        let r = udp(s.addr, &query("edge.meridian.test.", RecordType::A, ecs)).await;
+        assert!(r.truncation, "ecs={ecs:?}");
+        assert!(r.answers.is_empty());
+    }
+    // The TCP retry gets every edge.
+    let mut conn = TcpStream::connect(s.addr).await.unwrap();
+    let r = tcp(
+        &mut conn,
+        &query("edge.meridian.test.", RecordType::A, Some("192.0.2.7/24")),
+    )
+    .await;
+    assert!(!r.truncation);
+    assert_eq!(ips(&r).len(), 101);
+    assert_eq!(scope(&r), Some(24));
+    // ANY stays small: minimal (one RRset), even at the apex.
+    let r = tcp(&mut conn, &query("meridian.test.", RecordType::ANY, None)).await;
+    assert_eq!(r.answers.len(), 1);
+    assert!(s.stats.truncated.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    s.shutdown.cancel();
+    tokio::time::timeout(TIMEOUT, s.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
