@@ -56,6 +56,12 @@ pub struct Config {
     /// Largest request body accepted (413 beyond it); unlimited when not given.
     #[arg(long)]
     pub max_request_body: Option<u64>,
+    /// Admin listener serving Prometheus `/metrics` and `/ready` (503 while draining).
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
+    /// JSON access log, one line per request: a file path, or `-` for stdout. Off by default.
+    #[arg(long)]
+    pub access_log: Option<PathBuf>,
     /// How long in-flight requests may finish after shutdown (SIGTERM) starts.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
@@ -99,6 +105,8 @@ impl Config {
             upstream_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             max_request_body: None,
+            admin_listen: None,
+            access_log: None,
             drain_timeout: Duration::from_secs(10),
         }
     }

@@ -153,6 +153,10 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
         {
             debug!(service, attempt, failure = ?failed.failure, "retrying on another agent connection");
             exclude = Some(failed.agent);
+            shared
+                .metrics
+                .retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             continue;
         }
         return failed.response;

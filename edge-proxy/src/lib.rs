@@ -6,6 +6,8 @@
 //! when the coordinator is away. [`serve`] takes the snapshot channel directly, so tests need no
 //! coordinator; [`run`] wires it to the coordinator client.
 
+mod access_log;
+mod admin;
 mod admission;
 mod balance;
 mod config;
@@ -14,6 +16,7 @@ mod forward;
 mod h1guard;
 mod headers;
 mod heartbeat;
+mod metrics;
 mod registry;
 mod retry;
 mod routing;
@@ -52,6 +55,7 @@ pub struct Edge {
     config: Config,
     http: Option<TcpListener>,
     https: Option<(TcpListener, TlsAcceptor)>,
+    admin: Option<TcpListener>,
     endpoint: quinn::Endpoint,
     info: EdgeInfo,
 }
@@ -118,6 +122,10 @@ impl Edge {
             }
             None => None,
         };
+        let admin = match config.admin_listen {
+            Some(addr) => Some(bind_tcp("admin", addr).await?),
+            None => None,
+        };
         let endpoint =
             quinn::Endpoint::server(tls::tunnel_config(&identity)?, config.tunnel_listen).map_err(
                 |source| Error::Bind {
@@ -173,6 +181,7 @@ impl Edge {
             config,
             http,
             https,
+            admin,
             endpoint,
             info,
         })
@@ -186,6 +195,11 @@ impl Edge {
     /// Bound HTTPS address.
     pub fn https_addr(&self) -> Option<SocketAddr> {
         self.https.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// Bound admin (`/metrics`, `/ready`) address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Bound UDP address of the tunnel listener.
@@ -217,6 +231,7 @@ impl Edge {
             config,
             http,
             https,
+            admin,
             endpoint,
             info,
         } = self;
@@ -226,11 +241,26 @@ impl Edge {
             http = ?http.as_ref().and_then(|l| l.local_addr().ok()),
             https = ?https.as_ref().and_then(|(l, _)| l.local_addr().ok()),
             tunnel = ?endpoint.local_addr().ok(),
+            admin = ?admin.as_ref().and_then(|l| l.local_addr().ok()),
             "ready"
         );
 
         let initial = snapshots.borrow().clone();
+        let metrics = Arc::new(metrics::Metrics::default());
+        let (access_log, log_task) = match &config.access_log {
+            Some(dest) => {
+                let (log, task) = access_log::start(dest, metrics.clone())
+                    .await
+                    .map_err(|e| Error::Config(format!("access log {}: {e}", dest.display())))?;
+                (Some(log), Some(task))
+            }
+            None => (None, None),
+        };
         let shared = Arc::new(Shared {
+            metrics,
+            access_log,
+            open_connections: Default::default(),
+            draining: shutdown.clone(),
             limits: state::Limits {
                 upstream_timeout: config.upstream_timeout,
                 max_request_body: config.max_request_body,
@@ -259,6 +289,10 @@ impl Edge {
         });
 
         let tracker = TaskTracker::new();
+        // The admin listener outlives the drain so `/ready` reports it; stopped last.
+        let admin_stop = CancellationToken::new();
+        let admin_task =
+            admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), admin_stop.clone())));
         tracker.spawn(update_routes(snapshots, shared.clone(), shutdown.clone()));
         let conn_limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
         let timeouts = server::Timeouts {
@@ -313,6 +347,15 @@ impl Edge {
         .is_err()
         {
             warn!("drain did not finish in time; closing");
+        }
+        admin_stop.cancel();
+        if let Some(t) = admin_task {
+            let _ = t.await;
+        }
+        drop(shared);
+        if let Some(t) = log_task {
+            // Every sender is gone once the connection tasks and `shared` are; the writer flushes.
+            let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
         }
         endpoint.close(quinn::VarInt::from_u32(0), b"edge shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;

@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use tunnel_proto::RequestHead;
 
+use crate::access_log::Record as AccessRecord;
 use crate::forward::{self, Outgoing, RespBody, text};
 use crate::h1guard::{GuardLimits, Guarded};
 use crate::headers::{self, ForwardCtx};
@@ -117,6 +119,8 @@ pub(crate) async fn serve_listener(
         let info = ConnInfo { remote, proto };
         tokio::spawn(async move {
             let _permit = permit;
+            shared.open_connections.fetch_add(1, Ordering::Relaxed);
+            let _open = OpenGuard(shared.clone());
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&shared, info, req).await) }
@@ -164,6 +168,19 @@ pub(crate) async fn serve_listener(
     }
 }
 
+/// Counts a connection as open for `/metrics` until dropped.
+struct OpenGuard(Arc<Shared>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The service a request was routed to, left on the response for metrics and the access log.
+#[derive(Clone, Debug)]
+pub(crate) struct Routed(pub(crate) Arc<str>);
+
 /// Waits for the first byte so an idle connection cannot sit in protocol detection forever
 /// (hyper's header timeout only starts once HTTP/1 is chosen).
 async fn first_byte_within(stream: &TcpStream, limit: Duration) -> bool {
@@ -172,12 +189,54 @@ async fn first_byte_within(stream: &TcpStream, limit: Duration) -> bool {
 }
 
 async fn handle(shared: &Shared, conn: ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
+    let start = std::time::Instant::now();
+    let log = shared.access_log.as_ref().map(|_| {
+        (
+            req.method().as_str().to_owned(),
+            req.uri()
+                .authority()
+                .map(|a| a.as_str().to_owned())
+                .or_else(|| {
+                    req.headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default(),
+            req.uri().path().chars().take(2048).collect::<String>(),
+            req.headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.chars().take(200).collect::<String>()),
+        )
+    });
     let mut resp = route(shared, conn, req).await;
     headers::stamp_response(
         resp.headers_mut(),
         &shared.region_header,
         &shared.edge_header,
     );
+    let elapsed = start.elapsed();
+    let route_name = resp.extensions().get::<Routed>().map_or("-", |r| &*r.0);
+    shared
+        .metrics
+        .record(route_name, resp.status().as_u16(), elapsed);
+    if let (Some(access), Some((method, host, path, request_id))) = (&shared.access_log, log) {
+        access.log(AccessRecord {
+            ts_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            client: conn.remote.ip().to_canonical().to_string(),
+            proto: conn.proto,
+            method,
+            host,
+            path,
+            status: resp.status().as_u16(),
+            route: route_name.to_owned(),
+            duration_us: elapsed.as_micros() as u64,
+            request_id,
+        });
+    }
     resp
 }
 
@@ -278,5 +337,7 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
         upgrade,
         body: req.into_body(),
     };
-    forward::forward(shared, out).await
+    let mut resp = forward::forward(shared, out).await;
+    resp.extensions_mut().insert(Routed(matched.service));
+    resp
 }

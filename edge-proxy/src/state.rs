@@ -31,6 +31,12 @@ pub(crate) struct Shared {
     pub(crate) agents: Registry,
     pub(crate) snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pub(crate) retry_budget: Mutex<RetryBudget>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) access_log: Option<crate::access_log::AccessLog>,
+    /// Client connections being served (HTTP + HTTPS).
+    pub(crate) open_connections: std::sync::atomic::AtomicUsize,
+    /// Cancelled when shutdown starts: `/ready` answers 503 from then on.
+    pub(crate) draining: tokio_util::sync::CancellationToken,
 }
 
 impl Shared {

@@ -55,6 +55,7 @@ fn snapshot() -> Snapshot {
 }
 
 struct Harness {
+    admin: Option<SocketAddr>,
     http: SocketAddr,
     https: SocketAddr,
     tunnel: SocketAddr,
@@ -94,6 +95,7 @@ async fn start_with(snap: Option<Snapshot>, tweak: impl FnOnce(&mut Config)) -> 
     config.tls_key = Some(key_path);
     tweak(&mut config);
     let edge = Edge::bind(config).await.unwrap();
+    let admin = edge.admin_addr();
     let http = edge.http_addr().unwrap();
     let https = edge.https_addr().unwrap();
     let tunnel = edge.tunnel_addr().unwrap();
@@ -105,6 +107,7 @@ async fn start_with(snap: Option<Snapshot>, tweak: impl FnOnce(&mut Config)) -> 
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(edge.serve(rx, shutdown.clone()));
     Harness {
+        admin,
         http,
         https,
         tunnel,
@@ -1104,4 +1107,97 @@ async fn service_lb_policy_round_robin_alternates_agents() {
         );
     }
     assert_eq!(seen_a.load(Ordering::SeqCst), 10);
+}
+
+#[tokio::test]
+async fn metrics_ready_access_log_and_drain() {
+    let log_path = std::env::temp_dir().join(format!("edge-access-{}.log", rand::random::<u64>()));
+    let lp = log_path.clone();
+    let h = start_with(Some(snapshot()), move |c| {
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.access_log = Some(lp);
+        c.upstream_timeout = Duration::from_secs(2);
+        c.drain_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let admin = h.admin.unwrap();
+    let a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    let seen = serve_streams(a.conn.clone());
+
+    assert_eq!(get(h.http, "app.test", "/demo/x").await.status, 200);
+    assert_eq!(get(h.http, "app.test", "/nope").await.status, 404);
+    assert_eq!(get(admin, "admin", "/ready").await.status, 200);
+    let m = get(admin, "admin", "/metrics").await;
+    assert_eq!(m.status, 200);
+    for want in [
+        "meridian_edge_requests_total{route=\"web\",status=\"200\",region=\"eu\",edge=\"edge-test\"} 1",
+        "meridian_edge_requests_total{route=\"-\",status=\"404\",region=\"eu\",edge=\"edge-test\"} 1",
+        "meridian_edge_request_duration_seconds_count{route=\"web\",region=\"eu\"} 1",
+        "meridian_edge_backends{service=\"web\"} 1",
+        "meridian_edge_draining 0",
+    ] {
+        assert!(m.body.contains(want), "missing {want} in\n{}", m.body);
+    }
+
+    // The access log is written by a separate task: poll for it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= 2 {
+            assert_eq!(lines[0]["status"], 200);
+            assert_eq!(lines[0]["route"], "web");
+            assert_eq!(lines[0]["path"], "/demo/x");
+            assert_eq!(lines[1]["status"], 404);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "access log: {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Drain: an in-flight request finishes, /ready turns 503, new connections are refused.
+    let http = h.http;
+    let in_flight = tokio::spawn(async move { get(http, "app.test", "/demo/hang").await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while seen.load(Ordering::SeqCst) < 2 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.shutdown.cancel();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if get(admin, "admin", "/ready").await.status == 503 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/ready never turned 503"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        get(admin, "admin", "/metrics")
+            .await
+            .body
+            .contains("meridian_edge_draining 1")
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(h.http).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Finished during the drain (the origin hangs, so the upstream timeout answers).
+    assert_eq!(in_flight.await.unwrap().status, 504);
+    tokio::time::timeout(Duration::from_secs(10), h.task)
+        .await
+        .expect("edge stops after the drain")
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(&log_path);
 }
