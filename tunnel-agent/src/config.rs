@@ -19,29 +19,32 @@ pub struct Config {
     #[arg(long, env = "MERIDIAN_AGENT_TOKEN", hide_env_values = true)]
     pub token: String,
     /// Service this agent serves.
-    #[arg(long)]
+    #[arg(long, env = "MERIDIAN_AGENT_SERVICE")]
     pub service: String,
     /// Origin base URL (`http://` only), e.g. `http://127.0.0.1:3000`.
-    #[arg(long = "to")]
+    #[arg(long = "to", env = "MERIDIAN_AGENT_TO")]
     pub to: String,
     /// PEM file with the CA certificate(s) that sign the edges' tunnel certificates.
-    #[arg(long)]
+    #[arg(long, env = "MERIDIAN_AGENT_CA")]
     pub ca: PathBuf,
     /// TLS server name to verify the edge certificate against; default: the edge's IP address.
-    #[arg(long)]
+    #[arg(long, env = "MERIDIAN_AGENT_SERVER_NAME")]
     pub server_name: Option<String>,
     /// Agent identity; default: 12 random hex characters.
-    #[arg(long)]
+    #[arg(long, env = "MERIDIAN_AGENT_ID")]
     pub agent_id: Option<String>,
     /// Keep connections to edges in this many distinct regions (fewer if fewer exist).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "MERIDIAN_AGENT_REGIONS", default_value_t = 2)]
     pub regions: usize,
     /// Seconds between origin health probes (0 disables); transitions are reported to edges.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, env = "MERIDIAN_AGENT_HEALTH_INTERVAL", default_value_t = 5)]
     pub health_interval: u64,
     /// Probe with `GET <path>` (healthy below 500) instead of a TCP connect to the origin.
-    #[arg(long)]
+    #[arg(long, env = "MERIDIAN_AGENT_HEALTH_PATH")]
     pub health_path: Option<String>,
+    /// Serve `/ready` and `/metrics` on this TCP address (e.g. `127.0.0.1:9090`).
+    #[arg(long, env = "MERIDIAN_AGENT_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -64,6 +67,7 @@ impl Config {
             regions: 2,
             health_interval: 5,
             health_path: None,
+            admin_listen: None,
         }
     }
 }
@@ -102,5 +106,26 @@ mod tests {
         assert_eq!(cli.config.edges.len(), 3);
         assert_eq!(cli.config.regions, 2);
         assert!(cli.config.agent_id.is_none());
+        assert!(cli.config.admin_listen.is_none());
+        let cli = Cli::try_parse_from([
+            "agent",
+            "--edge",
+            "127.0.0.1:7844",
+            "--token",
+            "t",
+            "--service",
+            "shop",
+            "--to",
+            "http://127.0.0.1:3000",
+            "--ca",
+            "/tmp/ca.pem",
+            "--admin-listen",
+            "127.0.0.1:9090",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.config.admin_listen,
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
     }
 }

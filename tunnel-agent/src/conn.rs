@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub(crate) stream_ctx: Arc<StreamCtx>,
     /// Latest origin health (true until a probe says otherwise).
     pub(crate) health: watch::Receiver<bool>,
+    /// Counters for `/metrics` and `/ready`.
+    pub(crate) stats: Arc<crate::admin::Stats>,
     pub(crate) shutdown: CancellationToken,
     /// Slots and background drains; `run` waits for all of them.
     pub(crate) tasks: TaskTracker,
@@ -215,7 +217,9 @@ async fn attempt(
         spawn_slot(shared, s);
     }
     let connected_at = Instant::now();
+    let registered = shared.stats.registered();
     serve(shared, slot, addr, conn, ctl_send, ctl_recv).await;
+    drop(registered);
     Outcome::Served { connected_at }
 }
 
@@ -301,7 +305,12 @@ async fn serve(
             _ = shared.shutdown.cancelled() => break Stop::Shutdown,
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    streams.spawn(stream::handle(send, recv, shared.stream_ctx.clone()));
+                    let counted = shared.stats.stream();
+                    let ctx = shared.stream_ctx.clone();
+                    streams.spawn(async move {
+                        stream::handle(send, recv, ctx).await;
+                        drop(counted);
+                    });
                 }
                 Err(e) => break Stop::Lost(format!("connection lost: {e}")),
             },

@@ -13,6 +13,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("binding --admin-listen {addr}: {source}")]
+    AdminBind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
 }

@@ -4,6 +4,7 @@
 //! Layout: sans-IO policy in `backoff`, `targets`, `heartbeat` and `headers`; IO in
 //! `conn` (connection slots, control stream, drain) and `stream` (one request per QUIC stream).
 
+mod admin;
 mod backoff;
 mod config;
 mod conn;
@@ -41,6 +42,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     if config.service.is_empty() {
         return Err(Error::Config("--service must not be empty".into()));
     }
+    // Listeners first, before anything slow.
+    let admin_listener = match config.admin_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::AdminBind { addr, source })?,
+        ),
+        None => None,
+    };
     let ca = std::fs::read(&config.ca).map_err(|source| Error::Ca {
         path: config.ca.clone(),
         source,
@@ -54,6 +64,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         service: config.service.clone(),
     });
     let (health_tx, health_rx) = tokio::sync::watch::channel(true);
+    let stats = Arc::new(admin::Stats::default());
     let shared = Arc::new(conn::Shared {
         token: config.token.clone(),
         agent_id: agent_id.clone(),
@@ -62,12 +73,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         client_config,
         targets: Mutex::new(targets::Targets::new(config.edges.clone(), config.regions)),
         stream_ctx: stream_ctx.clone(),
-        health: health_rx,
+        health: health_rx.clone(),
+        stats: stats.clone(),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(listener) = admin_listener {
+        let view = admin::View {
+            stats,
+            health: health_rx,
+            service: config.service.clone(),
+        };
+        shared.tasks.spawn(admin::serve(
+            listener,
+            view,
+            shutdown.clone(),
+            shared.tasks.clone(),
+        ));
+    }
     info!(
         agent_id = %agent_id,
+        admin = ?admin_addr,
         service = %config.service,
         origin = %config.to,
         edges = ?config.edges,
