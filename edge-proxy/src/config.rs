@@ -56,6 +56,18 @@ pub struct Config {
     /// Largest request body accepted (413 beyond it); unlimited when not given.
     #[arg(long)]
     pub max_request_body: Option<u64>,
+    /// Requests per second each client IP may make (token bucket; 429 with Retry-After beyond).
+    #[arg(long)]
+    pub rate_limit_ip: Option<f64>,
+    /// Burst for `--rate-limit-ip` (default: one second's worth, at least 1).
+    #[arg(long)]
+    pub rate_limit_ip_burst: Option<f64>,
+    /// Requests per second each route (mounted service) may receive from all clients together.
+    #[arg(long)]
+    pub rate_limit_route: Option<f64>,
+    /// Burst for `--rate-limit-route` (default: one second's worth, at least 1).
+    #[arg(long)]
+    pub rate_limit_route_burst: Option<f64>,
     /// Admin listener serving Prometheus `/metrics` and `/ready` (503 while draining).
     #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
@@ -106,6 +118,10 @@ impl Config {
             idle_timeout: Duration::from_secs(60),
             max_request_body: None,
             admin_listen: None,
+            rate_limit_ip: None,
+            rate_limit_ip_burst: None,
+            rate_limit_route: None,
+            rate_limit_route_burst: None,
             access_log: None,
             drain_timeout: Duration::from_secs(10),
         }

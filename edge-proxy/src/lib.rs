@@ -17,6 +17,7 @@ mod h1guard;
 mod headers;
 mod heartbeat;
 mod metrics;
+mod ratelimit;
 mod registry;
 mod retry;
 mod routing;
@@ -256,7 +257,17 @@ impl Edge {
             }
             None => (None, None),
         };
+        let rate = |per_sec: Option<f64>, burst: Option<f64>| {
+            per_sec.map(|r| ratelimit::Rate {
+                per_sec: r.max(0.0),
+                burst: burst.unwrap_or(r).max(1.0),
+            })
+        };
         let shared = Arc::new(Shared {
+            ip_limit: rate(config.rate_limit_ip, config.rate_limit_ip_burst)
+                .map(|r| ratelimit::Limiter::new(r, 100_000)),
+            route_limit: rate(config.rate_limit_route, config.rate_limit_route_burst)
+                .map(|r| ratelimit::Limiter::new(r, 10_000)),
             metrics,
             access_log,
             open_connections: Default::default(),

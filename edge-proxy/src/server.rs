@@ -250,7 +250,24 @@ fn echo(s: &str) -> &str {
     }
 }
 
+fn too_many(what: &str, wait: Duration) -> Response<RespBody> {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut resp = text(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("rate limit for this {what} exceeded; retry in {secs} s"),
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    resp
+}
+
 async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> Response<RespBody> {
+    let client_ip = conn.remote.ip().to_canonical();
+    if let Some(limit) = &shared.ip_limit
+        && let Err(wait) = limit.check(&client_ip, std::time::Instant::now())
+    {
+        return too_many("client", wait);
+    }
     if req.method() == Method::CONNECT {
         let mut resp = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -300,6 +317,11 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
         );
     };
 
+    if let Some(limit) = &shared.route_limit
+        && let Err(wait) = limit.check(&matched.service, std::time::Instant::now())
+    {
+        return too_many("route", wait);
+    }
     if let Some(max) = shared.limits.max_request_body
         && let Some(len) = req
             .headers()

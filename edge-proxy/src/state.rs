@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     pub(crate) snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pub(crate) retry_budget: Mutex<RetryBudget>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) ip_limit: Option<crate::ratelimit::Limiter<std::net::IpAddr>>,
+    pub(crate) route_limit: Option<crate::ratelimit::Limiter<Arc<str>>>,
     pub(crate) access_log: Option<crate::access_log::AccessLog>,
     /// Client connections being served (HTTP + HTTPS).
     pub(crate) open_connections: std::sync::atomic::AtomicUsize,

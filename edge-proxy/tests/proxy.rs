@@ -1201,3 +1201,43 @@ async fn metrics_ready_access_log_and_drain() {
         .unwrap();
     let _ = std::fs::remove_file(&log_path);
 }
+
+#[tokio::test]
+async fn rate_limits_per_client_ip_and_per_route_answer_429_with_retry_after() {
+    let h = start_with(Some(snapshot()), |c| {
+        c.rate_limit_ip = Some(0.5);
+        c.rate_limit_ip_burst = Some(3.0);
+    })
+    .await;
+    let a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    let seen = serve_streams(a.conn.clone());
+    for _ in 0..3 {
+        assert_eq!(get(h.http, "app.test", "/demo").await.status, 200);
+    }
+    let r = get(h.http, "app.test", "/demo").await;
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("2"), "{r:?}");
+    assert_stamped(&r);
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        3,
+        "the refused request never left the edge"
+    );
+
+    let h = start_with(Some(snapshot()), |c| {
+        c.rate_limit_route = Some(1.0);
+        c.rate_limit_route_burst = Some(2.0);
+    })
+    .await;
+    let a = connect_agent(&h, GOOD_TOKEN, &["web"]).await;
+    serve_streams(a.conn.clone());
+    let b = connect_agent_as(&h, "api-agent", API_TOKEN, &["api"]).await;
+    serve_streams(b.conn.clone());
+    assert_eq!(get(h.http, "app.test", "/demo").await.status, 200);
+    assert_eq!(get(h.http, "app.test", "/demo").await.status, 200);
+    let r = get(h.http, "app.test", "/demo").await;
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // Another route has its own bucket.
+    assert_eq!(get(h.http, "app.test", "/api/x").await.status, 200);
+}
