@@ -105,6 +105,14 @@ pub struct Config {
     #[arg(long, default_value_t = 2)]
     pub rrl_slip: u32,
 
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Log one query in N (target `geodns::query_log`, written off the query path; 0: off).
+    #[arg(long, default_value_t = 0)]
+    pub query_log_sample: u32,
+
     /// A down region with live edges again is put back only after 3 consecutive observations
     /// spanning at least this many milliseconds.
     #[arg(long, default_value_t = 10_000)]
@@ -129,6 +137,8 @@ impl Config {
             health_rise_ms: 10_000,
             geoip_db: None,
             geoip_reload_secs: 10,
+            metrics_listen: None,
+            query_log_sample: 0,
             rrl_rate: 0,
             rrl_slip: 2,
             maps: Vec::new(),

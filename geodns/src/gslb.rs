@@ -154,6 +154,8 @@ pub struct RegionAnswer {
     /// Steer clients here: the health verdict (hysteresis and admin override) says it serves.
     pub live: bool,
     pub verdict: Verdict,
+    /// Position in the table's region list (a metrics label index).
+    pub index: usize,
     pub coords: Option<(f64, f64)>,
     alive_v4: Vec<Ipv4Addr>,
     alive_v6: Vec<Ipv6Addr>,
@@ -267,7 +269,8 @@ impl AnswerTable {
             }
         }
         let mut regions: Vec<RegionAnswer> = by_name.into_values().collect();
-        for r in &mut regions {
+        for (i, r) in regions.iter_mut().enumerate() {
+            r.index = i;
             r.verdict = health.verdict(&r.name);
             r.live = r.verdict.serves();
             for v in [&mut r.alive_v4, &mut r.all_v4] {
@@ -546,6 +549,7 @@ impl RegionAnswer {
             name: name.to_owned(),
             live: false,
             verdict: Verdict::Down,
+            index: 0,
             coords: None,
             alive_v4: Vec::new(),
             alive_v6: Vec::new(),

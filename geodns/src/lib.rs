@@ -10,6 +10,7 @@ pub mod explain;
 pub mod geoip;
 pub mod gslb;
 pub mod health;
+pub mod metrics;
 pub mod mmdb_writer;
 pub mod prefix;
 pub mod respond;

@@ -12,6 +12,9 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use ipnet::IpNet;
 
+use crate::metrics::{
+    Labels, NAME_APEX, NAME_NS, NAME_OTHER, NAME_OUTSIDE, qtype_index, rcode_index,
+};
 use crate::zone::Zone;
 
 /// Largest query we read, on either transport. Real queries are far smaller; anything bigger
@@ -37,6 +40,8 @@ pub struct Outcome {
     pub malformed: bool,
     /// The reply did not fit and was sent with TC set.
     pub truncated: bool,
+    /// What to count the query under, when it was parsed and answered.
+    pub labels: Option<Labels>,
 }
 
 impl Outcome {
@@ -45,6 +50,7 @@ impl Outcome {
             reply: None,
             malformed: true,
             truncated: false,
+            labels: None,
         }
     }
 }
@@ -70,6 +76,7 @@ pub fn respond(zone: &Zone, packet: &[u8], src: IpAddr, transport: Transport) ->
                 reply: encode_plain(&msg),
                 malformed: true,
                 truncated: false,
+                labels: None,
             };
         }
     };
@@ -80,6 +87,7 @@ pub fn respond(zone: &Zone, packet: &[u8], src: IpAddr, transport: Transport) ->
             reply: encode_plain(&r),
             malformed: true,
             truncated: false,
+            labels: None,
         };
     }
     let max_len = match (transport, &request.edns) {
@@ -88,18 +96,32 @@ pub fn respond(zone: &Zone, packet: &[u8], src: IpAddr, transport: Transport) ->
         (Transport::Udp, Some(e)) => usize::from(e.max_payload().clamp(512, UDP_MAX_EDNS)),
     };
     let mut malformed = false;
-    let response = match build_response(zone, &request, src) {
+    let geo_names = zone.config.geo_names.len();
+    let mut labels = Labels {
+        name: geo_names + NAME_OUTSIDE,
+        qtype: request
+            .queries
+            .first()
+            .map_or(qtype_index(RecordType::Unknown(0)), |q| {
+                qtype_index(q.query_type())
+            }),
+        rcode: 0,
+        region: None,
+    };
+    let response = match build_response(zone, &request, src, &mut labels) {
         Ok(r) => r,
         Err(rcode) => {
             malformed = rcode == ResponseCode::FormErr;
             error_response(&request, rcode)
         }
     };
+    labels.rcode = rcode_index(response.response_code);
     let (reply, truncated) = encode_limited(&response, max_len);
     Outcome {
         reply,
         malformed,
         truncated,
+        labels: Some(labels),
     }
 }
 
@@ -176,7 +198,12 @@ fn client_of(request: &Message, src: IpAddr) -> Client {
     }
 }
 
-fn build_response(zone: &Zone, request: &Message, src: IpAddr) -> Result<Message, ResponseCode> {
+fn build_response(
+    zone: &Zone,
+    request: &Message,
+    src: IpAddr,
+    labels: &mut Labels,
+) -> Result<Message, ResponseCode> {
     if request.op_code != OpCode::Query {
         return Err(ResponseCode::NotImp);
     }
@@ -193,6 +220,18 @@ fn build_response(zone: &Zone, request: &Message, src: IpAddr) -> Result<Message
     if query.query_class() != DNSClass::IN || !cfg.origin.zone_of(qname) {
         return Err(ResponseCode::Refused);
     }
+    let lname = qname.to_lowercase();
+    let geo_names = cfg.geo_names.len();
+    labels.name = if lname == cfg.origin {
+        geo_names + NAME_APEX
+    } else if lname == cfg.ns_name {
+        geo_names + NAME_NS
+    } else {
+        cfg.geo_names
+            .iter()
+            .position(|n| *n == lname)
+            .unwrap_or(geo_names + NAME_OTHER)
+    };
     let Some(table) = &zone.table else {
         return Err(ResponseCode::ServFail);
     };
@@ -202,7 +241,6 @@ fn build_response(zone: &Zone, request: &Message, src: IpAddr) -> Result<Message
     let mut r = response_for(request);
     r.metadata.authoritative = true;
     let qtype = query.query_type();
-    let lname = qname.to_lowercase();
 
     if lname == cfg.origin {
         match qtype {
@@ -228,7 +266,7 @@ fn build_response(zone: &Zone, request: &Message, src: IpAddr) -> Result<Message
             r.add_authority(zone.soa.clone());
         }
     } else if cfg.geo_names.contains(&lname) {
-        add_geo_answers(&mut r, zone, table, query, client.addr, &mut scope);
+        labels.region = add_geo_answers(&mut r, zone, table, query, client.addr, &mut scope);
     } else if cfg
         .geo_names
         .iter()
@@ -262,17 +300,19 @@ fn add_geo_answers(
     query: &Query,
     client: IpAddr,
     scope: &mut u8,
-) {
+) -> Option<usize> {
     let qtype = query.query_type();
     let owner: &Name = query.name();
     let wanted = matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY);
+    let mut region = None;
     if let Some(answer) = table.answer(client).filter(|_| wanted) {
+        *scope = answer.scope;
+        region = Some(answer.region.index);
         // RFC 8482: ANY gets one RRset (A, or AAAA for an IPv6-only region).
         let wants_v4 =
             qtype == RecordType::A || (qtype == RecordType::ANY && !answer.v4().is_empty());
         let wants_v6 =
             qtype == RecordType::AAAA || (qtype == RecordType::ANY && answer.v4().is_empty());
-        *scope = answer.scope;
         let ttl = answer.ttl;
         if wants_v4 {
             for ip in answer.v4() {
@@ -292,6 +332,7 @@ fn add_geo_answers(
     if r.answers.is_empty() {
         r.add_authority(zone.soa.clone());
     }
+    region
 }
 
 /// Encodes `msg`; if it exceeds `max_len`, sends the header and question with TC set instead,

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use arc_swap::ArcSwap;
 use coordinator_api::Snapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -26,10 +27,15 @@ use crate::config::Config;
 use crate::geoip;
 use crate::gslb::{AnswerTable, Policy};
 use crate::health::HealthTracker;
+use crate::metrics::{Labels, Metrics};
 use crate::respond::{MAX_QUERY_LEN, Outcome, Transport, respond, truncated_reply};
 use crate::rrl::{Decision, SharedLimiter};
 use crate::zone::{Zone, ZoneConfig, build_policy};
 
+/// Sampled query-log entries waiting to be written; more are dropped.
+const QUERY_LOG_QUEUE: usize = 1024;
+/// Concurrent metrics scrapes.
+const MAX_METRICS_CONNECTIONS: usize = 8;
 /// Open TCP connections across all listeners; more are closed on accept.
 pub const MAX_TCP_CONNECTIONS: usize = 256;
 /// A TCP connection with no complete query (or unsent reply) for this long is closed.
@@ -55,11 +61,53 @@ pub struct Stats {
     pub io_errors: AtomicU64,
     /// Bugs caught at the packet boundary; must stay 0.
     pub panics: AtomicU64,
+    /// Labelled counters, set once at bind.
+    pub metrics: OnceLock<Arc<Metrics>>,
+    /// Sampled query log, set once at bind when enabled.
+    query_log: OnceLock<QueryLog>,
+}
+
+/// One sampled query, sent off the hot path to be logged.
+#[derive(Debug)]
+struct LoggedQuery {
+    peer: SocketAddr,
+    transport: Transport,
+    labels: Labels,
+    region: Option<String>,
+}
+
+/// 1-in-`every` sampling into a bounded channel; full channel → the entry is dropped.
+#[derive(Debug)]
+struct QueryLog {
+    every: u64,
+    tx: mpsc::Sender<LoggedQuery>,
 }
 
 impl Stats {
-    fn record(&self, out: &Outcome) {
-        self.queries.fetch_add(1, Ordering::Relaxed);
+    fn record(&self, out: &Outcome, zone: &Zone, peer: SocketAddr, transport: Transport) {
+        let n = self.queries.fetch_add(1, Ordering::Relaxed);
+        if let Some(l) = &out.labels {
+            if let Some(m) = self.metrics.get() {
+                m.count(l);
+            }
+            if let Some(c) = l.region.and_then(|i| zone.region_counters.get(i)) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(log) = self.query_log.get()
+                && n.is_multiple_of(log.every)
+            {
+                let region = l
+                    .region
+                    .and_then(|i| zone.table.as_ref()?.regions().get(i))
+                    .map(|r| r.name.clone());
+                let _ = log.tx.try_send(LoggedQuery {
+                    peer,
+                    transport,
+                    labels: *l,
+                    region,
+                });
+            }
+        }
         if out.malformed {
             self.malformed.fetch_add(1, Ordering::Relaxed);
         }
@@ -78,6 +126,9 @@ pub struct Server {
     addrs: Vec<SocketAddr>,
     state: Arc<ArcSwap<Zone>>,
     stats: Arc<Stats>,
+    metrics_listener: Option<TcpListener>,
+    metrics_addr: Option<SocketAddr>,
+    query_log_rx: Option<mpsc::Receiver<LoggedQuery>>,
 }
 
 impl Server {
@@ -96,20 +147,60 @@ impl Server {
             tcp.push(t);
             addrs.push(bound);
         }
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind {
+                        addr,
+                        proto: "tcp (metrics)",
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         // Listeners first, then the slow part (reading the GeoIP database).
         let zone_config =
             Arc::new(ZoneConfig::from_config(config).map_err(|e| Error::Config(e.to_string()))?);
         let (classes, nodes) = zone_config.policy.size();
         info!(classes, nodes, "client policy built");
         let state = Arc::new(ArcSwap::from_pointee(Zone::new(zone_config.clone(), None)));
+        let stats = Arc::new(Stats::default());
+        let _ = stats.metrics.set(Arc::new(Metrics::new(
+            &zone_config
+                .geo_names
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        )));
+        let query_log_rx = match config.query_log_sample {
+            0 => None,
+            every => {
+                let (tx, rx) = mpsc::channel(QUERY_LOG_QUEUE);
+                let _ = stats.query_log.set(QueryLog {
+                    every: u64::from(every),
+                    tx,
+                });
+                Some(rx)
+            }
+        };
         Ok(Self {
             zone_config,
             udp,
             tcp,
             addrs,
             state,
-            stats: Arc::default(),
+            stats,
+            metrics_listener,
+            metrics_addr,
+            query_log_rx,
         })
+    }
+
+    /// The bound metrics address, if `--metrics-listen` was given.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The bound addresses (UDP and TCP share each), in `--listen` order.
@@ -134,6 +225,9 @@ impl Server {
             addrs,
             state,
             stats,
+            metrics_listener,
+            metrics_addr,
+            query_log_rx,
         } = self;
         let mut snapshots = snapshots;
         // A cached snapshot is usually already there: answer from it from the first packet.
@@ -141,7 +235,14 @@ impl Server {
         let mut health = HealthTracker::new(zone_config.hysteresis);
         if let Some(snap) = &initial {
             health.observe(snap, Instant::now());
-            apply(snap, &zone_config, &zone_config.policy, &state, &health);
+            apply(
+                snap,
+                &zone_config,
+                &zone_config.policy,
+                &state,
+                &health,
+                &stats,
+            );
         }
         let mut tasks = JoinSet::new();
         tasks.spawn(follow_snapshots(
@@ -150,8 +251,15 @@ impl Server {
             state.clone(),
             health,
             initial,
+            stats.clone(),
             shutdown.clone(),
         ));
+        if let Some(listener) = metrics_listener {
+            tasks.spawn(serve_metrics(listener, stats.clone(), shutdown.clone()));
+        }
+        if let Some(rx) = query_log_rx {
+            tasks.spawn(write_query_log(rx, stats.clone(), shutdown.clone()));
+        }
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .clamp(1, MAX_UDP_WORKERS);
@@ -182,7 +290,7 @@ impl Server {
                 shutdown.clone(),
             ));
         }
-        info!(listen = ?addrs, zone = %zone_config.origin, "ready");
+        info!(listen = ?addrs, metrics = ?metrics_addr, zone = %zone_config.origin, "ready");
 
         shutdown.cancelled().await;
         while let Some(res) = tasks.join_next().await {
@@ -244,6 +352,7 @@ async fn follow_snapshots(
     state: Arc<ArcSwap<Zone>>,
     mut health: HealthTracker,
     mut last: Option<Arc<Snapshot>>,
+    stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(zone_config.hysteresis.tick());
@@ -262,7 +371,7 @@ async fn follow_snapshots(
                 if let Some(snap) = &last
                     && health.observe(snap, Instant::now())
                 {
-                    apply(snap, &zone_config, &policy, &state, &health);
+                    apply(snap, &zone_config, &policy, &state, &health, &stats);
                 }
                 continue;
             }
@@ -270,7 +379,7 @@ async fn follow_snapshots(
                 if let Some(p) = reload_policy(&zone_config, &policy).await {
                     policy = p;
                     if let Some(snap) = &last {
-                        apply(snap, &zone_config, &policy, &state, &health);
+                        apply(snap, &zone_config, &policy, &state, &health, &stats);
                     }
                 }
                 continue;
@@ -285,7 +394,7 @@ async fn follow_snapshots(
                         _ = tick.tick() => if let Some(snap) = &last
                             && health.observe(snap, Instant::now())
                         {
-                            apply(snap, &zone_config, &policy, &state, &health);
+                            apply(snap, &zone_config, &policy, &state, &health, &stats);
                         }
                     }
                 }
@@ -296,7 +405,7 @@ async fn follow_snapshots(
             && !last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &snap))
         {
             health.observe(&snap, Instant::now());
-            apply(&snap, &zone_config, &policy, &state, &health);
+            apply(&snap, &zone_config, &policy, &state, &health, &stats);
             last = Some(snap);
         }
     }
@@ -339,6 +448,7 @@ fn apply(
     policy: &Arc<Policy>,
     state: &ArcSwap<Zone>,
     health: &HealthTracker,
+    stats: &Stats,
 ) {
     let table = AnswerTable::build_with_health(policy.clone(), snap, health);
     let verdicts: Vec<String> = health
@@ -352,7 +462,17 @@ fn apply(
         ttl = table.ttl(),
         "answer table updated"
     );
-    state.store(Arc::new(Zone::new(zone_config.clone(), Some(table))));
+    let mut zone = Zone::new(zone_config.clone(), Some(table));
+    if let Some(m) = stats.metrics.get()
+        && let Some(t) = &zone.table
+    {
+        zone.region_counters = t
+            .regions()
+            .iter()
+            .map(|r| m.region_counter(&r.name))
+            .collect();
+    }
+    state.store(Arc::new(zone));
 }
 
 /// Answers one packet, containing any panic to this packet.
@@ -368,7 +488,7 @@ fn answer(
         respond(&zone, packet, peer.ip(), transport)
     })) {
         Ok(out) => {
-            stats.record(&out);
+            stats.record(&out, &zone, peer, transport);
             out
         }
         Err(_) => {
@@ -378,6 +498,7 @@ fn answer(
                 reply: None,
                 malformed: true,
                 truncated: false,
+                labels: None,
             }
         }
     }
@@ -525,4 +646,80 @@ async fn tcp_connection(
             return;
         }
     }
+}
+
+/// Writes sampled queries to the log, off the query path.
+async fn write_query_log(
+    mut rx: mpsc::Receiver<LoggedQuery>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) {
+    let names = stats.metrics.get().cloned();
+    loop {
+        let q = tokio::select! {
+            () = shutdown.cancelled() => return,
+            q = rx.recv() => match q { Some(q) => q, None => return },
+        };
+        let name = names.as_ref().map_or("?", |m| m.name_label(q.labels.name));
+        info!(
+            target: "geodns::query_log",
+            peer = %q.peer,
+            transport = ?q.transport,
+            name,
+            qtype = crate::metrics::qtype_label(q.labels.qtype),
+            rcode = crate::metrics::rcode_label(q.labels.rcode),
+            region = q.region.as_deref().unwrap_or("-"),
+            "query"
+        );
+    }
+}
+
+/// A minimal HTTP/1.1 endpoint: `GET /metrics` in Prometheus text format, one request per
+/// connection, bounded request size, time and concurrency.
+async fn serve_metrics(listener: TcpListener, stats: Arc<Stats>, shutdown: CancellationToken) {
+    let limit = Arc::new(Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let mut conns = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        while conns.try_join_next().is_some() {}
+        let Ok((mut stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            continue;
+        };
+        let stats = stats.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            let head_done = |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n");
+            while n < buf.len() && !head_done(buf.get(..n).unwrap_or_default()) {
+                match tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read(&mut buf[n..])).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                    Ok(Ok(k)) => n += k,
+                }
+            }
+            let head = buf.get(..n).unwrap_or_default();
+            let (status, body) = if head.starts_with(b"GET /metrics ") {
+                let text = stats
+                    .metrics
+                    .get()
+                    .map_or_else(String::new, |m| m.render(&stats));
+                ("200 OK", text)
+            } else {
+                ("404 Not Found", "not found\n".to_owned())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.write_all(resp.as_bytes())).await;
+        });
+    }
+    conns.shutdown().await;
 }

@@ -134,6 +134,8 @@ pub struct Zone {
     pub soa: Record,
     pub ns: Record,
     pub glue: Record,
+    /// Per region of `table` (same order): answers steered there, for metrics.
+    pub region_counters: Vec<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Zone {
@@ -173,6 +175,7 @@ impl Zone {
             soa,
             ns,
             glue,
+            region_counters: Vec::new(),
         }
     }
 }

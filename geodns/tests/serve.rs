@@ -760,3 +760,56 @@ async fn large_answers_truncate_over_udp_and_complete_over_tcp() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn prometheus_metrics_by_name_type_rcode_and_region() {
+    let mut cfg = dev_config();
+    cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.query_log_sample = 1;
+    let server = Server::bind(&cfg).await.unwrap();
+    let addr = server.local_addrs()[0];
+    let metrics = server.metrics_addr().unwrap();
+    let (_tx, rx) = watch::channel(Some(Arc::new(dev_snapshot())));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(rx, shutdown.clone()));
+    for ecs in ["198.51.100.7/24", "198.51.100.8/24", "203.0.113.1/24"] {
+        udp(
+            addr,
+            &query("edge.meridian.test.", RecordType::A, Some(ecs)),
+        )
+        .await;
+    }
+    udp(addr, &query("nope.meridian.test.", RecordType::AAAA, None)).await;
+    udp(addr, &query("example.com.", RecordType::A, None)).await;
+    let mut conn = TcpStream::connect(metrics).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    tokio::time::timeout(TIMEOUT, conn.read_to_string(&mut body))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    for line in [
+        "geodns_queries_total{name=\"edge.meridian.test.\",type=\"A\",rcode=\"NOERROR\"} 3",
+        "geodns_queries_total{name=\"@other\",type=\"AAAA\",rcode=\"NXDOMAIN\"} 1",
+        "geodns_queries_total{name=\"@outside\",type=\"A\",rcode=\"REFUSED\"} 1",
+        "geodns_region_answers_total{region=\"iad\"} 2",
+        "geodns_region_answers_total{region=\"sin\"} 1",
+        "geodns_packets_total 5",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in\n{body}");
+    }
+    let mut conn = TcpStream::connect(metrics).await.unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.unwrap();
+    assert!(body.starts_with("HTTP/1.1 404"));
+    shutdown.cancel();
+    tokio::time::timeout(TIMEOUT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
