@@ -1,6 +1,6 @@
 //! A minimal MaxMind DB (MMDB v2) writer, for tests and benchmarks that need a database built
 //! in code rather than downloaded. Writes IPv6 trees (IPv4 networks under `::/96`), 24-bit
-//! records, no data deduplication: fine for hundreds of networks, not for real databases.
+//! records, metadata typed as libmaxminddb (gdnsd) requires, no data deduplication: fine for hundreds of networks, not for real databases.
 
 use std::collections::BTreeMap;
 
@@ -11,7 +11,9 @@ use ipnet::IpNet;
 pub enum Value {
     Str(String),
     F64(f64),
+    U16(u16),
     U32(u32),
+    U64(u64),
     Map(Vec<(String, Self)>),
     Array(Vec<Self>),
 }
@@ -44,7 +46,7 @@ impl Value {
                 Self::map([
                     ("latitude", Self::F64(lat)),
                     ("longitude", Self::F64(lon)),
-                    ("accuracy_radius", Self::U32(50)),
+                    ("accuracy_radius", Self::U16(50)),
                 ]),
             ),
         ])
@@ -127,13 +129,13 @@ pub fn write(database_type: &str, networks: &[(IpNet, Value)]) -> Result<Vec<u8>
     out.extend_from_slice(b"\xAB\xCD\xEFMaxMind.com");
     let meta = Value::map([
         ("node_count", Value::U32(node_count)),
-        ("record_size", Value::U32(24)),
-        ("ip_version", Value::U32(6)),
+        ("record_size", Value::U16(24)),
+        ("ip_version", Value::U16(6)),
         ("database_type", Value::str(database_type)),
         ("languages", Value::Array(vec![Value::str("en")])),
-        ("binary_format_major_version", Value::U32(2)),
-        ("binary_format_minor_version", Value::U32(0)),
-        ("build_epoch", Value::U32(0)),
+        ("binary_format_major_version", Value::U16(2)),
+        ("binary_format_minor_version", Value::U16(0)),
+        ("build_epoch", Value::U64(1_700_000_000)),
         (
             "description",
             Value::map([("en", Value::str("Meridian test database"))]),
@@ -162,6 +164,13 @@ fn control(type_id: u8, size: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(&extra);
 }
 
+/// Unsigned integers are stored in as few big-endian bytes as they need.
+fn uint(type_id: u8, bytes: &[u8], out: &mut Vec<u8>) {
+    let skip = bytes.iter().take_while(|b| **b == 0).count();
+    control(type_id, bytes.len() - skip, out);
+    out.extend_from_slice(bytes.get(skip..).unwrap_or_default());
+}
+
 fn encode(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Str(s) => {
@@ -172,12 +181,9 @@ fn encode(v: &Value, out: &mut Vec<u8>) {
             control(3, 8, out);
             out.extend_from_slice(&f.to_be_bytes());
         }
-        Value::U32(n) => {
-            let bytes = n.to_be_bytes();
-            let skip = bytes.iter().take_while(|b| **b == 0).count();
-            control(6, 4 - skip, out);
-            out.extend_from_slice(&bytes[skip..]);
-        }
+        Value::U16(n) => uint(5, &n.to_be_bytes(), out),
+        Value::U32(n) => uint(6, &n.to_be_bytes(), out),
+        Value::U64(n) => uint(9, &n.to_be_bytes(), out),
         Value::Map(pairs) => {
             // Keys sorted and unique, as real databases have them.
             let sorted: BTreeMap<&str, &Value> =
