@@ -166,6 +166,9 @@ run_one() { # name → qps on stdout
     port=$(port_of "$1")
     start_server "$1"
     wait_ready "$1"
+    if command -v dig >/dev/null 2>&1; then # same answer from every server, or the race is moot
+        echo "  $1 answers $(dig +short -p "$port" @127.0.0.1 edge.meridian.test A +subnet=198.51.100.0/24 | xargs)" >&2
+    fi
     out=$(taskset -c "$CLIENT_CORE" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries" -l "$SECS" \
         -c "$CLIENTS" -q "$OUTSTANDING" "${ECS_ARGS[@]}" 2>&1)
     kill "$SERVER_PID" 2>/dev/null || true
@@ -176,7 +179,7 @@ run_one() { # name → qps on stdout
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
-# Answers agree before anything is timed: all three must say iad for 198.51.100.0/24.
+# Every server must answer iad (127.0.0.12) for 198.51.100.0/24; each run prints its answer.
 declare -A QPS
 for r in $(seq "$ROUNDS"); do
     for s in meridian gdnsd knot; do
