@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use coordinator_api::{
     AgentTokenRecord, ApiError, ApiTokenInfo, AuditEntry, CreateApiToken, CreateService,
     CreateToken, CreatedApiToken, CreatedToken, EdgeHeartbeat, Mount, Region, Service,
-    SetAdminState, Snapshot, Status, TokenInfo, token,
+    SetAdminState, Snapshot, Status, SubscriberState, TokenInfo, WatchAck, token,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -49,7 +49,12 @@ pub(crate) struct AppState {
     pub(crate) watchers: Arc<Semaphore>,
     /// Quiet time before a progress line ([`PROGRESS_EVERY`]; shorter in tests).
     pub(crate) progress_every: Duration,
+    /// Last ack/nack per subscriber, at most [`MAX_SUBSCRIBERS`].
+    pub(crate) acks: Arc<std::sync::Mutex<std::collections::BTreeMap<String, SubscriberState>>>,
 }
+
+/// Most subscribers whose acks we remember; the oldest is forgotten first.
+pub(crate) const MAX_SUBSCRIBERS: usize = 10_000;
 
 impl AppState {
     pub(crate) fn new(hub: Arc<Hub>, shutdown: CancellationToken) -> Self {
@@ -58,6 +63,7 @@ impl AppState {
             shutdown,
             watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
             progress_every: PROGRESS_EVERY,
+            acks: Arc::default(),
         }
     }
 }
@@ -65,6 +71,7 @@ impl AppState {
 pub(crate) fn router(state: AppState) -> Router {
     let node = Router::new()
         .route("/v1/watch", get(watch_stream))
+        .route("/v1/watch/ack", post(watch_ack))
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/edges/heartbeat", post(heartbeat))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_node));
@@ -560,7 +567,53 @@ async fn status(State(st): State<AppState>) -> Json<Status> {
             .filter(|e| e.alive)
             .map(|e| e.agents.len() as u64)
             .sum(),
+        subscribers: st
+            .acks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect(),
     })
+}
+
+/// `POST /v1/watch/ack`: a subscriber applied (or refused) a snapshot.
+async fn watch_ack(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    req: Result<Json<WatchAck>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    let ack = body(req)?;
+    validate::reported_id("subscriber", &ack.subscriber)?;
+    // Bounded: a subscriber's error text is stored and shown, never trusted to be short.
+    let error = ack.error.map(|e| e.chars().take(512).collect::<String>());
+    if !ack.ok {
+        warn!(subscriber = ack.subscriber, revision = ack.revision, error = ?error, "subscriber refused a snapshot");
+    }
+    let state = SubscriberState {
+        subscriber: ack.subscriber.clone(),
+        token_id: who.token_id,
+        revision: ack.revision,
+        observed_version: ack.observed_version,
+        ok: ack.ok,
+        error,
+        at_ms: crate::clock::unix_ms(),
+    };
+    let mut acks = st
+        .acks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !acks.contains_key(&ack.subscriber) && acks.len() >= MAX_SUBSCRIBERS {
+        let oldest = acks
+            .iter()
+            .min_by_key(|(_, s)| s.at_ms)
+            .map(|(k, _)| k.clone());
+        if let Some(k) = oldest {
+            acks.remove(&k);
+        }
+    }
+    acks.insert(ack.subscriber, state);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_regions(State(st): State<AppState>) -> ApiResult<Json<Vec<Region>>> {
@@ -636,7 +689,18 @@ fn ndjson(line: &WatchLine<'_>) -> Option<Bytes> {
     }
 }
 
-async fn watch_stream(State(st): State<AppState>) -> ApiResult<Response> {
+/// `?revision=&observed_version=`: what the subscriber already holds.
+#[derive(Debug, Deserialize)]
+struct WatchFrom {
+    revision: Option<u64>,
+    observed_version: Option<u64>,
+}
+
+async fn watch_stream(
+    State(st): State<AppState>,
+    q: Result<Query<WatchFrom>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(from) = q?;
     let Ok(permit) = st.watchers.clone().try_acquire_owned() else {
         warn!(
             limit = MAX_WATCHERS,
@@ -647,8 +711,16 @@ async fn watch_stream(State(st): State<AppState>) -> ApiResult<Response> {
             "too many watch streams",
         ));
     };
+    let mut rx = st.hub.subscribe();
+    // A subscriber that already holds the current state gets a progress line first, not the
+    // whole snapshot again (reconnects after a coordinator restart cost one line).
+    let current = rx.borrow_and_update().clone();
+    let up_to_date = from.revision == Some(current.revision)
+        && from.observed_version == Some(current.observed_version);
     let stream = watch_lines(
-        st.hub.subscribe(),
+        rx,
+        current,
+        !up_to_date,
         st.shutdown.clone(),
         st.progress_every,
         permit,
@@ -662,8 +734,9 @@ async fn watch_stream(State(st): State<AppState>) -> ApiResult<Response> {
 
 struct WatchState {
     rx: watch::Receiver<Arc<Snapshot>>,
+    /// The first line: `Some(snapshot)` or, for an up-to-date subscriber, a progress line.
+    first: Option<(Arc<Snapshot>, bool)>,
     shutdown: CancellationToken,
-    first: bool,
     progress_every: Duration,
     _permit: OwnedSemaphorePermit,
 }
@@ -673,22 +746,30 @@ struct WatchState {
 /// line after `progress_every` of quiet. Ends at shutdown.
 fn watch_lines(
     rx: watch::Receiver<Arc<Snapshot>>,
+    current: Arc<Snapshot>,
+    send_snapshot: bool,
     shutdown: CancellationToken,
     progress_every: Duration,
     permit: OwnedSemaphorePermit,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     let state = WatchState {
         rx,
+        first: Some((current, send_snapshot)),
         shutdown,
-        first: true,
         progress_every,
         _permit: permit,
     };
     futures_util::stream::unfold(state, |mut s| async move {
-        if s.first {
-            s.first = false;
-            let snap = s.rx.borrow_and_update().clone();
-            return ndjson(&WatchLine::Snapshot(&snap)).map(|b| (Ok(b), s));
+        if let Some((snap, full)) = s.first.take() {
+            let line = if full {
+                ndjson(&WatchLine::Snapshot(&snap))
+            } else {
+                ndjson(&WatchLine::Progress {
+                    revision: snap.revision,
+                    observed_version: snap.observed_version,
+                })
+            };
+            return line.map(|b| (Ok(b), s));
         }
         let line = tokio::select! {
             () = s.shutdown.cancelled() => return None,

@@ -808,3 +808,83 @@ async fn restart_restores_observed_edges_instead_of_starting_blind() {
         task.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test]
+async fn watch_resumes_from_a_revision_and_records_acks() {
+    let srv = Server::start().await;
+    let c = srv.admin();
+    c.create_service(&CreateService {
+        name: "web".into(),
+        lb_policy: Default::default(),
+    })
+    .await
+    .unwrap();
+    let node = srv.node();
+    let have = node.snapshot().await.unwrap();
+    // Up to date: the first line is a progress line, not the whole snapshot.
+    let mut events = node
+        .watch_from(Some((have.revision, have.observed_version)))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first,
+        WatchEvent::Progress {
+            revision: have.revision,
+            observed_version: have.observed_version
+        }
+    );
+    // Behind: a snapshot.
+    let mut behind = node.watch_from(Some((0, 0))).await.unwrap();
+    let first = behind.next().await.unwrap().unwrap();
+    assert!(matches!(first, WatchEvent::Snapshot(s) if s.revision == have.revision));
+    // A later change still arrives on the resumed stream.
+    c.add_mount(&mount("a.test", "/", "web")).await.unwrap();
+    next_snapshot(&mut events, |s| s.mounts.len() == 1).await;
+
+    node.ack(&coordinator_api::WatchAck {
+        subscriber: "edge-1".into(),
+        revision: 7,
+        observed_version: 1,
+        ok: false,
+        error: Some("mount x: unknown service".into()),
+    })
+    .await
+    .unwrap();
+    let st = c.status().await.unwrap();
+    assert_eq!(st.subscribers.len(), 1);
+    let s = &st.subscribers[0];
+    assert_eq!(
+        (s.subscriber.as_str(), s.token_id.as_str(), s.ok, s.revision),
+        ("edge-1", "node1", false, 7)
+    );
+    assert!(st.watchers >= 2);
+    srv.stop().await;
+}
+
+/// The real subscriber acks what it applies.
+#[tokio::test]
+async fn subscriber_acks_applied_snapshots() {
+    let srv = Server::start().await;
+    let (mut rx, task) = coordinator_api::Subscriber::spawn(coordinator_api::SubscriberConfig {
+        client: srv.node(),
+        cache_path: None,
+    });
+    rx.wait_for(|s| s.is_some()).await.unwrap();
+    let c = srv.admin();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = c.status().await.unwrap();
+        if st.subscribers.iter().any(|s| s.ok) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no ack recorded: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    srv.stop().await;
+}

@@ -16,8 +16,8 @@ use serde::de::DeserializeOwned;
 
 use crate::types::{
     AdminState, AgentView, ApiError, ApiTokenInfo, AuditEntry, CreateApiToken, CreateService,
-    CreateToken, CreatedApiToken, CreatedToken, EdgeHeartbeat, EdgeStatus, Mount, Region, Service,
-    SetAdminState, Snapshot, Status, TokenInfo, WatchEvent,
+    CreateToken, CreatedApiToken, CreatedToken, EdgeHeartbeat, EdgeStatus, Mount, Region, Revision,
+    Service, SetAdminState, Snapshot, Status, TokenInfo, WatchAck, WatchEvent,
 };
 
 /// Longest NDJSON line the watch stream accepts; a full snapshot must fit in it.
@@ -175,13 +175,38 @@ impl Client {
         impl Stream<Item = Result<WatchEvent, ClientError>> + Send + Unpin + use<>,
         ClientError,
     > {
-        let url = self.url("v1/watch")?;
+        self.watch_from(None).await
+    }
+
+    /// Like [`Self::watch`], resuming from the `(revision, observed_version)` the caller already
+    /// holds: when nothing changed since, the first line is a progress line, not a snapshot.
+    pub async fn watch_from(
+        &self,
+        have: Option<(Revision, u64)>,
+    ) -> Result<
+        impl Stream<Item = Result<WatchEvent, ClientError>> + Send + Unpin + use<>,
+        ClientError,
+    > {
+        let mut url = self.url("v1/watch")?;
+        if let Some((revision, observed)) = have {
+            url.query_pairs_mut()
+                .append_pair("revision", &revision.to_string())
+                .append_pair("observed_version", &observed.to_string());
+        }
         let rb = self
             .stream_http
             .get(url)
             .header(AUTHORIZATION, self.auth.clone());
         let resp = self.send(rb).await?;
         Ok(ndjson_events(resp.bytes_stream()))
+    }
+
+    /// `POST /v1/watch/ack`: report that a snapshot was applied (or refused).
+    pub async fn ack(&self, ack: &WatchAck) -> Result<(), ClientError> {
+        let url = self.url("v1/watch/ack")?;
+        self.send(self.request(Method::POST, url).json(ack))
+            .await
+            .map(drop)
     }
 
     /// `POST /v1/edges/heartbeat`.

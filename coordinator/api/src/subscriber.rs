@@ -71,15 +71,47 @@ enum Outcome {
     /// Valid but identical to what we have, or a progress line.
     Unchanged,
     /// Refused; the last good snapshot stays.
-    Rejected(String),
+    Rejected {
+        error: String,
+        revision: u64,
+        observed_version: u64,
+    },
+}
+
+/// Tells the coordinator what we applied (or refused), without holding up the stream; an ack
+/// that fails is only logged: the next one supersedes it.
+fn send_ack(
+    cfg: &SubscriberConfig,
+    id: &str,
+    revision: u64,
+    observed_version: u64,
+    error: Option<String>,
+) {
+    let client = cfg.client.clone();
+    let ack = crate::types::WatchAck {
+        subscriber: id.to_owned(),
+        revision,
+        observed_version,
+        ok: error.is_none(),
+        error,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = client.ack(&ack).await {
+            debug!(error = %e, "watch ack not delivered");
+        }
+    });
 }
 
 fn on_event(current: Option<&Snapshot>, ev: WatchEvent) -> Outcome {
     match ev {
         WatchEvent::Progress { .. } => Outcome::Unchanged,
         WatchEvent::Snapshot(s) => {
-            if let Err(e) = s.validate() {
-                return Outcome::Rejected(e);
+            if let Err(error) = s.validate() {
+                return Outcome::Rejected {
+                    error,
+                    revision: s.revision,
+                    observed_version: s.observed_version,
+                };
             }
             if current == Some(&s) {
                 Outcome::Unchanged
@@ -123,8 +155,9 @@ fn random_u64() -> u64 {
 
 async fn run(cfg: SubscriberConfig, tx: &watch::Sender<Option<Arc<Snapshot>>>) {
     let mut backoff = Backoff::default();
+    let id = format!("{}-{:08x}", std::process::id(), random_u64() as u32);
     loop {
-        match follow(&cfg, tx, &mut backoff).await {
+        match follow(&cfg, tx, &mut backoff, &id).await {
             Ok(()) => info!(
                 coordinator = cfg.client.base_url(),
                 "watch stream ended; reconnecting"
@@ -144,8 +177,14 @@ async fn follow(
     cfg: &SubscriberConfig,
     tx: &watch::Sender<Option<Arc<Snapshot>>>,
     backoff: &mut Backoff,
+    id: &str,
 ) -> Result<(), crate::ClientError> {
-    let mut events = cfg.client.watch().await?;
+    // Resume from what we hold (cache or last stream): no full snapshot if nothing changed.
+    let have = tx
+        .borrow()
+        .as_ref()
+        .map(|s| (s.revision, s.observed_version));
+    let mut events = cfg.client.watch_from(have).await?;
     info!(
         coordinator = cfg.client.base_url(),
         "watch stream connected"
@@ -161,11 +200,17 @@ async fn follow(
                 debug!(?since, "watch progress");
                 backoff.reset();
             }
-            Outcome::Rejected(e) => {
-                warn!(error = %e, "refusing invalid snapshot; keeping the last good one");
+            Outcome::Rejected {
+                error,
+                revision,
+                observed_version,
+            } => {
+                warn!(error = %error, "refusing invalid snapshot; keeping the last good one");
+                send_ack(cfg, id, revision, observed_version, Some(error));
             }
             Outcome::Publish(snap) => {
                 backoff.reset();
+                send_ack(cfg, id, snap.revision, snap.observed_version, None);
                 debug!(
                     revision = snap.revision,
                     observed_version = snap.observed_version,
@@ -288,7 +333,7 @@ mod tests {
         );
         assert!(matches!(
             on_event(Some(&g), WatchEvent::Snapshot(bad(2))),
-            Outcome::Rejected(_)
+            Outcome::Rejected { .. }
         ));
         assert_eq!(
             on_event(

@@ -328,4 +328,35 @@ pub struct Status {
     pub edges_alive: u64,
     #[serde(default)]
     pub agents: u64,
+    /// Last ack/nack per subscriber.
+    #[serde(default)]
+    pub subscribers: Vec<SubscriberState>,
+}
+
+/// Body of `POST /v1/watch/ack`: a subscriber says whether it applied a snapshot (ack) or
+/// refused it (nack, with the validation error), so operators can see who runs what.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchAck {
+    /// Stable for one subscriber process (random per start).
+    pub subscriber: String,
+    pub revision: Revision,
+    pub observed_version: u64,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The last ack or nack of one subscriber, as `GET /v1/status` lists them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriberState {
+    pub subscriber: String,
+    /// Id of the API token it authenticated with.
+    pub token_id: String,
+    pub revision: Revision,
+    pub observed_version: u64,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Unix milliseconds of the ack.
+    pub at_ms: u64,
 }
