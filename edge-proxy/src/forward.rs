@@ -138,14 +138,17 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     let choice = balance.map_or(crate::balance::Choice::P2c, |b| b.choice());
     loop {
         attempt += 1;
-        let Some(lease) = shared.agents.pick(&service, exclude, choice) else {
+        let Some(lease) = pick_avoiding_outliers(shared, &service, exclude, choice) else {
             return no_agent(&service);
         };
-        let failed =
-            match attempt_once(shared, &service, lease, &prelude, &mut body, &mut upgrade).await {
-                Ok(resp) => return resp,
-                Err(f) => f,
-            };
+        let agent = lease.agent().key;
+        let result = attempt_once(shared, &service, lease, &prelude, &mut body, &mut upgrade).await;
+        let ok = result.as_ref().is_ok_and(|r| !r.status().is_server_error());
+        record_outcome(shared, &service, agent, ok);
+        let failed = match result {
+            Ok(resp) => return resp,
+            Err(f) => f,
+        };
         let replayable = body.is_some() || body_empty;
         if attempt < MAX_ATTEMPTS
             && retry::retryable(failed.failure, idempotent, replayable)
@@ -161,6 +164,51 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
         }
         return failed.response;
     }
+}
+
+/// Picks a connection, re-picking (a couple of times, excluding it) when the pick is ejected as an
+/// outlier. When every candidate is ejected the last pick is used: degraded beats nothing.
+fn pick_avoiding_outliers(
+    shared: &Shared,
+    service: &str,
+    exclude: Option<u64>,
+    choice: crate::balance::Choice<'_>,
+) -> Option<Lease> {
+    let mut lease = shared.agents.pick(service, exclude, choice)?;
+    for _ in 0..2 {
+        let key = lease.agent().key;
+        let ejected = shared
+            .outliers()
+            .get(service)
+            .is_some_and(|d| d.is_ejected(key, std::time::Instant::now()));
+        if !ejected {
+            break;
+        }
+        match shared.agents.pick(service, Some(key), choice) {
+            Some(other) => lease = other,
+            None => break,
+        }
+    }
+    Some(lease)
+}
+
+/// Feeds one attempt's outcome (5xx and tunnel failures count against the connection) to the
+/// service's outlier detector.
+fn record_outcome(shared: &Shared, service: &str, agent: u64, ok: bool) {
+    let now = std::time::Instant::now();
+    let mut detectors = shared.outliers();
+    if ok && !detectors.contains_key(service) {
+        return;
+    }
+    let d = detectors.entry(service.to_owned()).or_default();
+    d.on_result(agent, ok, now, || {
+        shared
+            .agents
+            .agent_conns()
+            .iter()
+            .filter(|a| a.service == service)
+            .count()
+    });
 }
 
 /// How a stream read or write error bears on retrying: a reset or stop with code 3 means the

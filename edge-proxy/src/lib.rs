@@ -17,6 +17,7 @@ mod h1guard;
 mod headers;
 mod heartbeat;
 mod metrics;
+mod outlier;
 mod ratelimit;
 mod registry;
 mod retry;
@@ -297,6 +298,7 @@ impl Edge {
             agents: Registry::default(),
             snapshots: snapshots.clone(),
             retry_budget: Default::default(),
+            outliers: Default::default(),
         });
 
         let tracker = TaskTracker::new();

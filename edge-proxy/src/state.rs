@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     pub(crate) agents: Registry,
     pub(crate) snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pub(crate) retry_budget: Mutex<RetryBudget>,
+    /// Passive outlier detection, one detector per service.
+    pub(crate) outliers: Mutex<std::collections::HashMap<String, crate::outlier::Detector>>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) ip_limit: Option<crate::ratelimit::Limiter<std::net::IpAddr>>,
     pub(crate) route_limit: Option<crate::ratelimit::Limiter<Arc<str>>>,
@@ -42,6 +44,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The outlier detectors; held for a map lookup and a counter update, never across `.await`.
+    pub(crate) fn outliers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, crate::outlier::Detector>>
+    {
+        self.outliers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The process-wide retry budget. The lock is held for a few counter updates, never across
     /// `.await`; a poisoned lock still holds valid counters.
     pub(crate) fn retry_budget(&self) -> std::sync::MutexGuard<'_, RetryBudget> {

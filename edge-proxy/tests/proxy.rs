@@ -1241,3 +1241,47 @@ async fn rate_limits_per_client_ip_and_per_route_answer_429_with_retry_after() {
     // Another route has its own bucket.
     assert_eq!(get(h.http, "app.test", "/api/x").await.status, 200);
 }
+
+/// An agent whose origin fails every request (the agent reports `Error` 502).
+fn fail_streams(conn: quinn::Connection) -> Arc<AtomicUsize> {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut send, _recv)) = conn.accept_bi().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                write(
+                    &mut send,
+                    &Frame::Error {
+                        code: 502,
+                        message: "origin down".into(),
+                    },
+                )
+                .await;
+                let _ = send.finish();
+            });
+        }
+    });
+    seen
+}
+
+#[tokio::test]
+async fn failing_backend_is_ejected_as_an_outlier() {
+    let h = start(Some(snapshot())).await;
+    let bad = connect_agent_as(&h, "bad", GOOD_TOKEN, &["web"]).await;
+    let bad_seen = fail_streams(bad.conn.clone());
+    let good = connect_agent_as(&h, "good", GOOD_TOKEN, &["web"]).await;
+    serve_streams(good.conn.clone());
+
+    let mut failed = 0;
+    for i in 0..60 {
+        let r = get(h.http, "app.test", &format!("/demo/{i}")).await;
+        if r.status != 200 {
+            assert_eq!(r.status, 502, "{r:?}");
+            failed += 1;
+        }
+    }
+    // Five consecutive failures eject it; without ejection about half of 60 would fail.
+    assert_eq!(failed, 5, "failures before ejection");
+    assert_eq!(bad_seen.load(Ordering::SeqCst), 5);
+}
