@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Meridian's edge vs HAProxy vs nginx in front of the same origin, on loopback.
+#
+#   bench/edge.sh                 # defaults: 3 alternating rounds of 10 s per case
+#   ROUNDS=5 DURATION=20 CONNS=64 bench/edge.sh
+#
+# Origin: `meridian demo-app` (127.0.0.1:7781, /bytes/N) as started by `meridian dev`.
+# Meridian's edge reaches it through the tunnel (edge → QUIC → tunnel agent → origin): direct-origin
+# backends are not implemented yet, so Meridian carries an extra process hop the peers do not.
+# Each proxy is pinned (all threads) to CPU $PROXY_CPU; wrk, the origin and the tunnel agent run on
+# $LOAD_CPU. HTTP/1.1 keep-alive over plain HTTP and HTTPS, 16 B and 64 KiB responses, runs
+# alternate between proxies so drift hits all three alike. Prints per-run lines, medians, and
+#   ratio rps_http1_vs_haproxy=…  ratio p99_http1_vs_haproxy=…  (and _https_, and vs nginx)
+# (Meridian over the peer; rps above 1 and p99 below 1 are better for Meridian).
+# Installs nothing: it says what to apt-get. Binds only 127.0.0.0/8.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-32}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+MERIDIAN=${MERIDIAN_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/meridian}
+
+missing=()
+for tool in nginx:nginx-light haproxy:haproxy wrk:wrk taskset:util-linux curl:curl; do
+  command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+if ((${#missing[@]})); then
+  echo "missing tools; install with: apt-get install ${missing[*]}" >&2
+  exit 2
+fi
+if [[ ! -x $MERIDIAN ]]; then
+  echo "no meridian binary at $MERIDIAN; build it with: cargo build --release -p meridian (or set MERIDIAN_BIN)" >&2
+  exit 2
+fi
+
+WORK=$(mktemp -d /tmp/meridian-edge-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------- Meridian (meridian dev)
+(cd "$WORK" && exec "$MERIDIAN" dev >"$WORK/dev.log" 2>&1) &
+PIDS+=($!)
+DEV_PID=$!
+CA=$WORK/.meridian-dev/ca.pem
+echo "waiting for meridian dev (edge ams on 127.0.0.11) ..."
+for _ in $(seq 1 300); do
+  if [[ -f $CA ]] && curl -sf --cacert "$CA" --resolve edge.meridian.test:8443:127.0.0.11 \
+      -o /dev/null https://edge.meridian.test:8443/demo/bytes/16; then
+    break
+  fi
+  sleep 0.2
+done
+curl -sf --cacert "$CA" --resolve edge.meridian.test:8443:127.0.0.11 -o /dev/null \
+  https://edge.meridian.test:8443/demo/bytes/16 || { echo "meridian dev did not come up; see $WORK/dev.log" >&2; tail -20 "$WORK/dev.log" >&2; exit 1; }
+
+# Pin: the ams edge on PROXY_CPU; every other dev process (origin, agent, ...) on LOAD_CPU.
+for pid in $(pgrep -P "$DEV_PID"); do
+  args=$(tr '\0' ' ' <"/proc/$pid/cmdline")
+  if [[ $args == *" edge "* && $args == *"127.0.0.11"* ]]; then
+    taskset -a -cp "$PROXY_CPU" "$pid" >/dev/null
+  else
+    taskset -a -cp "$LOAD_CPU" "$pid" >/dev/null
+  fi
+done
+
+# ---------------------------------------------------------------- peers
+cat "$WORK/.meridian-dev/edge.pem" "$WORK/.meridian-dev/edge.key" >"$WORK/edge-combined.pem"
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream origin { server 127.0.0.1:7781; keepalive 64; }
+  server {
+    listen 127.0.0.31:8080;
+    listen 127.0.0.31:8443 ssl;
+    ssl_certificate $WORK/.meridian-dev/edge.pem;
+    ssl_certificate_key $WORK/.meridian-dev/edge.key;
+    location /demo/ {
+      proxy_pass http://origin/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+    }
+  }
+}
+EOF
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind 127.0.0.32:8080
+  bind 127.0.0.32:8443 ssl crt $WORK/edge-combined.pem
+  default_backend origin
+backend origin
+  http-request replace-path /demo(/.*) \1
+  server o1 127.0.0.1:7781
+EOF
+taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK" &
+PIDS+=($!)
+taskset -c "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg" -db &
+PIDS+=($!)
+for url in http://127.0.0.31:8080/demo/bytes/16 http://127.0.0.32:8080/demo/bytes/16; do
+  for _ in $(seq 1 100); do curl -sf -o /dev/null "$url" && break; sleep 0.1; done
+  curl -sf -o /dev/null "$url" || { echo "peer at $url did not come up" >&2; exit 1; }
+done
+
+# ---------------------------------------------------------------- runs
+declare -A ADDR=([meridian]=127.0.0.11 [nginx]=127.0.0.31 [haproxy]=127.0.0.32)
+RESULTS=$WORK/results.txt
+: >"$RESULTS"
+
+to_ms() { # wrk latency like 812.00us / 1.23ms / 2.01s → ms
+  awk -v v="$1" 'BEGIN{ n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'
+}
+
+run() { # proxy proto size
+  local proxy=$1 proto=$2 size=$3 port=8080
+  [[ $proto == https ]] && port=8443
+  local url="$proto://${ADDR[$proxy]}:$port/demo/bytes/$size"
+  local out
+  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency \
+    -H "Host: edge.meridian.test" "$url" 2>&1)
+  local rps p99 errs
+  rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+  p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+  errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+  echo "run proxy=$proxy proto=$proto size=$size rps=$rps p99_ms=$p99 $errs"
+  echo "$proxy $proto $size $rps $p99" >>"$RESULTS"
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+  for proto in http https; do
+    for size in 16 65536; do
+      # Rotate the order each round.
+      case $((round % 3)) in
+        1) order="meridian haproxy nginx" ;;
+        2) order="haproxy nginx meridian" ;;
+        0) order="nginx meridian haproxy" ;;
+      esac
+      for proxy in $order; do run "$proxy" "$proto" "$size"; done
+    done
+  done
+done
+
+median() { sort -g | awk '{a[NR]=$1} END{ if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+med() { awk -v p="$1" -v pr="$2" -v s="$3" -v f="$4" '$1==p && $2==pr && $3==s {print $f}' "$RESULTS" | median; }
+
+echo
+echo "medians over $ROUNDS rounds (c=$CONNS, ${DURATION}s each):"
+for proto in http https; do
+  for size in 16 65536; do
+    for proxy in meridian haproxy nginx; do
+      echo "median proxy=$proxy proto=$proto size=$size rps=$(med $proxy $proto $size 4) p99_ms=$(med $proxy $proto $size 5)"
+    done
+  done
+done
+
+echo
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0 == 0) print "nan"; else printf "%.2f", a/b }'; }
+for proto in http https; do
+  label=$proto
+  [[ $proto == http ]] && label=http1
+  for peer in haproxy nginx; do
+    for size in 16 65536; do
+      sfx=""
+      [[ $size == 65536 ]] && sfx="_64k"
+      echo "ratio rps_${label}${sfx}_vs_${peer}=$(ratio "$(med meridian $proto $size 4)" "$(med $peer $proto $size 4)")"
+      echo "ratio p99_${label}${sfx}_vs_${peer}=$(ratio "$(med meridian $proto $size 5)" "$(med $peer $proto $size 5)")"
+    done
+  done
+done
