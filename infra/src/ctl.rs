@@ -66,6 +66,18 @@ enum Cmd {
     /// API tokens (admin, read, node): create (shown once), list, revoke.
     #[command(subcommand, name = "api-token")]
     ApiToken(ApiTokenCmd),
+    /// Benchmark: open N watch streams, make CHANGES mount changes, and print how long each
+    /// took to reach every stream (p50/p99 ms). Used by bench/propagation.sh.
+    #[command(hide = true)]
+    BenchWatch {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 20)]
+        changes: usize,
+        /// Service the benchmark mounts point at (must exist).
+        #[arg(long, default_value = "demo")]
+        service: String,
+    },
     /// The audit log: who changed what, when.
     Audit {
         /// Only entries after this id.
@@ -386,6 +398,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             c.revoke_api_token(&id).await?;
             out.done(&format!("revoked API token {id}"))
         }
+        Cmd::BenchWatch {
+            subscribers,
+            changes,
+            service,
+        } => bench_watch(&c, subscribers, changes, &service).await,
         Cmd::Audit { after, limit } => {
             let rows = c.list_audit(after, limit).await?;
             out.table(
@@ -443,6 +460,65 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             )
         }
     }
+}
+
+/// Opens `n` watch streams; for each of `changes` mount adds, measures the time until every
+/// stream delivered a snapshot at (or past) the write's revision.
+async fn bench_watch(c: &Client, n: usize, changes: usize, service: &str) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    if changes == 0 || n == 0 {
+        bail!("--subscribers and --changes must be at least 1");
+    }
+    let seen: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut events = c.watch().await.context("open watch stream")?;
+        let seen = seen.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(Ok(ev)) = events.next().await {
+                if let coordinator_api::WatchEvent::Snapshot(s) = ev {
+                    seen[i].fetch_max(s.revision, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let prefix = format!("benchw-{}", std::process::id());
+    let mut ms = Vec::with_capacity(changes);
+    for k in 0..changes {
+        let host = format!("{prefix}-{k}.meridian.test");
+        let t0 = std::time::Instant::now();
+        c.add_mount(&Mount {
+            host: host.clone(),
+            path_prefix: "/".into(),
+            service: service.to_owned(),
+            strip_prefix: false,
+        })
+        .await?;
+        let rev = c.snapshot().await?.revision;
+        let deadline = t0 + std::time::Duration::from_secs(30);
+        while seen.iter().any(|s| s.load(Ordering::Relaxed) < rev) {
+            if std::time::Instant::now() > deadline {
+                bail!("change {k} did not reach every subscriber within 30 s");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        c.delete_mount(&host, "/").await?;
+    }
+    for t in tasks {
+        t.abort();
+    }
+    ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| ms[((ms.len() as f64 - 1.0) * p).round() as usize];
+    println!(
+        "subscribers={n} changes={changes} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}",
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+    Ok(())
 }
 
 /// A unit enum as its wire name (`round_robin`, `down`), for tables.
