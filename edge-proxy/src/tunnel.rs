@@ -25,6 +25,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long in-flight requests may finish on a connection that is going away.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Agents heartbeat every second; one silent this long is presumed dead (kill -9, lost host) and
+/// stops receiving requests, rather than after QUIC's much longer idle timeout.
+const AGENT_SILENT_AFTER: Duration = Duration::from_secs(4);
 
 /// `GoAway` reason answering an agent's `Drain`.
 const DRAIN_ACK: &str = "drain acknowledged: no new streams";
@@ -36,6 +39,7 @@ mod close {
     pub(super) const REVOKED: u32 = 2;
     pub(super) const PROTOCOL: u32 = 3;
     pub(super) const SHUTDOWN: u32 = 4;
+    pub(super) const SILENT: u32 = 5;
 }
 
 /// Accepts agent connections until `shutdown`; each is handled in its own task on `tracker`.
@@ -271,6 +275,11 @@ async fn session(
             drain(&conn, &handle).await;
             conn.close(quinn::VarInt::from_u32(close::NORMAL), b"bye");
         }
+        End::Silent => {
+            // Whatever is in flight on a dead agent fails now, where the retry logic can act,
+            // instead of hanging until the QUIC idle timeout.
+            conn.close(quinn::VarInt::from_u32(close::SILENT), b"no heartbeat");
+        }
         End::Connection(_) => {}
     }
     Ok(())
@@ -292,6 +301,8 @@ enum End {
     Shutdown,
     Protocol(String),
     Connection(String),
+    /// No heartbeat for [`AGENT_SILENT_AFTER`]: the agent is presumed dead.
+    Silent,
 }
 
 impl std::fmt::Display for End {
@@ -302,6 +313,7 @@ impl std::fmt::Display for End {
             Self::Shutdown => f.write_str("edge shutting down"),
             Self::Protocol(r) => write!(f, "protocol error: {r}"),
             Self::Connection(r) => write!(f, "connection lost: {r}"),
+            Self::Silent => write!(f, "no heartbeat for {AGENT_SILENT_AFTER:?}"),
         }
     }
 }
@@ -322,10 +334,12 @@ async fn control_loop(
         return End::Revoked;
     }
     let mut snapshots_open = true;
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
             frame = reader.next() => match frame {
                 Ok(Some(Frame::Heartbeat { seq })) => {
+                    last_heard = tokio::time::Instant::now();
                     if let Err(e) = write_frame(send, &Frame::HeartbeatAck { seq }).await {
                         return End::Connection(e.to_string());
                     }
@@ -365,6 +379,9 @@ async fn control_loop(
                     && !admission::still_valid(&snap, admitted) {
                         return End::Revoked;
                     }
+            }
+            _ = tokio::time::sleep_until(last_heard + AGENT_SILENT_AFTER) => {
+                return End::Silent;
             }
             _ = shutdown.cancelled() => return End::Shutdown,
             stream = conn.accept_bi() => match stream {
