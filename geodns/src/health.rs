@@ -10,7 +10,9 @@
 //! - **up** after at least [`Hysteresis::rise_count`] consecutive "live" observations spanning at
 //!   least [`Hysteresis::rise_after`].
 //!
-//! A region seen for the first time takes its observed state at once (nothing to protect yet).
+//! A region seen for the first time takes its observed state at once, and a region that has never
+//! had a live edge comes up on its first one: there is no flapping history to protect against,
+//! and holding a freshly started region down for the rise window only misroutes its clients.
 //! The operator's [`AdminState`] overrides the verdict without resetting the observation run, so
 //! clearing the override returns to the observed state.
 
@@ -56,6 +58,8 @@ struct RegionState {
     /// Current run of observations disagreeing with `up`: count and first instant.
     run: u32,
     run_since: Option<Instant>,
+    /// Whether the region has ever been observed live.
+    ever_live: bool,
     admin: AdminState,
 }
 
@@ -123,6 +127,7 @@ impl HealthTracker {
                             up: live,
                             run: 0,
                             run_since: None,
+                            ever_live: live,
                             admin,
                         },
                     );
@@ -152,6 +157,10 @@ impl HealthTracker {
 
 impl RegionState {
     fn step(&mut self, live: bool, now: Instant, cfg: &Hysteresis) {
+        if live && !self.ever_live {
+            self.ever_live = true;
+            self.up = true;
+        }
         if live == self.up {
             self.run = 0;
             self.run_since = None;
@@ -267,10 +276,29 @@ mod tests {
     }
 
     #[test]
-    fn rises_only_after_count_and_time() {
+    fn a_region_that_never_had_a_live_edge_comes_up_on_its_first() {
         let mut t = HealthTracker::new(Hysteresis::default());
         let t0 = Instant::now();
         t.observe(&snap(false, AdminState::Auto), t0);
+        assert_eq!(t.verdict("ams"), Verdict::Down);
+        assert!(t.observe(&snap(true, AdminState::Auto), t0 + S));
+        assert_eq!(t.verdict("ams"), Verdict::Up);
+    }
+
+    /// Starts `ams` live at `t0` and observes it dead until it is down (by `t0 + 3 s`).
+    fn tracker_with_ams_down(t0: Instant) -> HealthTracker {
+        let mut t = HealthTracker::new(Hysteresis::default());
+        t.observe(&snap(true, AdminState::Auto), t0 - 3 * S);
+        t.observe(&snap(false, AdminState::Auto), t0 - 2 * S);
+        t.observe(&snap(false, AdminState::Auto), t0);
+        assert_eq!(t.verdict("ams"), Verdict::Down);
+        t
+    }
+
+    #[test]
+    fn rises_only_after_count_and_time() {
+        let t0 = Instant::now() + 10 * S;
+        let mut t = tracker_with_ams_down(t0);
         t.observe(&snap(true, AdminState::Auto), t0 + S);
         assert_eq!(t.verdict("ams"), Verdict::Rising);
         assert!(!t.verdict("ams").serves());
@@ -280,8 +308,7 @@ mod tests {
         t.observe(&snap(true, AdminState::Auto), t0 + 21 * S);
         assert_eq!(t.verdict("ams"), Verdict::Up);
         // A flap during the rise restarts it.
-        let mut t = HealthTracker::new(Hysteresis::default());
-        t.observe(&snap(false, AdminState::Auto), t0);
+        let mut t = tracker_with_ams_down(t0);
         t.observe(&snap(true, AdminState::Auto), t0 + S);
         t.observe(&snap(true, AdminState::Auto), t0 + 2 * S);
         t.observe(&snap(false, AdminState::Auto), t0 + 3 * S);

@@ -261,6 +261,23 @@ async fn start(data: &Path, sup: &mut Supervisor, ready_timeout: Duration) -> an
         },
     )
     .await?;
+    wait_until(
+        deadline,
+        "GeoDNS to send each region's clients to its edge",
+        || async {
+            for r in &REGIONS {
+                let client: IpAddr = match r.net.split('/').next().and_then(|a| a.parse().ok()) {
+                    Some(ip) => ip,
+                    None => return false,
+                };
+                if geodns_answer(&edge_name, client).await != Some(vec![IpAddr::V4(r.ip)]) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await?;
 
     print_banner(data, &pki.ca_cert, &admin_token);
     Ok(())
@@ -349,7 +366,43 @@ fn ignore_conflict<T>(r: Result<T, coordinator_api::ClientError>) -> anyhow::Res
     }
 }
 
-/// Polls `check` every 50 ms: the readiness signal here is the coordinator's own view.
+/// The A records GeoDNS gives `name` for a client in `client`'s /24 (EDNS Client Subnet), or
+/// `None` when it does not answer within 500 ms.
+async fn geodns_answer(name: &str, client: IpAddr) -> Option<Vec<IpAddr>> {
+    use hickory_proto::{
+        op::{Edns, Message, Query},
+        rr::{
+            Name, RData, RecordType,
+            rdata::opt::{ClientSubnet, EdnsOption},
+        },
+    };
+    let mut q = Message::query();
+    q.add_query(Query::query(Name::from_ascii(name).ok()?, RecordType::A));
+    let mut edns = Edns::new();
+    edns.options_mut()
+        .insert(EdnsOption::Subnet(ClientSubnet::new(client, 24, 0)));
+    q.set_edns(edns);
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    sock.send_to(&q.to_vec().ok()?, GEODNS).await.ok()?;
+    let mut buf = [0u8; 1232];
+    let (n, _) = tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let answer = Message::from_vec(&buf[..n]).ok()?;
+    Some(
+        answer
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// Polls `check` every 50 ms: the readiness signals are the coordinator's view and real queries.
 async fn wait_until<F, Fut>(deadline: Instant, what: &str, mut check: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
