@@ -56,6 +56,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 backends: backends.into_iter().collect(),
                 open_connections: shared.open_connections.load(Ordering::Relaxed),
                 draining,
+                anycast: shared.anycast.clone(),
             };
             reply(
                 StatusCode::OK,

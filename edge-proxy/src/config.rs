@@ -77,6 +77,39 @@ pub struct Config {
     /// How long in-flight requests may finish after shutdown (SIGTERM) starts.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
+    /// Anycast VIP this edge announces, e.g. `198.18.0.10/32`: put on `lo` at startup (needs
+    /// CAP_NET_ADMIN) and probed before announcing. Anycast is on only with `--bird-socket`.
+    #[arg(long)]
+    pub anycast_vip: Option<crate::announce::Vip>,
+    /// BIRD2 control socket; turns anycast announcing on.
+    #[arg(long)]
+    pub bird_socket: Option<PathBuf>,
+    /// BIRD protocol that originates the VIP (declare it `disabled`; the edge enables it while
+    /// healthy). The BGP session itself is never touched.
+    #[arg(long, default_value = "vip")]
+    pub bird_protocol: String,
+    /// Run BIRD as a child with this config (`bird -f -c PATH -s SOCKET`), killed by the kernel
+    /// if the edge dies, so a dead edge's route leaves the router. Without it, an external BIRD.
+    #[arg(long, requires = "bird_socket")]
+    pub bird_config: Option<PathBuf>,
+    /// The BIRD binary for `--bird-config`.
+    #[arg(long, default_value = "bird")]
+    pub bird_binary: PathBuf,
+    /// Interval between anycast health checks.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub anycast_check_interval: Duration,
+    /// Healthy checks in a row before announcing.
+    #[arg(long, default_value_t = 3)]
+    pub anycast_rise: u32,
+    /// Failed checks in a row before withdrawing.
+    #[arg(long, default_value_t = 2)]
+    pub anycast_fall: u32,
+    /// Which backends must be healthy to announce: any mounted service (default), all, or none.
+    #[arg(long, value_enum, default_value = "any")]
+    pub anycast_backends: crate::announce::BackendPolicy,
+    /// On shutdown, time between withdrawing the route and closing the listeners.
+    #[arg(long, value_parser = parse_duration, default_value = "300ms")]
+    pub anycast_settle: Duration,
 }
 
 /// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
@@ -124,6 +157,16 @@ impl Config {
             rate_limit_route_burst: None,
             access_log: None,
             drain_timeout: Duration::from_secs(10),
+            anycast_vip: None,
+            bird_socket: None,
+            bird_protocol: "vip".into(),
+            bird_config: None,
+            bird_binary: "bird".into(),
+            anycast_check_interval: Duration::from_secs(1),
+            anycast_rise: 3,
+            anycast_fall: 2,
+            anycast_backends: crate::announce::BackendPolicy::Any,
+            anycast_settle: Duration::from_millis(300),
         }
     }
 }
@@ -164,6 +207,49 @@ mod tests {
         assert!(Cli::try_parse_from(["edge", "--tunnel-listen", "0.0.0.0:1"]).is_err());
         assert_eq!(c.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.max_request_body, None);
+        assert!(c.bird_socket.is_none(), "anycast is opt-in");
+        let c = Cli::try_parse_from([
+            "edge",
+            "--region",
+            "eu",
+            "--tunnel-listen",
+            "0.0.0.0:4443",
+            "--anycast-vip",
+            "198.18.0.10/32",
+            "--bird-socket",
+            "/run/bird.ctl",
+            "--bird-config",
+            "/etc/bird.conf",
+            "--anycast-backends",
+            "all",
+            "--anycast-check-interval",
+            "200ms",
+        ])
+        .map(|c| c.config);
+        let c = match c {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(
+            c.anycast_vip.map(|v| v.to_string()).as_deref(),
+            Some("198.18.0.10/32")
+        );
+        assert_eq!(c.anycast_backends, crate::announce::BackendPolicy::All);
+        assert_eq!(c.anycast_check_interval, Duration::from_millis(200));
+        assert_eq!(c.bird_protocol, "vip");
+        // A child BIRD needs to know its control socket.
+        assert!(
+            Cli::try_parse_from([
+                "edge",
+                "--region",
+                "eu",
+                "--tunnel-listen",
+                "0.0.0.0:1",
+                "--bird-config",
+                "/etc/bird.conf"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod access_log;
 mod admin;
 mod admission;
+pub mod announce;
 mod balance;
 mod config;
 mod error;
@@ -248,6 +249,14 @@ impl Edge {
         );
 
         let initial = snapshots.borrow().clone();
+        // Anycast (opt-in): the announcer decides when the listeners stop, so on shutdown the
+        // route leaves the router before this edge stops accepting.
+        let anycast = start_anycast(&config, &http, &https).await?;
+        let serving = if anycast.is_some() {
+            CancellationToken::new()
+        } else {
+            shutdown.clone()
+        };
         let metrics = Arc::new(metrics::Metrics::default());
         let (access_log, log_task) = match &config.access_log {
             Some(dest) => {
@@ -299,6 +308,20 @@ impl Edge {
             snapshots: snapshots.clone(),
             retry_budget: Default::default(),
             outliers: Default::default(),
+            anycast: anycast.as_ref().map(|a| a.2.clone()),
+        });
+
+        let anycast_stop = CancellationToken::new();
+        let anycast_task = anycast.map(|(bird, settings, status)| {
+            tokio::spawn(announce::drive(
+                bird,
+                settings,
+                shared.clone(),
+                status,
+                shutdown.clone(),
+                serving.clone(),
+                anycast_stop.clone(),
+            ))
         });
 
         let tracker = TaskTracker::new();
@@ -306,7 +329,7 @@ impl Edge {
         let admin_stop = CancellationToken::new();
         let admin_task =
             admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), admin_stop.clone())));
-        tracker.spawn(update_routes(snapshots, shared.clone(), shutdown.clone()));
+        tracker.spawn(update_routes(snapshots, shared.clone(), serving.clone()));
         let conn_limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
         let timeouts = server::Timeouts {
             header_read: config.header_read_timeout,
@@ -320,7 +343,7 @@ impl Edge {
                 shared.clone(),
                 conn_limit.clone(),
                 timeouts,
-                shutdown.clone(),
+                serving.clone(),
             ));
         }
         if let Some((l, acceptor)) = https {
@@ -330,13 +353,13 @@ impl Edge {
                 shared.clone(),
                 conn_limit.clone(),
                 timeouts,
-                shutdown.clone(),
+                serving.clone(),
             ));
         }
         tracker.spawn(tunnel::accept_loop(
             endpoint.clone(),
             shared.clone(),
-            shutdown.clone(),
+            serving.clone(),
             tracker.clone(),
         ));
         if let Some(client) = heartbeats {
@@ -344,11 +367,23 @@ impl Edge {
                 client,
                 info,
                 shared.clone(),
-                shutdown.clone(),
+                serving.clone(),
             ));
         }
 
         shutdown.cancelled().await;
+        // With anycast, the announcer withdraws and then releases the listeners; bounded in case
+        // it is stuck.
+        if tokio::time::timeout(
+            config.anycast_settle + Duration::from_secs(3),
+            serving.cancelled(),
+        )
+        .await
+        .is_err()
+        {
+            warn!("anycast withdraw did not finish in time; closing listeners anyway");
+            serving.cancel();
+        }
         info!("shutting down: draining in-flight requests");
         tracker.close();
         // Every task bounds its own drain at 10 s; the margin covers farewells to agents.
@@ -365,6 +400,10 @@ impl Edge {
         if let Some(t) = admin_task {
             let _ = t.await;
         }
+        anycast_stop.cancel();
+        if let Some(t) = anycast_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
         drop(shared);
         if let Some(t) = log_task {
             // Every sender is gone once the connection tasks and `shared` are; the writer flushes.
@@ -375,6 +414,55 @@ impl Edge {
         info!("stopped");
         Ok(())
     }
+}
+
+/// With `--bird-socket`: puts the VIP on `lo`, starts (or connects to) BIRD and returns what the
+/// announce driver needs; `None` when anycast is off.
+async fn start_anycast(
+    config: &Config,
+    http: &Option<TcpListener>,
+    https: &Option<(TcpListener, TlsAcceptor)>,
+) -> Result<Option<(announce::Bird, announce::Settings, Arc<announce::Status>)>, Error> {
+    let Some(socket) = config.bird_socket.clone() else {
+        return Ok(None);
+    };
+    let bound = http
+        .as_ref()
+        .or(https.as_ref().map(|(l, _)| l))
+        .and_then(|l| l.local_addr().ok())
+        .ok_or_else(|| {
+            Error::Config("anycast needs --http-listen or --https-listen to announce".into())
+        })?;
+    if let Some(vip) = config.anycast_vip {
+        announce::ensure_vip(vip).await;
+    }
+    let bird = announce::Bird::start(announce::BirdOptions {
+        socket,
+        protocol: config.bird_protocol.clone(),
+        spawn: config.bird_config.clone().map(|c| announce::SpawnOptions {
+            binary: config.bird_binary.clone(),
+            config: c,
+        }),
+    })
+    .map_err(|e| Error::Config(format!("anycast: {e}")))?;
+    let settings = announce::Settings {
+        probe: announce::probe_addr(bound, config.anycast_vip),
+        interval: config.anycast_check_interval.max(Duration::from_millis(10)),
+        thresholds: announce::Thresholds {
+            rise: config.anycast_rise,
+            fall: config.anycast_fall,
+        },
+        backends: config.anycast_backends,
+        settle: config.anycast_settle,
+    };
+    let status = Arc::new(announce::Status {
+        vip: config
+            .anycast_vip
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "-".into()),
+        ..Default::default()
+    });
+    Ok(Some((bird, settings, status)))
 }
 
 /// Rebuilds the route table on every snapshot.

@@ -139,6 +139,9 @@ impl Metrics {
             self.access_log_dropped.load(Ordering::Relaxed),
             u8::from(gauges.draining),
         );
+        if let Some(a) = &gauges.anycast {
+            render_anycast(&mut out, a);
+        }
         out
     }
 }
@@ -150,6 +153,23 @@ pub(crate) struct Gauges {
     pub(crate) backends: Vec<(String, usize)>,
     pub(crate) open_connections: usize,
     pub(crate) draining: bool,
+    pub(crate) anycast: Option<std::sync::Arc<crate::announce::Status>>,
+}
+
+fn render_anycast(out: &mut String, a: &crate::announce::Status) {
+    let vip = escape(&a.vip);
+    let g = |b: &std::sync::atomic::AtomicBool| u8::from(b.load(Ordering::Relaxed));
+    let _ = writeln!(
+        out,
+        "# HELP meridian_edge_anycast_announced 1 while the routing daemon confirms this edge announces the VIP.\n# TYPE meridian_edge_anycast_announced gauge\nmeridian_edge_anycast_announced{{vip=\"{vip}\"}} {}\n# HELP meridian_edge_anycast_desired 1 while the health policy wants the VIP announced.\n# TYPE meridian_edge_anycast_desired gauge\nmeridian_edge_anycast_desired{{vip=\"{vip}\"}} {}\n# HELP meridian_edge_anycast_check Last result of each announce health input.\n# TYPE meridian_edge_anycast_check gauge\nmeridian_edge_anycast_check{{vip=\"{vip}\",check=\"listeners\"}} {}\nmeridian_edge_anycast_check{{vip=\"{vip}\",check=\"config\"}} {}\nmeridian_edge_anycast_check{{vip=\"{vip}\",check=\"backends\"}} {}\n# TYPE meridian_edge_anycast_transitions_total counter\nmeridian_edge_anycast_transitions_total{{vip=\"{vip}\"}} {}\n# TYPE meridian_edge_anycast_announcer_errors_total counter\nmeridian_edge_anycast_announcer_errors_total{{vip=\"{vip}\"}} {}",
+        g(&a.announced),
+        g(&a.desired),
+        g(&a.listeners_up),
+        g(&a.config_fresh),
+        g(&a.backends_ok),
+        a.transitions.load(Ordering::Relaxed),
+        a.errors.load(Ordering::Relaxed),
+    );
 }
 
 /// Label values: backslash, quote and newline escaped.
@@ -177,6 +197,7 @@ mod tests {
                 backends: vec![("web".into(), 2)],
                 open_connections: 3,
                 draining: true,
+                anycast: None,
             },
         );
         assert!(text.contains(
@@ -194,5 +215,38 @@ mod tests {
         ));
         assert!(text.contains("meridian_edge_backends{service=\"web\"} 2"));
         assert!(text.contains("meridian_edge_draining 1"));
+        assert!(!text.contains("anycast"));
+    }
+
+    #[test]
+    fn renders_anycast_state() {
+        let status = crate::announce::Status {
+            vip: "198.18.0.10/32".into(),
+            ..Default::default()
+        };
+        status.announced.store(true, Ordering::Relaxed);
+        status.listeners_up.store(true, Ordering::Relaxed);
+        status.transitions.store(3, Ordering::Relaxed);
+        let text = Metrics::default().render(
+            "eu",
+            "e1",
+            &Gauges {
+                anycast: Some(std::sync::Arc::new(status)),
+                ..Default::default()
+            },
+        );
+        assert!(text.contains("meridian_edge_anycast_announced{vip=\"198.18.0.10/32\"} 1"));
+        assert!(text.contains("meridian_edge_anycast_desired{vip=\"198.18.0.10/32\"} 0"));
+        assert!(
+            text.contains(
+                "meridian_edge_anycast_check{vip=\"198.18.0.10/32\",check=\"listeners\"} 1"
+            )
+        );
+        assert!(
+            text.contains(
+                "meridian_edge_anycast_check{vip=\"198.18.0.10/32\",check=\"backends\"} 0"
+            )
+        );
+        assert!(text.contains("meridian_edge_anycast_transitions_total{vip=\"198.18.0.10/32\"} 3"));
     }
 }

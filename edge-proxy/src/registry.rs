@@ -162,6 +162,14 @@ impl Registry {
         Some(chosen.lease())
     }
 
+    /// Whether `service` has a connection whose origin reports healthy (the anycast policy).
+    pub(crate) fn has_healthy(&self, service: &str) -> bool {
+        self.by_service
+            .load()
+            .get(service)
+            .is_some_and(|l| l.iter().any(|h| h.origin_healthy()))
+    }
+
     /// Every registered connection, for the heartbeat.
     pub(crate) fn agent_conns(&self) -> Vec<AgentConn> {
         self.by_service

@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     pub(crate) open_connections: std::sync::atomic::AtomicUsize,
     /// Cancelled when shutdown starts: `/ready` answers 503 from then on.
     pub(crate) draining: tokio_util::sync::CancellationToken,
+    /// Anycast announce state, when `--bird-socket` is set.
+    pub(crate) anycast: Option<Arc<crate::announce::Status>>,
 }
 
 impl Shared {
