@@ -37,6 +37,11 @@ pub struct Config {
     /// Node API token presented to the coordinator.
     #[arg(long, env = "MERIDIAN_NODE_TOKEN", hide_env_values = true)]
     pub node_token: Option<String>,
+    /// CA certificate(s) that sign the other edges' HTTPS certificates. With a node token, turns on
+    /// cross-region forwarding: a request for a service with no agent here goes to the nearest
+    /// edge that has one (one hop, HTTP/2, the node token authenticating this edge).
+    #[arg(long, env = "MERIDIAN_PEER_CA")]
+    pub peer_ca: Option<PathBuf>,
     /// Directory for the snapshot cache, so a restarted edge serves before the coordinator answers.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -144,6 +149,7 @@ impl Config {
             tls_key: None,
             coordinator: None,
             node_token: None,
+            peer_ca: None,
             state_dir: None,
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),

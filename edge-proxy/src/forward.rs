@@ -36,6 +36,11 @@ pub(crate) struct Outgoing {
     /// Set for HTTP/1.1 requests that ask to switch protocols.
     pub(crate) upgrade: Option<OnUpgrade>,
     pub(crate) body: Incoming,
+    /// Path and query as the client sent them (before any prefix strip), for a peer edge that
+    /// routes the request again.
+    pub(crate) client_uri: String,
+    /// The request came from a peer edge: it is served here or not at all (one hop at most).
+    pub(crate) from_peer: bool,
 }
 
 pub(crate) fn full(body: impl Into<Bytes>) -> RespBody {
@@ -114,12 +119,15 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
         head,
         mut upgrade,
         body,
+        client_uri,
+        from_peer,
     } = out;
     let idempotent = retry::idempotent(&head.method);
 
     let mut prelude = BytesMut::new();
     tunnel_proto::encode_preamble(&mut prelude);
-    if let Err(e) = tunnel_proto::encode(&Frame::RequestHead(head), &mut prelude) {
+    let head = Frame::RequestHead(head);
+    if let Err(e) = tunnel_proto::encode(&head, &mut prelude) {
         return text(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             format!("request head cannot be forwarded: {e}"),
@@ -136,10 +144,23 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     let policies = shared.policies.load_full();
     let balance = policies.get(&service);
     let choice = balance.map_or(crate::balance::Choice::P2c, |b| b.choice());
+    let mut last_failure = None;
     loop {
         attempt += 1;
         let Some(lease) = pick_avoiding_outliers(shared, &service, exclude, choice) else {
-            return no_agent(&service);
+            // Nothing (more) to try here: the nearest region with an agent may serve it.
+            let Frame::RequestHead(head) = &head else {
+                return no_agent(&service);
+            };
+            // A retry that lands here was already charged to the budget.
+            if !from_peer
+                && upgrade.is_none()
+                && let Some(resp) =
+                    via_peer(shared, &service, head, &client_uri, &mut body, body_empty).await
+            {
+                return resp;
+            }
+            return last_failure.map_or_else(|| no_agent(&service), |f: Failed| f.response);
         };
         let agent = lease.agent().key;
         let result = attempt_once(shared, &service, lease, &prelude, &mut body, &mut upgrade).await;
@@ -160,10 +181,106 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
                 .metrics
                 .retries
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            last_failure = Some(failed);
             continue;
         }
         return failed.response;
     }
+}
+
+/// Sends the request to the nearest peer edge that has an agent of `service` (a second one only
+/// when the first certainly never got it). `None` when no peer could take it, so the caller
+/// answers as if there were none.
+async fn via_peer(
+    shared: &Shared,
+    service: &str,
+    head: &RequestHead,
+    client_uri: &str,
+    body: &mut Option<Incoming>,
+    body_empty: bool,
+) -> Option<Response<RespBody>> {
+    use crate::peers::{self, PeerBody};
+    let client = shared.peers.as_ref()?;
+    let snap = shared.snapshots.borrow().clone()?;
+    let candidates = peers::candidates(&snap, &shared.edge_id, &shared.region, service);
+    for peer in candidates.iter().take(peers::MAX_PEERS) {
+        // Connect first: a peer that cannot be reached has not consumed the body.
+        let mut sender = match client.connect(peer).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(service, peer = %peer.edge_id, error = %e, "peer edge unreachable");
+                continue;
+            }
+        };
+        let req_body: PeerBody = match body.take() {
+            Some(b) => b.map_err(|e| Box::new(e) as BoxError).boxed(),
+            None if body_empty => Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed(),
+            None => return None,
+        };
+        let req = peer_request(head, client_uri, req_body, client.hop_value())?;
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                debug!(service, peer = %peer.edge_id, "served by a peer edge");
+                shared
+                    .metrics
+                    .peer_forwards
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let (mut parts, incoming) = resp.into_parts();
+                crate::headers::strip_hop_by_hop(&mut parts.headers);
+                if let Ok(v) = HeaderValue::from_str(&peer.edge_id) {
+                    parts.headers.insert(peers::UPSTREAM_EDGE_HEADER, v);
+                }
+                let body = incoming.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
+                return Some(Response::from_parts(parts, body));
+            }
+            // Refused before it was sent (the connection was going away): another peer may take
+            // it if there is nothing to replay.
+            Err(e) if e.is_canceled() && body_empty => {
+                debug!(service, peer = %peer.edge_id, error = %e, "peer edge refused");
+            }
+            Err(e) => {
+                return Some(text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("forwarding to edge {} failed: {e}", peer.edge_id),
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// The request for a peer edge: the client's method and URI (the peer routes it again) with the
+/// headers this edge already rewrote (forwarding headers, request id) minus `Host`, which becomes
+/// the URI's authority.
+fn peer_request(
+    head: &RequestHead,
+    client_uri: &str,
+    body: crate::peers::PeerBody,
+    hop: &HeaderValue,
+) -> Option<http::Request<crate::peers::PeerBody>> {
+    let host = head
+        .headers
+        .iter()
+        .find(|(n, _)| n.as_ref() == b"host")
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())?;
+    let mut req = http::Request::builder()
+        .method(http::Method::from_bytes(&head.method).ok()?)
+        .uri(format!("https://{host}{client_uri}"))
+        .body(body)
+        .ok()?;
+    let headers = req.headers_mut();
+    for (name, value) in &head.headers {
+        if name.as_ref() == b"host" {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            headers.append(n, v);
+        }
+    }
+    headers.insert(crate::peers::HOP_HEADER, hop.clone());
+    Some(req)
 }
 
 /// Picks a connection, re-picking (a couple of times, excluding it) when the pick is ejected as an

@@ -102,6 +102,8 @@ pub(crate) fn request_headers(src: &HeaderMap, ctx: &ForwardCtx<'_>) -> Headers 
                     | "forwarded"
                     | "via"
                     | "x-request-id"
+                    // A peer edge's credential: never shown to an origin.
+                    | crate::peers::HOP_HEADER
             )
         {
             continue;
@@ -177,8 +179,18 @@ pub(crate) fn response_headers(src: &Headers, switching_protocols: bool) -> Head
         };
         map.append(name, value);
     }
-    let listed = connection_tokens(&map);
     let upgrade = map.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut map);
+    if switching_protocols && let Some(up) = upgrade {
+        map.insert(header::UPGRADE, up);
+        map.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    map
+}
+
+/// Removes the headers that describe one connection (and those its `Connection` lists).
+pub(crate) fn strip_hop_by_hop(map: &mut HeaderMap) {
+    let listed = connection_tokens(map);
     let hop: Vec<HeaderName> = map
         .keys()
         .filter(|n| is_hop_by_hop(n.as_str(), &listed))
@@ -187,11 +199,6 @@ pub(crate) fn response_headers(src: &Headers, switching_protocols: bool) -> Head
     for n in hop {
         map.remove(n);
     }
-    if switching_protocols && let Some(up) = upgrade {
-        map.insert(header::UPGRADE, up);
-        map.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    map
 }
 
 /// Stamps the `Meridian-Region` / `Meridian-Edge` pair on any response.

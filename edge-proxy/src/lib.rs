@@ -19,6 +19,7 @@ mod headers;
 mod heartbeat;
 mod metrics;
 mod outlier;
+mod peers;
 mod ratelimit;
 mod registry;
 mod retry;
@@ -273,6 +274,15 @@ impl Edge {
                 burst: burst.unwrap_or(r).max(1.0),
             })
         };
+        let peers = match (&config.peer_ca, &config.node_token) {
+            (Some(ca), Some(token)) => Some(peers::PeerClient::new(ca, token)?),
+            (Some(_), None) => {
+                return Err(Error::Config(
+                    "--peer-ca needs a node token to authenticate to peer edges".into(),
+                ));
+            }
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             ip_limit: rate(config.rate_limit_ip, config.rate_limit_ip_burst)
                 .map(|r| ratelimit::Limiter::new(r, 100_000)),
@@ -309,6 +319,7 @@ impl Edge {
             retry_budget: Default::default(),
             outliers: Default::default(),
             anycast: anycast.as_ref().map(|a| a.2.clone()),
+            peers,
         });
 
         let anycast_stop = CancellationToken::new();

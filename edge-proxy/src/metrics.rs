@@ -42,6 +42,8 @@ struct Inner {
 pub(crate) struct Metrics {
     inner: Mutex<Inner>,
     pub(crate) retries: AtomicU64,
+    /// Requests this edge sent to a peer edge because it had no agent of the service.
+    pub(crate) peer_forwards: AtomicU64,
     pub(crate) access_log_dropped: AtomicU64,
 }
 
@@ -133,9 +135,10 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
-            "# TYPE meridian_edge_open_connections gauge\nmeridian_edge_open_connections {}\n# TYPE meridian_edge_retries_total counter\nmeridian_edge_retries_total {}\n# TYPE meridian_edge_access_log_dropped_total counter\nmeridian_edge_access_log_dropped_total {}\n# TYPE meridian_edge_draining gauge\nmeridian_edge_draining {}",
+            "# TYPE meridian_edge_open_connections gauge\nmeridian_edge_open_connections {}\n# TYPE meridian_edge_retries_total counter\nmeridian_edge_retries_total {}\n# TYPE meridian_edge_peer_forwards_total counter\nmeridian_edge_peer_forwards_total {}\n# TYPE meridian_edge_access_log_dropped_total counter\nmeridian_edge_access_log_dropped_total {}\n# TYPE meridian_edge_draining gauge\nmeridian_edge_draining {}",
             gauges.open_connections,
             self.retries.load(Ordering::Relaxed),
+            self.peer_forwards.load(Ordering::Relaxed),
             self.access_log_dropped.load(Ordering::Relaxed),
             u8::from(gauges.draining),
         );

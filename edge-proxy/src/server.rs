@@ -263,7 +263,14 @@ fn too_many(what: &str, wait: Duration) -> Response<RespBody> {
 
 async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> Response<RespBody> {
     let client_ip = conn.remote.ip().to_canonical();
-    if let Some(limit) = &shared.ip_limit
+    // A peer edge already applied its limits to the real client; only a peer is trusted with
+    // the one-hop rule (see `peers`).
+    let from_peer = shared
+        .peers
+        .as_ref()
+        .is_some_and(|p| p.is_peer_hop(req.headers()));
+    if !from_peer
+        && let Some(limit) = &shared.ip_limit
         && let Err(wait) = limit.check(&client_ip, std::time::Instant::now())
     {
         return too_many("client", wait);
@@ -352,11 +359,14 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
         uri: Bytes::from(matched.path_and_query),
         headers: headers::request_headers(req.headers(), &ctx),
     };
+    let client_uri = path_and_query.to_owned();
     let upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     let out = Outgoing {
         service: matched.service.to_string(),
         head,
         upgrade,
+        client_uri,
+        from_peer,
         body: req.into_body(),
     };
     let mut resp = forward::forward(shared, out).await;

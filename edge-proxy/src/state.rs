@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     pub(crate) open_connections: std::sync::atomic::AtomicUsize,
     /// Cancelled when shutdown starts: `/ready` answers 503 from then on.
     pub(crate) draining: tokio_util::sync::CancellationToken,
+    /// Client to peer edges for cross-region forwarding, when `--peer-ca` and a node token are set.
+    pub(crate) peers: Option<crate::peers::PeerClient>,
     /// Anycast announce state, when `--bird-socket` is set.
     pub(crate) anycast: Option<Arc<crate::announce::Status>>,
 }

@@ -185,6 +185,8 @@ async fn start(data: &Path, sup: &mut Supervisor, ready_timeout: Duration) -> an
                 &path(&pki.edge_cert),
                 "--tls-key",
                 &path(&pki.edge_key),
+                "--peer-ca",
+                &path(&pki.ca_cert),
                 "--coordinator",
                 &coordinator_url,
                 "--state-dir",
