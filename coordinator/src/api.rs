@@ -173,7 +173,9 @@ impl From<StoreError> for ApiErr {
             StoreError::UnknownService(_) => {
                 Self::field(StatusCode::UNPROCESSABLE_ENTITY, e.to_string(), "service")
             }
-            StoreError::SchemaTooNew { .. } | StoreError::Backend(_) => {
+            StoreError::SchemaTooNew { .. }
+            | StoreError::Compacted { .. }
+            | StoreError::Backend(_) => {
                 error!(error = %e, "store error");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal storage error")
             }
@@ -555,7 +557,7 @@ async fn status(State(st): State<AppState>) -> Json<Status> {
         revision: snap.revision,
         observed_version: snap.observed_version,
         uptime_ms: u64::try_from(st.hub.started().elapsed().as_millis()).unwrap_or(u64::MAX),
-        backend: "sqlite".into(),
+        backend: st.hub.store().backend().into(),
         watchers: watchers as u64,
         regions: snap.region_health.clone(),
         services: snap.services.len() as u64,

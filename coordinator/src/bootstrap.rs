@@ -8,8 +8,11 @@ use rand::Rng;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::config::StoreKind;
 use crate::error::Error;
-use crate::store::{ApiTokenRow, Scope, SqliteStore, Store, StoreError, StoreHandle};
+use crate::store::{
+    ApiTokenRow, EtcdOptions, EtcdStore, Scope, SqliteStore, Store, StoreError, StoreHandle,
+};
 
 pub(crate) const DB_FILE: &str = "coordinator.db";
 pub(crate) const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -37,19 +40,35 @@ pub(crate) fn new_secret() -> String {
     random_string(SECRET_CHARS, 32)
 }
 
-/// Creates the data directory (0700) and opens the store in it.
-pub(crate) async fn open_store(data_dir: &Path) -> Result<StoreHandle, Error> {
-    let dir = data_dir.to_path_buf();
-    tokio::task::spawn_blocking(move || {
+/// Creates the data directory (0700) and opens the configured store: SQLite in the data
+/// directory, or a connection to etcd. `node` names this coordinator in the leader key.
+pub(crate) async fn open_store(cfg: &Config, node: String) -> Result<StoreHandle, Error> {
+    let dir = cfg.data_dir.clone();
+    let kind = cfg.store;
+    let sqlite = tokio::task::spawn_blocking(move || {
         create_private_dir(&dir).map_err(|source| Error::DataDir {
             path: dir.clone(),
             source,
         })?;
+        if kind != StoreKind::Sqlite {
+            return Ok(None);
+        }
         let store = SqliteStore::open(&dir.join(DB_FILE))?;
-        Ok(StoreHandle::new(Box::new(store)))
+        Ok::<_, Error>(Some(StoreHandle::new(Box::new(store))))
     })
     .await
-    .map_err(|e| Error::Config(format!("store open task failed: {e}")))?
+    .map_err(|e| Error::Config(format!("store open task failed: {e}")))??;
+    if let Some(handle) = sqlite {
+        return Ok(handle);
+    }
+    let store = EtcdStore::connect(EtcdOptions {
+        endpoints: cfg.etcd_endpoints.clone(),
+        prefix: cfg.etcd_prefix.clone(),
+        lease_ttl: std::time::Duration::from_secs(cfg.etcd_lease_ttl),
+        node,
+    })
+    .await?;
+    Ok(StoreHandle::new(Box::new(store)))
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {

@@ -3,6 +3,16 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// Which [`crate::store::Store`] backend holds desired state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// Embedded SQLite in `--data-dir` (one coordinator).
+    #[default]
+    Sqlite,
+    /// A shared etcd cluster (`--etcd-endpoints`): several coordinators, one leader.
+    Etcd,
+}
+
 #[derive(Clone, clap::Args)]
 pub struct Config {
     /// Address of the HTTP API.
@@ -17,6 +27,34 @@ pub struct Config {
     /// Bootstrap API token with scope `node`, for edges and GeoDNS (stored hashed).
     #[arg(long, env = "MERIDIAN_NODE_TOKEN", hide_env_values = true)]
     pub node_token: Option<String>,
+    /// Store backend: `sqlite` (embedded, the default) or `etcd` (shared by several coordinators).
+    #[arg(long = "store", value_enum, default_value_t = StoreKind::Sqlite)]
+    pub store: StoreKind,
+    /// etcd client URLs, comma-separated (with `--store etcd`).
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix in etcd; deployments sharing a cluster use different prefixes.
+    #[arg(long, default_value = "/meridian")]
+    pub etcd_prefix: String,
+    /// Seconds a dead leader's lease outlives it before another coordinator takes over.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub etcd_lease_ttl: u64,
+}
+
+impl Config {
+    /// The defaults the flags have: SQLite in `data_dir`, no bootstrap tokens.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            data_dir,
+            admin_token: None,
+            node_token: None,
+            store: StoreKind::Sqlite,
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            etcd_prefix: "/meridian".into(),
+            etcd_lease_ttl: 5,
+        }
+    }
 }
 
 /// Tokens are secrets: never print them.
@@ -33,6 +71,10 @@ impl std::fmt::Debug for Config {
                 "node_token",
                 &self.node_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("store", &self.store)
+            .field("etcd_endpoints", &self.etcd_endpoints)
+            .field("etcd_prefix", &self.etcd_prefix)
+            .field("etcd_lease_ttl", &self.etcd_lease_ttl)
             .finish()
     }
 }
@@ -41,7 +83,7 @@ impl std::fmt::Debug for Config {
 mod tests {
     use clap::Parser;
 
-    use super::Config;
+    use super::{Config, StoreKind};
 
     #[derive(Parser)]
     struct Cli {
@@ -82,5 +124,28 @@ mod tests {
             Cli::try_parse_from(["x"]).is_err(),
             "--data-dir is required"
         );
+        assert_eq!(c.store, StoreKind::Sqlite, "SQLite is the default");
+        let c = Cli::try_parse_from([
+            "x",
+            "--data-dir",
+            "d",
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--etcd-prefix",
+            "/m2",
+            "--etcd-lease-ttl",
+            "2",
+        ])
+        .unwrap()
+        .config;
+        assert_eq!(c.store, StoreKind::Etcd);
+        assert_eq!(
+            c.etcd_endpoints,
+            ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+        );
+        assert_eq!((c.etcd_prefix.as_str(), c.etcd_lease_ttl), ("/m2", 2));
+        assert!(Cli::try_parse_from(["x", "--data-dir", "d", "--store", "zk"]).is_err());
     }
 }

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use config::Config;
+pub use config::{Config, StoreKind};
 pub use error::Error;
 
 /// How often edge liveness is re-evaluated (well under `EDGE_DEAD_AFTER_MS`).
@@ -45,10 +45,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         addr: config.listen,
         source,
     })?;
-    let store = bootstrap::open_store(&config.data_dir).await?;
+    let node = format!("{addr}/{}", std::process::id());
+    let store = bootstrap::open_store(&config, node).await?;
     bootstrap::tokens(&store, &config).await?;
     let hub = hub::Hub::new(store).await?;
-    info!(addr = %addr, data_dir = %config.data_dir.display(), "ready");
+    info!(addr = %addr, data_dir = %config.data_dir.display(), store = hub.store().backend(), "ready");
     serve(listener, hub, shutdown).await?;
     info!("coordinator stopped");
     Ok(())
@@ -73,6 +74,7 @@ async fn serve_with(
     let stop = shutdown.child_token();
     let ticker = tokio::spawn(liveness_ticker(hub.clone(), stop.clone()));
     let saver = tokio::spawn(persist_observed(hub.clone(), stop.clone()));
+    let follower = tokio::spawn(follow_store(hub.clone(), stop.clone()));
     let mut state = api::AppState::new(hub, stop.clone());
     state.progress_every = progress_every;
     let app = api::router(state);
@@ -82,18 +84,67 @@ async fn serve_with(
     stop.cancel();
     let _ = ticker.await;
     let _ = saver.await;
+    let _ = follower.await;
     res
+}
+
+/// Re-reads desired state whenever the store's revision moves past the published one: commits
+/// by other coordinators sharing the backend (etcd) reach this coordinator's watchers too.
+async fn follow_store(hub: Arc<hub::Hub>, stop: CancellationToken) {
+    let mut revs = match hub.store().call(|s| Ok(s.revisions())).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow store revisions");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = revs.changed() => if r.is_err() { return },
+        }
+        let latest = *revs.borrow_and_update();
+        if latest <= hub.current().revision {
+            continue;
+        }
+        if let Err(e) = hub.refresh_desired().await {
+            tracing::warn!(error = %e, "could not re-read desired state; retrying");
+            revs.mark_changed();
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
 }
 
 /// Saves the observed edge set whenever it changes, so a restarted coordinator starts from it
 /// (with a grace period) instead of from nothing. Coalesces: only the latest set is written.
+///
+/// Singleton work: with a shared store only the leader writes it (one writer, no flapping
+/// between coordinators' partial views); an embedded store is always its own leader.
 async fn persist_observed(hub: Arc<hub::Hub>, stop: CancellationToken) {
+    let mut leader = match hub.store().call(|s| Ok(s.leadership())).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow leadership; not persisting observed state");
+            return;
+        }
+    };
     let mut rx = hub.subscribe();
     let mut saved = rx.borrow_and_update().observed_version;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             r = rx.changed() => if r.is_err() { return },
+            r = leader.changed() => {
+                if r.is_err() { return }
+                // A new leader saves what it sees now.
+                saved = u64::MAX;
+            }
+        }
+        if !*leader.borrow_and_update() {
+            continue;
         }
         let snap = rx.borrow_and_update().clone();
         if snap.observed_version == saved {

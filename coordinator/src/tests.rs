@@ -31,12 +31,11 @@ impl Server {
     async fn start() -> Self {
         let dir = TempDir::new("api");
         let cfg = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().to_path_buf(),
             admin_token: Some(ADMIN.into()),
             node_token: Some(NODE.into()),
+            ..Config::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
         };
-        let store = bootstrap::open_store(&cfg.data_dir).await.unwrap();
+        let store = bootstrap::open_store(&cfg, "test".into()).await.unwrap();
         assert_eq!(bootstrap::tokens(&store, &cfg).await.unwrap(), None);
         let hub = Hub::new(store).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -494,10 +493,12 @@ async fn run_generates_admin_token_and_shuts_down_gracefully() {
         .unwrap()
         .port();
     let cfg = Config {
-        listen: format!("127.0.0.1:{port}").parse().unwrap(),
-        data_dir: data_dir.clone(),
         admin_token: None,
         node_token: None,
+        ..Config::new(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            data_dir.clone(),
+        )
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(crate::run(cfg, shutdown.clone()));
@@ -555,10 +556,9 @@ async fn run_generates_admin_token_and_shuts_down_gracefully() {
     // Restart on the same data: the state is still there and no new token file is written.
     let shutdown = CancellationToken::new();
     let cfg = Config {
-        listen: format!("127.0.0.1:{port}").parse().unwrap(),
-        data_dir,
         admin_token: None,
         node_token: None,
+        ..Config::new(format!("127.0.0.1:{port}").parse().unwrap(), data_dir)
     };
     let task = tokio::spawn(crate::run(cfg, shutdown.clone()));
     let services = tokio::time::timeout(Duration::from_secs(10), async {
@@ -769,13 +769,12 @@ async fn status_and_region_health_reflect_heartbeats() {
 async fn restart_restores_observed_edges_instead_of_starting_blind() {
     let dir = TempDir::new("restart-observed");
     let cfg = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
         admin_token: Some(ADMIN.into()),
         node_token: Some(NODE.into()),
+        ..Config::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
     };
     for round in 0..2 {
-        let store = bootstrap::open_store(&cfg.data_dir).await.unwrap();
+        let store = bootstrap::open_store(&cfg, "test".into()).await.unwrap();
         bootstrap::tokens(&store, &cfg).await.unwrap();
         let hub = Hub::new(store).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

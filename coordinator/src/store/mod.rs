@@ -1,18 +1,25 @@
-//! Desired state storage: one trait, so the SQLite default and a future etcd backend are
-//! interchangeable. Every desired-state change bumps one monotonically increasing revision.
+//! Desired state storage: one trait, so the SQLite default and the etcd backend are
+//! interchangeable. Every desired-state change bumps one monotonically increasing revision
+//! (SQLite: the change log's row id; etcd: the store's mod revision).
 //!
 //! Methods are synchronous (the backend does blocking IO); async code goes through
 //! [`StoreHandle`], which runs them on the blocking pool and never holds the lock across `.await`.
+//! [`StoreHandle::watch`] turns [`Store::changes_since`] and [`Store::revisions`] into one ordered
+//! change feed per subscriber, re-snapshotting when the history it needs was compacted.
 
+mod etcd;
 mod sqlite;
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use coordinator_api::{
     AdminState, AgentTokenRecord, ApiScope, ApiTokenInfo, AuditEntry, Mount, Region, Revision,
     Service,
 };
+use tokio::sync::{mpsc, watch};
 
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +35,12 @@ pub enum StoreError {
     InUse(String),
     #[error("database schema version {found} is newer than this binary supports ({supported})")]
     SchemaTooNew { found: i64, supported: i64 },
+    /// The history after `requested` is gone; read a fresh [`Store::desired`] snapshot instead.
+    #[error("revision {requested} is compacted (history starts after {compacted})")]
+    Compacted {
+        requested: Revision,
+        compacted: Revision,
+    },
     #[error("storage: {0}")]
     Backend(String),
 }
@@ -111,6 +124,30 @@ pub struct Desired {
     pub agent_tokens: Vec<AgentTokenRecord>,
 }
 
+/// One committed desired-state change, as the change feed delivers it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    pub revision: Revision,
+    /// `region`, `service`, `mount` or `agent_token`.
+    pub object: String,
+    /// The object's key: a name, a token id, or `host` + `path_prefix` for mounts.
+    pub key: String,
+    /// The object after the change; `None` when it was deleted.
+    pub value: Option<serde_json::Value>,
+}
+
+/// What a change-feed subscriber receives, in revision order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreEvent {
+    /// Everything at one revision: sent when the history the subscriber asked for was compacted.
+    Snapshot(Desired),
+    /// Changes after the previous event, oldest first, without gaps.
+    Changes(Vec<Change>),
+}
+
+/// Most changes one [`Store::changes_since`] call returns (the feed calls again for more).
+pub const CHANGES_PAGE: usize = 512;
+
 /// Desired state plus API credentials. Writes return the new revision.
 ///
 /// API tokens are credentials, not desired state: they bump no revision and are not in the
@@ -164,12 +201,27 @@ pub trait Store: Send {
     /// Last observed edge set (JSON), kept so a restarted coordinator does not start blind.
     fn save_observed(&mut self, json: &str) -> Result<(), StoreError>;
     fn load_observed(&self) -> Result<Option<String>, StoreError>;
+
+    /// Committed changes with revision greater than `after`, oldest first, at most `limit`.
+    /// [`StoreError::Compacted`] when that history is gone.
+    fn changes_since(&self, after: Revision, limit: usize) -> Result<Vec<Change>, StoreError>;
+    /// Drops change history before `revision` (never the latest change).
+    fn compact(&mut self, revision: Revision) -> Result<(), StoreError>;
+    /// The latest committed revision, updated on every commit, including commits by other
+    /// coordinators sharing the backend: the hub and change feeds wake up on it.
+    fn revisions(&self) -> watch::Receiver<Revision>;
+    /// Whether this coordinator currently holds leadership for singleton work. Always true for
+    /// an embedded backend; an etcd lease for a shared one.
+    fn leadership(&self) -> watch::Receiver<bool>;
+    /// Short backend name for status pages (`sqlite`, `etcd`).
+    fn backend(&self) -> &'static str;
 }
 
 /// Shared access to a [`Store`] from async code.
 #[derive(Clone)]
 pub struct StoreHandle {
     inner: Arc<Mutex<Box<dyn Store>>>,
+    backend: &'static str,
 }
 
 impl std::fmt::Debug for StoreHandle {
@@ -181,8 +233,14 @@ impl std::fmt::Debug for StoreHandle {
 impl StoreHandle {
     pub fn new(store: Box<dyn Store>) -> Self {
         Self {
+            backend: store.backend(),
             inner: Arc::new(Mutex::new(store)),
         }
+    }
+
+    /// The backend's name ([`Store::backend`]).
+    pub fn backend(&self) -> &'static str {
+        self.backend
     }
 
     /// Runs `f` on the blocking pool with exclusive access to the store.
@@ -216,4 +274,73 @@ impl StoreHandle {
         })
         .await
     }
+
+    /// An ordered change feed from `after`: every change with a greater revision, in order and
+    /// without gaps, or a [`StoreEvent::Snapshot`] first when that history was compacted (then
+    /// changes after the snapshot). Errors are retried; the feed ends when the receiver is dropped.
+    pub fn watch(&self, after: Revision) -> mpsc::Receiver<StoreEvent> {
+        let (tx, rx) = mpsc::channel(16);
+        let store = self.clone();
+        tokio::spawn(async move { store.feed(after, tx).await });
+        rx
+    }
+
+    async fn feed(self, mut cursor: Revision, tx: mpsc::Sender<StoreEvent>) {
+        let mut revs = match self.call(|s| Ok(s.revisions())).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "change feed could not start");
+                return;
+            }
+        };
+        loop {
+            // Marked seen before reading, so a commit racing the read still wakes us below.
+            let latest = *revs.borrow_and_update();
+            let event = if latest <= cursor {
+                None
+            } else {
+                match self
+                    .call(move |s| s.changes_since(cursor, CHANGES_PAGE))
+                    .await
+                {
+                    Ok(changes) => {
+                        if let Some(last) = changes.last() {
+                            cursor = last.revision;
+                        }
+                        (!changes.is_empty()).then_some(StoreEvent::Changes(changes))
+                    }
+                    Err(StoreError::Compacted { .. }) => match self.call(|s| s.desired()).await {
+                        Ok(d) => {
+                            cursor = d.revision;
+                            Some(StoreEvent::Snapshot(d))
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "change feed: snapshot failed; retrying");
+                            tokio::time::sleep(FEED_RETRY).await;
+                            continue;
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "change feed: read failed; retrying");
+                        tokio::time::sleep(FEED_RETRY).await;
+                        continue;
+                    }
+                }
+            };
+            if let Some(ev) = event {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+                // Immediately look for more: a page may not have reached `latest`.
+                revs.mark_changed();
+            }
+            tokio::select! {
+                () = tx.closed() => return,
+                r = revs.changed() => if r.is_err() { return },
+            }
+        }
+    }
 }
+
+/// Pause before a change feed retries a failed read.
+const FEED_RETRY: Duration = Duration::from_millis(200);

@@ -11,7 +11,9 @@ use coordinator_api::{
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::Serialize;
 
-use super::{ApiTokenRow, Desired, Scope, Store, StoreError};
+use tokio::sync::watch;
+
+use super::{ApiTokenRow, Change, Desired, Scope, Store, StoreError};
 
 /// Schema migrations; entry `i` moves `user_version` from `i` to `i + 1`. Append only.
 const MIGRATIONS: &[&str] = &[
@@ -78,6 +80,12 @@ CREATE TABLE observed (
     json  TEXT NOT NULL
 );
 ",
+    r"
+CREATE TABLE meta (
+    k  TEXT PRIMARY KEY,
+    v  INTEGER NOT NULL
+);
+",
 ];
 
 #[derive(Debug)]
@@ -85,6 +93,11 @@ pub struct SqliteStore {
     conn: Connection,
     /// Who the audit log names for the writes in progress (see [`Store::set_actor`]).
     actor: String,
+    /// Latest committed revision. One process owns the file, so in-process notification
+    /// sees every commit.
+    revs: watch::Sender<Revision>,
+    /// Always true: an embedded store has no one to share singleton work with.
+    leader: watch::Sender<bool>,
 }
 
 impl SqliteStore {
@@ -113,9 +126,24 @@ impl SqliteStore {
         let mut s = Self {
             conn,
             actor: super::SYSTEM_ACTOR.to_owned(),
+            revs: watch::Sender::new(0),
+            leader: watch::Sender::new(true),
         };
         s.migrate()?;
+        s.revs.send_replace(read_revision(&s.conn)?);
         Ok(s)
+    }
+
+    /// Publishes a committed revision to [`Store::revisions`] watchers.
+    fn committed(&self, rev: Revision) -> Revision {
+        self.revs.send_if_modified(|cur| {
+            let newer = rev > *cur;
+            if newer {
+                *cur = rev;
+            }
+            newer
+        });
+        rev
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -333,7 +361,7 @@ impl Store for SqliteStore {
         )?;
         let rev = log_change(&tx, &self.actor, "region.put", &r.name, Some(r))?;
         tx.commit()?;
-        Ok(rev)
+        Ok(self.committed(rev))
     }
 
     fn list_regions(&self) -> Result<Vec<Region>, StoreError> {
@@ -354,7 +382,7 @@ impl Store for SqliteStore {
         )?;
         let rev = log_change(&tx, &self.actor, "service.put", &s.name, Some(s))?;
         tx.commit()?;
-        Ok(rev)
+        Ok(self.committed(rev))
     }
 
     fn list_services(&self) -> Result<Vec<Service>, StoreError> {
@@ -387,7 +415,7 @@ impl Store for SqliteStore {
         tx.execute("DELETE FROM services WHERE name = ?1", [name])?;
         let rev = log_change::<()>(&tx, &self.actor, "service.delete", name, None)?;
         tx.commit()?;
-        Ok(rev)
+        Ok(self.committed(rev))
     }
 
     fn add_mount(&mut self, m: &Mount) -> Result<Revision, StoreError> {
@@ -413,7 +441,7 @@ impl Store for SqliteStore {
         )?;
         let rev = log_change(&tx, &self.actor, "mount.put", &key, Some(m))?;
         tx.commit()?;
-        Ok(rev)
+        Ok(self.committed(rev))
     }
 
     fn list_mounts(&self) -> Result<Vec<Mount>, StoreError> {
@@ -432,7 +460,7 @@ impl Store for SqliteStore {
         }
         let rev = log_change::<()>(&tx, &self.actor, "mount.delete", &key, None)?;
         tx.commit()?;
-        Ok(rev)
+        Ok(self.committed(rev))
     }
 
     fn create_agent_token(&mut self, t: &AgentTokenRecord) -> Result<Revision, StoreError> {
@@ -452,7 +480,7 @@ impl Store for SqliteStore {
         )?;
         let rev = log_change(&tx, &self.actor, "agent_token.put", &t.id, Some(t))?;
         tx.commit()?;
-        Ok(rev)
+        Ok(self.committed(rev))
     }
 
     fn list_agent_tokens(&self) -> Result<Vec<AgentTokenRecord>, StoreError> {
@@ -470,7 +498,7 @@ impl Store for SqliteStore {
         }
         let rev = log_change::<()>(&tx, &self.actor, "agent_token.delete", id, None)?;
         tx.commit()?;
-        Ok(rev)
+        Ok(self.committed(rev))
     }
 
     fn set_actor(&mut self, actor: &str) {
@@ -499,7 +527,7 @@ impl Store for SqliteStore {
             .ok_or_else(|| StoreError::Backend("region vanished inside its transaction".into()))?;
         let rev = log_change(&tx, &self.actor, "region.admin_state", name, Some(&region))?;
         tx.commit()?;
-        Ok(rev)
+        Ok(self.committed(rev))
     }
 
     fn put_api_token(&mut self, row: &ApiTokenRow) -> Result<bool, StoreError> {
@@ -671,6 +699,86 @@ impl Store for SqliteStore {
             })
             .optional()?)
     }
+
+    fn changes_since(&self, after: Revision, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let compacted = read_compacted(&tx)?;
+        if after < compacted {
+            return Err(StoreError::Compacted {
+                requested: after,
+                compacted,
+            });
+        }
+        let mut st = tx.prepare_cached(
+            "SELECT rev, kind, key, json FROM changes WHERE rev > ?1 ORDER BY rev LIMIT ?2",
+        )?;
+        let rows = st.query_map(
+            params![to_i64(after), i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            },
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (rev, kind, key, json) = row?;
+            let object = kind.split_once('.').map_or(kind.as_str(), |(o, _)| o);
+            let value = json
+                .map(|j| serde_json::from_str(&j))
+                .transpose()
+                .map_err(|e| StoreError::Backend(format!("change {rev}: {e}")))?;
+            out.push(Change {
+                revision: u64::try_from(rev).unwrap_or(0),
+                object: object.to_owned(),
+                key,
+                value,
+            });
+        }
+        drop(st);
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn compact(&mut self, revision: Revision) -> Result<(), StoreError> {
+        let tx = write_tx(&mut self.conn)?;
+        // The latest change stays: the current revision is read from the log.
+        let upto = revision.min(read_revision(&tx)?);
+        if upto > read_compacted(&tx)? {
+            tx.execute("DELETE FROM changes WHERE rev < ?1", [to_i64(upto)])?;
+            // History after `upto - 1` is complete: a feed from there still gets every change.
+            tx.execute(
+                "INSERT INTO meta (k, v) VALUES ('compacted', ?1)
+                 ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                [to_i64(upto.saturating_sub(1))],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn revisions(&self) -> watch::Receiver<Revision> {
+        self.revs.subscribe()
+    }
+
+    fn leadership(&self) -> watch::Receiver<bool> {
+        self.leader.subscribe()
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}
+
+/// Feeds may resume from any revision at or after this one.
+fn read_compacted(c: &Connection) -> Result<Revision, StoreError> {
+    let v: Option<i64> = c
+        .query_row("SELECT v FROM meta WHERE k = 'compacted'", [], |r| r.get(0))
+        .optional()?;
+    Ok(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0))
 }
 
 #[cfg(test)]
