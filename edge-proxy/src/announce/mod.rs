@@ -23,6 +23,10 @@ pub use policy::{Health, Policy, Thresholds};
 
 use crate::state::Shared;
 
+/// The decision is re-sent this often even when unchanged, so a BIRD reconfigured or restarted
+/// behind the edge's back (its `disabled` origin back in force) follows the edge again.
+const REASSERT_EVERY: Duration = Duration::from_secs(5);
+
 /// Why the routing daemon did not do what the edge asked.
 #[derive(Debug, thiserror::Error)]
 pub enum AnnounceError {
@@ -200,6 +204,7 @@ pub(crate) async fn drive<A: Announcer>(
     let mut policy = Policy::new(settings.thresholds);
     // Unknown until the daemon confirms a command: the first round always reaches it.
     let mut applied: Option<bool> = None;
+    let mut applied_at = Instant::now();
     let mut last_error = String::new();
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -232,15 +237,18 @@ pub(crate) async fn drive<A: Announcer>(
                 "anycast decision changed"
             );
         }
-        if applied == Some(want) {
+        if applied == Some(want) && applied_at.elapsed() < REASSERT_EVERY {
             continue;
         }
         match announcer.set(want).await {
             Ok(()) => {
+                if applied != Some(want) {
+                    info!(vip = %status.vip, announced = want, "anycast route {}", if want { "announced" } else { "withdrawn" });
+                }
                 applied = Some(want);
+                applied_at = Instant::now();
                 status.announced.store(want, Ordering::Relaxed);
                 last_error.clear();
-                info!(vip = %status.vip, announced = want, "anycast route {}", if want { "announced" } else { "withdrawn" });
             }
             Err(e) => {
                 applied = None;
