@@ -21,7 +21,8 @@ pub struct EtcdCluster {
     pub endpoints: Vec<String>,
 }
 
-/// Whether the `etcd` binary is installed; prints why a test is skipped when not.
+/// Whether the `etcd` binary is installed; prints why a test is skipped when not. Under CI
+/// (which installs `.ci/packages`) a missing etcd is a failure, not a skip.
 pub fn have_etcd(test: &str) -> bool {
     let ok = Command::new("etcd")
         .arg("--version")
@@ -30,6 +31,10 @@ pub fn have_etcd(test: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: etcd is missing; .ci/run installs it from .ci/packages (etcd-server)"
+        );
         eprintln!("SKIPPED {test}: `etcd` not found (apt-get install etcd-server)");
     }
     ok
