@@ -567,7 +567,8 @@ async fn follow_once(
 }
 
 /// Leadership: hold `P/leader` under our lease. Whoever creates it leads until the key goes
-/// (lease revoked or expired); a leader that cannot renew for a whole TTL steps down on its own.
+/// (lease revoked or expired); a leader that cannot renew for half a TTL steps down on its own,
+/// before etcd can expire the lease and let another coordinator in.
 async fn elect(
     c: Client,
     keys: Keys,
@@ -639,14 +640,13 @@ async fn term(
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
-                _ = renew.tick() => {
-                    if last_ack.elapsed() >= ttl {
-                        // etcd may already have expired the lease: stop acting as leader.
-                        return Err(etcd_client::Error::LeaseKeepAliveError(
-                            "no lease renewal for a whole TTL".into(),
-                        ));
-                    }
-                    keeper.keep_alive().await?;
+                _ = renew.tick() => keeper.keep_alive().await?,
+                // Renewals go out every TTL/3; half a TTL without an answer means etcd may
+                // expire the lease soon: stop acting as leader before it can pick another.
+                () = tokio::time::sleep_until((last_ack + ttl / 2).into()) => {
+                    return Err(etcd_client::Error::LeaseKeepAliveError(
+                        "no lease renewal for half a TTL".into(),
+                    ));
                 }
                 m = acks.message() => match m? {
                     Some(r) if r.ttl() > 0 => last_ack = Instant::now(),
