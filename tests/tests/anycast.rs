@@ -101,6 +101,20 @@ fn why_skip() -> Option<String> {
             return Some(format!("`{tool}` not found (apt-get install {pkg})"));
         }
     }
+    // Root in a container without CAP_SYS_ADMIN cannot make namespaces: an environment limit.
+    let probe = Command::new("ip")
+        .args(["netns", "add", "mer-probe"])
+        .output()
+        .ok()?;
+    let _ = Command::new("ip")
+        .args(["netns", "del", "mer-probe"])
+        .output();
+    if !probe.status.success() {
+        return Some(format!(
+            "cannot create network namespaces: {}",
+            String::from_utf8_lossy(&probe.stderr).trim()
+        ));
+    }
     None
 }
 

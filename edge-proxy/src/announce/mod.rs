@@ -193,7 +193,7 @@ async fn observe(shared: &Shared, settings: &Settings) -> Health {
 /// `shutdown`: withdraw, wait `settle`, then cancel `serving` (the listeners close and drain);
 /// the announcer is stopped once `stop` is cancelled, after the drain.
 pub(crate) async fn drive<A: Announcer>(
-    mut announcer: A,
+    announcer: A,
     settings: Settings,
     shared: Arc<Shared>,
     status: Arc<Status>,
@@ -201,6 +201,51 @@ pub(crate) async fn drive<A: Announcer>(
     serving: CancellationToken,
     stop: CancellationToken,
 ) {
+    let probe = settings.clone();
+    let health = move || {
+        let shared = shared.clone();
+        let probe = probe.clone();
+        async move { observe(&shared, &probe).await }
+    };
+    run(
+        announcer,
+        &settings,
+        health,
+        status,
+        Tokens {
+            shutdown,
+            serving,
+            stop,
+        },
+    )
+    .await;
+}
+
+/// The three tokens of the shutdown sequence: `shutdown` starts it, `serving` is what this
+/// module cancels once withdrawn, `stop` says the drain is over.
+struct Tokens {
+    shutdown: CancellationToken,
+    serving: CancellationToken,
+    stop: CancellationToken,
+}
+
+/// [`drive`] with the health source abstracted, so the sequence is testable without sockets.
+async fn run<A, F, Fut>(
+    mut announcer: A,
+    settings: &Settings,
+    mut health_of: F,
+    status: Arc<Status>,
+    tokens: Tokens,
+) where
+    A: Announcer,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Health>,
+{
+    let Tokens {
+        shutdown,
+        serving,
+        stop,
+    } = tokens;
     let mut policy = Policy::new(settings.thresholds);
     // Unknown until the daemon confirms a command: the first round always reaches it.
     let mut applied: Option<bool> = None;
@@ -214,7 +259,7 @@ pub(crate) async fn drive<A: Announcer>(
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let health = observe(&shared, &settings).await;
+        let health = health_of().await;
         status
             .listeners_up
             .store(health.listeners_up, Ordering::Relaxed);
@@ -283,6 +328,119 @@ pub(crate) async fn drive<A: Announcer>(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    use std::sync::Mutex;
+
+    /// Records each call and whether the listeners were still serving at that moment.
+    struct Fake {
+        calls: Arc<Mutex<Vec<(&'static str, bool)>>>,
+        serving: CancellationToken,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl Announcer for Fake {
+        async fn set(&mut self, announce: bool) -> Result<(), AnnounceError> {
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(AnnounceError::Backend("down".into()));
+            }
+            let what = if announce { "announce" } else { "withdraw" };
+            let mut calls = self.calls.lock().unwrap();
+            calls.push((what, !self.serving.is_cancelled()));
+            Ok(())
+        }
+        async fn stop(&mut self) {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push(("stop", !self.serving.is_cancelled()));
+        }
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+    }
+
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn announces_when_healthy_withdraws_on_failure_and_first_on_shutdown() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let tokens = Tokens {
+            shutdown: CancellationToken::new(),
+            serving: CancellationToken::new(),
+            stop: CancellationToken::new(),
+        };
+        let (shutdown, serving, stop) = (
+            tokens.shutdown.clone(),
+            tokens.serving.clone(),
+            tokens.stop.clone(),
+        );
+        let fail = Arc::new(AtomicBool::new(true));
+        let fake = Fake {
+            calls: calls.clone(),
+            serving: serving.clone(),
+            fail: fail.clone(),
+        };
+        let healthy = Arc::new(AtomicBool::new(true));
+        let h = healthy.clone();
+        let health = move || {
+            let ok = h.load(Ordering::Relaxed);
+            async move {
+                Health {
+                    listeners_up: true,
+                    config_fresh: true,
+                    backends_ok: ok,
+                }
+            }
+        };
+        let settings = Settings {
+            probe: "127.0.0.1:9".parse().unwrap(),
+            interval: Duration::from_millis(5),
+            thresholds: Thresholds { rise: 2, fall: 2 },
+            backends: BackendPolicy::Any,
+            settle: Duration::from_millis(50),
+        };
+        let status = Arc::new(Status::default());
+        let st = status.clone();
+        let task = tokio::spawn(async move { run(fake, &settings, health, st, tokens).await });
+        let log = || calls.lock().unwrap().clone();
+
+        // The daemon is down at first: errors are counted and retried, nothing is assumed.
+        until("errors counted", || {
+            status.errors.load(Ordering::Relaxed) >= 2
+        })
+        .await;
+        assert!(!status.announced.load(Ordering::Relaxed));
+        fail.store(false, Ordering::Relaxed);
+        until("announced", || log().contains(&("announce", true))).await;
+        assert!(status.announced.load(Ordering::Relaxed));
+
+        healthy.store(false, Ordering::Relaxed);
+        until("withdrawn on failure", || {
+            log().last() == Some(&("withdraw", true))
+        })
+        .await;
+        assert!(!status.backends_ok.load(Ordering::Relaxed));
+        healthy.store(true, Ordering::Relaxed);
+        until("announced again", || {
+            log().last() == Some(&("announce", true))
+        })
+        .await;
+
+        // Shutdown: the withdraw happens while the listeners still serve; they are released
+        // after it (and the settle time); the backend is stopped only after the drain.
+        shutdown.cancel();
+        until("listeners released", || serving.is_cancelled()).await;
+        assert_eq!(log().last(), Some(&("withdraw", true)), "{:?}", log());
+        assert!(!status.announced.load(Ordering::Relaxed));
+        assert!(!log().iter().any(|c| c.0 == "stop"));
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(log().last(), Some(&("stop", false)));
+    }
 
     #[test]
     fn parses_vips() {
