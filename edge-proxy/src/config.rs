@@ -79,6 +79,10 @@ pub struct Config {
     /// JSON access log, one line per request: a file path, or `-` for stdout. Off by default.
     #[arg(long)]
     pub access_log: Option<PathBuf>,
+    /// Raw TCP service, `[IP:]PORT=SERVICE` (repeatable): TCP clients on that port are carried to
+    /// an agent of SERVICE started with `--tcp`. A bare port listens on the tunnel listener's IP.
+    #[arg(long = "tcp-service", value_parser = crate::tunnel::parse_tcp_service)]
+    pub tcp_services: Vec<crate::tunnel::TcpService>,
     /// How long in-flight requests may finish after shutdown (SIGTERM) starts.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
@@ -163,6 +167,7 @@ impl Config {
             rate_limit_route_burst: None,
             access_log: None,
             drain_timeout: Duration::from_secs(10),
+            tcp_services: Vec::new(),
             anycast_vip: None,
             bird_socket: None,
             bird_protocol: "vip".into(),

@@ -47,6 +47,7 @@ pub use config::Config;
 pub use error::Error;
 pub use routing::{RouteMatch, RouteTable, normalize_host};
 pub use tls::transport_config;
+pub use tunnel::{TcpService, parse_tcp_service};
 
 use registry::Registry;
 use state::Shared;
@@ -61,6 +62,7 @@ pub struct Edge {
     https: Option<(TcpListener, TlsAcceptor)>,
     admin: Option<TcpListener>,
     endpoint: quinn::Endpoint,
+    tcp: Vec<tunnel::TcpServiceListener>,
     info: EdgeInfo,
 }
 
@@ -130,14 +132,19 @@ impl Edge {
             Some(addr) => Some(bind_tcp("admin", addr).await?),
             None => None,
         };
-        let endpoint =
-            quinn::Endpoint::server(tls::tunnel_config(&identity)?, config.tunnel_listen).map_err(
-                |source| Error::Bind {
-                    what: "tunnel (QUIC)",
-                    addr: config.tunnel_listen,
-                    source,
-                },
-            )?;
+        let endpoint = tunnel::bind_endpoint(
+            tls::tunnel_config(&identity)?,
+            config.tunnel_listen,
+            identity.key.secret_der(),
+        )
+        .map_err(|source| Error::Bind {
+            what: "tunnel (QUIC)",
+            addr: config.tunnel_listen,
+            source,
+        })?;
+
+        let tcp =
+            tunnel::bind_tcp_services(&config.tcp_services, config.tunnel_listen.ip()).await?;
 
         let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| {
             l.local_addr()
@@ -187,6 +194,7 @@ impl Edge {
             https,
             admin,
             endpoint,
+            tcp,
             info,
         })
     }
@@ -237,6 +245,7 @@ impl Edge {
             https,
             admin,
             endpoint,
+            tcp,
             info,
         } = self;
         info!(
@@ -246,6 +255,7 @@ impl Edge {
             https = ?https.as_ref().and_then(|(l, _)| l.local_addr().ok()),
             tunnel = ?endpoint.local_addr().ok(),
             admin = ?admin.as_ref().and_then(|l| l.local_addr().ok()),
+            tcp = ?tcp.iter().filter_map(|t| t.listener.local_addr().ok()).collect::<Vec<_>>(),
             "ready"
         );
 
@@ -365,6 +375,14 @@ impl Edge {
                 conn_limit.clone(),
                 timeouts,
                 serving.clone(),
+            ));
+        }
+        for l in tcp {
+            tracker.spawn(tunnel::serve_tcp(
+                l,
+                shared.clone(),
+                serving.clone(),
+                tracker.clone(),
             ));
         }
         tracker.spawn(tunnel::accept_loop(

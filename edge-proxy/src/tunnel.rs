@@ -42,6 +42,289 @@ mod close {
     pub(super) const SILENT: u32 = 5;
 }
 
+/// Label mixed into the key derived from the TLS key, so it has its own use.
+const RESET_KEY_LABEL: &[u8] = b"meridian edge tunnel stateless reset v1";
+/// Minimum gap between stateless resets (quinn's default is 20 ms, which would let a restarted
+/// edge reset only 50 stale agent connections per second). A reset is always smaller than the
+/// packet that caused it, so this bounds CPU, not amplification.
+const MIN_RESET_INTERVAL: Duration = Duration::from_millis(1);
+
+/// HMAC-SHA256 (RFC 2104) over sha2, as quinn's `HmacKey`: the key that makes stateless-reset
+/// tokens. The edge derives it from its TLS key instead of quinn's per-process random key, so a
+/// restarted edge produces the same tokens as before and can reset an agent's stale connection
+/// on its first packet; otherwise the agent waits out its heartbeat timeout (seconds).
+struct ResetKey {
+    /// The HMAC key, already at the SHA-256 block size.
+    key: [u8; 64],
+}
+
+impl ResetKey {
+    fn derive(label: &[u8], secret: &[u8]) -> Self {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(label);
+        h.update(secret);
+        let mut key = [0u8; 64];
+        key[..32].copy_from_slice(&h.finalize());
+        Self { key }
+    }
+
+    fn mac(&self, data: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        let pad = |byte: u8| self.key.map(|k| k ^ byte);
+        let mut inner = sha2::Sha256::new();
+        inner.update(pad(0x36));
+        inner.update(data);
+        let mut outer = sha2::Sha256::new();
+        outer.update(pad(0x5c));
+        outer.update(inner.finalize());
+        outer.finalize().into()
+    }
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mac = self.mac(data);
+        let n = signature_out.len().min(mac.len());
+        signature_out[..n].copy_from_slice(&mac[..n]);
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let mac = self.mac(data);
+        // Constant time: no early exit on the first differing byte.
+        let diff = mac
+            .iter()
+            .zip(signature)
+            .fold(u8::from(signature.len() != mac.len()), |acc, (a, b)| {
+                acc | (a ^ b)
+            });
+        if diff == 0 {
+            Ok(())
+        } else {
+            Err(quinn::crypto::CryptoError)
+        }
+    }
+}
+
+/// Random 8-byte connection IDs that accept any 8-byte ID as possibly ours. quinn's default
+/// generator MACs its IDs with a per-process key and sends stateless resets only for IDs that
+/// validate, so a restarted edge would silently drop the agent's packets instead of resetting its
+/// stale connection. (Resets stay bounded: each is smaller than the packet that caused it, and
+/// [`MIN_RESET_INTERVAL`] apart.)
+struct CidGenerator;
+
+impl CidGenerator {
+    const LEN: usize = 8;
+}
+
+impl quinn::ConnectionIdGenerator for CidGenerator {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let cid: [u8; Self::LEN] = rand::random();
+        quinn::ConnectionId::new(&cid)
+    }
+
+    fn cid_len(&self) -> usize {
+        Self::LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Binds the tunnel's QUIC endpoint with a stateless-reset key derived from `secret` (the edge's
+/// TLS private key, so stable across restarts) and [`CidGenerator`], so a restarted edge resets
+/// an agent's stale connection on its first packet; see [`ResetKey`].
+pub(crate) fn bind_endpoint(
+    server: quinn::ServerConfig,
+    addr: SocketAddr,
+    secret: &[u8],
+) -> std::io::Result<quinn::Endpoint> {
+    let mut config =
+        quinn::EndpointConfig::new(Arc::new(ResetKey::derive(RESET_KEY_LABEL, secret)));
+    config.min_reset_interval(MIN_RESET_INTERVAL);
+    config.cid_generator(|| Box::new(CidGenerator));
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    quinn::Endpoint::new(config, Some(server), socket, runtime)
+}
+
+/// A raw TCP service the edge listens for: `--tcp-service [IP:]PORT=SERVICE`. The coordinator
+/// API has no TCP mounts yet, so this is edge configuration; a bare port binds on the tunnel
+/// listener's IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpService {
+    pub ip: Option<std::net::IpAddr>,
+    pub port: u16,
+    pub service: String,
+}
+
+/// Parses `--tcp-service [IP:]PORT=SERVICE`.
+pub fn parse_tcp_service(s: &str) -> Result<TcpService, String> {
+    let usage = || format!("{s:?}: expected [IP:]PORT=SERVICE, e.g. 6379=redis");
+    let (listen, service) = s.rsplit_once('=').ok_or_else(usage)?;
+    if service.is_empty() {
+        return Err(usage());
+    }
+    let (ip, port) = match listen.parse::<u16>() {
+        Ok(port) => (None, port),
+        Err(_) => {
+            let addr: SocketAddr = listen.parse().map_err(|_| usage())?;
+            (Some(addr.ip()), addr.port())
+        }
+    };
+    Ok(TcpService {
+        ip,
+        port,
+        service: service.to_owned(),
+    })
+}
+
+/// A bound listener for a [`TcpService`].
+pub(crate) struct TcpServiceListener {
+    pub(crate) listener: tokio::net::TcpListener,
+    pub(crate) service: String,
+}
+
+/// Binds every `--tcp-service` (bare ports on `default_ip`, the tunnel listener's IP).
+pub(crate) async fn bind_tcp_services(
+    services: &[TcpService],
+    default_ip: std::net::IpAddr,
+) -> Result<Vec<TcpServiceListener>, crate::Error> {
+    let mut out = Vec::with_capacity(services.len());
+    for s in services {
+        let addr = SocketAddr::new(s.ip.unwrap_or(default_ip), s.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| crate::Error::Bind {
+                what: "TCP service",
+                addr,
+                source,
+            })?;
+        out.push(TcpServiceListener {
+            listener,
+            service: s.service.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// Raw TCP connections held at once per TCP service listener.
+const MAX_TCP_CONNECTIONS: usize = 10_000;
+/// Read size from TCP clients (the default 8 KiB makes bulk transfers syscall-bound).
+const TCP_COPY_BUF: usize = 64 * 1024;
+
+/// Accepts TCP clients for one service until `shutdown`; each becomes one tunnel stream (a
+/// `TcpHead` then raw bytes both ways) to an agent of the service, picked like HTTP requests.
+pub(crate) async fn serve_tcp(
+    l: TcpServiceListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let TcpServiceListener { listener, service } = l;
+    let service: Arc<str> = service.into();
+    let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    debug!(error = %e, "TCP service accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            debug!(%peer, service = %service, "TCP connection limit reached; closing");
+            continue;
+        };
+        let (shared, service, shutdown) = (shared.clone(), service.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = tcp_connection(sock, &service, &shared, &shutdown).await {
+                debug!(%peer, service = %service, error = %e, "TCP connection ended");
+            }
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TcpError {
+    #[error("no agent connected for service {0}")]
+    NoAgent(String),
+    #[error("opening a tunnel stream: {0}")]
+    Open(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("edge shutting down")]
+    Shutdown,
+}
+
+async fn tcp_connection(
+    sock: tokio::net::TcpStream,
+    service: &str,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Result<(), TcpError> {
+    use tokio::io::AsyncWriteExt;
+
+    let _ = sock.set_nodelay(true);
+    let lease = shared
+        .agents
+        .pick(service, None, crate::balance::Choice::P2c)
+        .ok_or_else(|| TcpError::NoAgent(service.to_owned()))?;
+    let (mut send, mut recv) = lease.agent().conn.open_bi().await?;
+    let mut head = bytes::BytesMut::new();
+    tunnel_proto::encode_preamble(&mut head);
+    tunnel_proto::encode(
+        &Frame::TcpHead {
+            service: service.to_owned(),
+        },
+        &mut head,
+    )
+    .map_err(WireError::from)?;
+    send.write_all(&head).await.map_err(WireError::from)?;
+
+    let (client_rd, mut client_wr) = sock.into_split();
+    let up = async {
+        let mut client_rd = tokio::io::BufReader::with_capacity(TCP_COPY_BUF, client_rd);
+        tokio::io::copy_buf(&mut client_rd, &mut send).await?;
+        // Half-close: the agent shuts down its write side to the origin.
+        let _ = send.finish();
+        Ok::<_, std::io::Error>(())
+    };
+    let down = async {
+        tokio::io::copy(&mut recv, &mut client_wr).await?;
+        client_wr.shutdown().await
+    };
+    let both = async { tokio::try_join!(up, down).map(|_| ()) };
+    // On shutdown, open TCP connections get the drain period, then are cut.
+    let drained = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    let result = tokio::select! {
+        r = both => r.map_err(TcpError::from),
+        () = drained => Err(TcpError::Shutdown),
+    };
+    if result.is_err() {
+        let _ = recv.stop(quinn::VarInt::from_u32(code::CANCELLED));
+    }
+    drop(lease);
+    result
+}
+
 /// Accepts agent connections until `shutdown`; each is handled in its own task on `tracker`.
 pub(crate) async fn accept_loop(
     endpoint: quinn::Endpoint,
@@ -393,5 +676,75 @@ async fn control_loop(
                 Err(e) => return End::Connection(e.to_string()),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quinn::crypto::HmacKey;
+
+    use super::{ResetKey, TcpService, parse_tcp_service};
+
+    #[test]
+    fn tcp_service_flag() {
+        assert_eq!(
+            parse_tcp_service("6379=redis"),
+            Ok(TcpService {
+                ip: None,
+                port: 6379,
+                service: "redis".into()
+            })
+        );
+        let s = parse_tcp_service("127.0.0.5:5432=pg").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.ip, Some([127, 0, 0, 5].into()));
+        assert_eq!(s.port, 5432);
+        for bad in ["6379", "6379=", "=redis", "host:1=x", "70000=x"] {
+            assert!(parse_tcp_service(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// RFC 4231 test case 2, through our HMAC with the raw key (not the derived one).
+    #[test]
+    fn hmac_sha256_matches_rfc_4231() {
+        let mut key = [0u8; 64];
+        key[..4].copy_from_slice(b"Jefe");
+        let k = ResetKey { key };
+        let mac = k.mac(b"what do ya want for nothing?");
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert!(k.verify(b"what do ya want for nothing?", &mac).is_ok());
+        assert!(k.verify(b"what do ya want for nothing!", &mac).is_err());
+        assert!(
+            k.verify(b"what do ya want for nothing?", &mac[..31])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn any_8_byte_connection_id_is_ours_after_a_restart() {
+        use quinn::ConnectionIdGenerator;
+        let cid = super::CidGenerator.generate_cid();
+        assert_eq!(cid.len(), 8);
+        // Default `validate`: accepts IDs from a previous process, so they get a reset.
+        assert!(super::CidGenerator.validate(&cid).is_ok());
+    }
+
+    /// The point of the key: the same TLS key gives the same reset tokens in a new process.
+    #[test]
+    fn reset_key_is_stable_per_secret() {
+        let (a, b, c) = (
+            ResetKey::derive(super::RESET_KEY_LABEL, b"tls key one"),
+            ResetKey::derive(super::RESET_KEY_LABEL, b"tls key one"),
+            ResetKey::derive(super::RESET_KEY_LABEL, b"tls key two"),
+        );
+        let (mut ta, mut tb, mut tc) = ([0u8; 16], [0u8; 16], [0u8; 16]);
+        a.sign(b"connection id", &mut ta);
+        b.sign(b"connection id", &mut tb);
+        c.sign(b"connection id", &mut tc);
+        assert_eq!(ta, tb);
+        assert_ne!(ta, tc);
     }
 }

@@ -71,6 +71,13 @@ impl Backoff {
         self.attempt = 0;
     }
 
+    /// The edge reset our connection statelessly: it restarted and is listening, so retry at
+    /// once (with jitter within [`BASE`]) however short-lived the connection was.
+    pub(crate) fn on_edge_restart(&mut self, now: Instant) {
+        self.reset();
+        self.fast_until = Some(now + FAST_WINDOW);
+    }
+
     /// A registered connection ended: reset if it was up long enough to count as healthy.
     pub(crate) fn on_disconnect(&mut self, connected_at: Instant, now: Instant) {
         if now.saturating_duration_since(connected_at) >= HEALTHY_AFTER {
@@ -168,5 +175,17 @@ mod tests {
             f.next_delay(t0, &mut rng);
         }
         assert!(f.ceiling_at(t0 + Duration::from_secs(2)) > FAST_CAP);
+    }
+
+    #[test]
+    fn edge_restart_resets_even_a_short_connection() {
+        let mut rng = StdRng::seed_from_u64(6);
+        let mut b = Backoff::default();
+        for _ in 0..6 {
+            b.next_delay(Instant::now(), &mut rng);
+        }
+        let t0 = Instant::now();
+        b.on_edge_restart(t0);
+        assert_eq!(b.ceiling_at(t0), BASE);
     }
 }

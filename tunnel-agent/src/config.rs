@@ -21,9 +21,19 @@ pub struct Config {
     /// Service this agent serves.
     #[arg(long, env = "MERIDIAN_AGENT_SERVICE")]
     pub service: String,
-    /// Origin base URL (`http://` only), e.g. `http://127.0.0.1:3000`.
-    #[arg(long = "to", env = "MERIDIAN_AGENT_TO")]
+    /// Origin base URL (`http://` only), e.g. `http://127.0.0.1:3000`. Optional when `--tcp`
+    /// is given (a raw-TCP-only service); HTTP requests then get a 502.
+    #[arg(
+        long = "to",
+        env = "MERIDIAN_AGENT_TO",
+        required_unless_present = "tcp",
+        default_value = ""
+    )]
     pub to: String,
+    /// Raw TCP origin `host:port` (e.g. `127.0.0.1:6379`): TCP connections the edge accepts for
+    /// this service arrive as tunnel streams and are spliced to it, one QUIC stream each.
+    #[arg(long, env = "MERIDIAN_AGENT_TCP")]
+    pub tcp: Option<String>,
     /// PEM file with the CA certificate(s) that sign the edges' tunnel certificates.
     #[arg(long, env = "MERIDIAN_AGENT_CA")]
     pub ca: PathBuf,
@@ -61,6 +71,7 @@ impl Config {
             token: token.into(),
             service: service.into(),
             to: to.into(),
+            tcp: None,
             ca: ca.into(),
             server_name: None,
             agent_id: None,
@@ -127,5 +138,28 @@ mod tests {
             cli.config.admin_listen,
             Some("127.0.0.1:9090".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn tcp_only_agent_needs_no_to() {
+        let base = [
+            "agent",
+            "--edge",
+            "127.0.0.1:7844",
+            "--token",
+            "t",
+            "--service",
+            "redis",
+            "--ca",
+            "/tmp/ca.pem",
+        ];
+        assert!(
+            Cli::try_parse_from(base).is_err(),
+            "--to or --tcp is required"
+        );
+        let cli =
+            Cli::try_parse_from(base.iter().copied().chain(["--tcp", "127.0.0.1:6379"])).unwrap();
+        assert_eq!(cli.config.tcp.as_deref(), Some("127.0.0.1:6379"));
+        assert_eq!(cli.config.to, "");
     }
 }

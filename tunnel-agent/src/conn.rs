@@ -61,6 +61,8 @@ enum Outcome {
     /// Registered and served until the connection ended.
     Served {
         connected_at: Instant,
+        /// The edge answered with a QUIC stateless reset: it restarted and is listening again.
+        edge_restarted: bool,
     },
     Failed,
     Shutdown,
@@ -74,8 +76,15 @@ async fn run_slot(shared: Arc<Shared>, slot: SlotId) {
         let addr = shared.targets().next_addr(slot);
         if let Some(addr) = addr {
             match attempt(&shared, slot, addr, &mut endpoint).await {
-                Outcome::Served { connected_at } => {
-                    backoff.on_disconnect(connected_at, Instant::now());
+                Outcome::Served {
+                    connected_at,
+                    edge_restarted,
+                } => {
+                    if edge_restarted {
+                        backoff.on_edge_restart(Instant::now());
+                    } else {
+                        backoff.on_disconnect(connected_at, Instant::now());
+                    }
                 }
                 Outcome::Failed => shared.targets().on_failure(slot),
                 Outcome::Shutdown => break,
@@ -218,9 +227,12 @@ async fn attempt(
     }
     let connected_at = Instant::now();
     let registered = shared.stats.registered();
-    serve(shared, slot, addr, conn, ctl_send, ctl_recv).await;
+    let edge_restarted = serve(shared, slot, addr, conn, ctl_send, ctl_recv).await;
     drop(registered);
-    Outcome::Served { connected_at }
+    Outcome::Served {
+        connected_at,
+        edge_restarted,
+    }
 }
 
 async fn register(
@@ -280,7 +292,8 @@ enum Stop {
     Lost(String),
 }
 
-/// Serves a registered connection until shutdown, an edge `Drain`/`GoAway`, or loss.
+/// Serves a registered connection until shutdown, an edge `Drain`/`GoAway`, or loss. Returns
+/// whether the loss was a stateless reset (the edge restarted and is back).
 async fn serve(
     shared: &Arc<Shared>,
     slot: SlotId,
@@ -288,7 +301,7 @@ async fn serve(
     conn: quinn::Connection,
     mut ctl_send: quinn::SendStream,
     mut ctl: FrameReader,
-) {
+) -> bool {
     let streams = TaskTracker::new();
     let mut hb = Heartbeat::new(Instant::now());
     let mut health = shared.health.clone();
@@ -383,10 +396,15 @@ async fn serve(
             ));
         }
         Stop::Lost(why) => {
+            if matches!(conn.close_reason(), Some(quinn::ConnectionError::Reset)) {
+                info!(slot, edge = %addr, "edge restarted (stateless reset); reconnecting at once");
+                return true;
+            }
             warn!(slot, edge = %addr, %why, "tunnel connection lost; reconnecting");
             conn.close(quinn::VarInt::from_u32(code::CANCELLED), b"lost");
         }
     }
+    false
 }
 
 fn origin_health(shared: &Shared, healthy: bool) -> Frame {

@@ -8,8 +8,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::origin::Origin;
-
 /// Consecutive failures before the origin counts as down (one blip is not an outage).
 const FALL: u32 = 2;
 /// Consecutive successes before it counts as up again.
@@ -66,7 +64,7 @@ pub(crate) async fn probe_loop(
 ) {
     let mut state = Hysteresis::new();
     loop {
-        let ok = probe(&origin.origin).await;
+        let ok = probe(&origin).await;
         if let Some(healthy) = state.on_probe(ok) {
             if healthy {
                 info!(service = %origin.service, "origin is healthy");
@@ -83,9 +81,9 @@ pub(crate) async fn probe_loop(
     }
 }
 
-async fn probe(origin: &Origin) -> bool {
+async fn probe(ctx: &crate::stream::StreamCtx) -> bool {
     matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, origin.probe()).await,
+        tokio::time::timeout(PROBE_TIMEOUT, ctx.probe()).await,
         Ok(true)
     )
 }

@@ -56,11 +56,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         source,
     })?;
     let client_config = quic::client_config(&ca)?;
-    let origin = origin::Origin::new(&config.to, config.health_path.clone())?;
+    let origin = if config.to.is_empty() {
+        None
+    } else {
+        Some(origin::Origin::new(&config.to, config.health_path.clone())?)
+    };
+    if origin.is_none() && config.tcp.is_none() {
+        return Err(Error::Config("--to or --tcp is required".into()));
+    }
+    if let Some(tcp) = &config.tcp
+        && !tcp
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+    {
+        return Err(Error::Config(format!(
+            "--tcp {tcp:?}: expected host:port, e.g. 127.0.0.1:6379"
+        )));
+    }
     let agent_id = config.agent_id.clone().unwrap_or_else(random_agent_id);
 
     let stream_ctx = Arc::new(stream::StreamCtx {
         origin,
+        tcp: config.tcp.clone(),
         service: config.service.clone(),
     });
     let (health_tx, health_rx) = tokio::sync::watch::channel(true);
@@ -97,6 +114,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         admin = ?admin_addr,
         service = %config.service,
         origin = %config.to,
+        tcp = ?config.tcp,
         edges = ?config.edges,
         regions = config.regions,
         "ready"

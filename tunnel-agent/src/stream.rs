@@ -26,12 +26,30 @@ use crate::wire::{self, FrameReader, code, write_frame};
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest `Data` frame the agent writes.
 pub(crate) const MAX_DATA_FRAME: usize = 64 * 1024;
+/// Time to connect to the raw TCP origin.
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read size from the TCP origin (the default 8 KiB makes bulk transfers syscall-bound).
+const TCP_COPY_BUF: usize = 64 * 1024;
 /// How long a finished stream waits for the edge to acknowledge its last bytes.
 const FINISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct StreamCtx {
-    pub(crate) origin: Origin,
+    /// HTTP origin (`--to`); `None` for a raw-TCP-only agent.
+    pub(crate) origin: Option<Origin>,
+    /// Raw TCP origin `host:port` (`--tcp`).
+    pub(crate) tcp: Option<String>,
     pub(crate) service: String,
+}
+
+impl StreamCtx {
+    /// One health probe of whichever origin this agent has (HTTP preferred).
+    pub(crate) async fn probe(&self) -> bool {
+        match (&self.origin, &self.tcp) {
+            (Some(origin), _) => origin.probe().await,
+            (None, Some(addr)) => tokio::net::TcpStream::connect(addr.as_str()).await.is_ok(),
+            (None, None) => false,
+        }
+    }
 }
 
 fn frame_name(f: &Frame) -> &'static str {
@@ -55,11 +73,7 @@ fn frame_name(f: &Frame) -> &'static str {
 }
 
 /// Serves one edge-opened stream to completion; never panics on what the edge sends.
-pub(crate) async fn handle(
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    ctx: Arc<StreamCtx>,
-) {
+pub(crate) async fn handle(send: quinn::SendStream, recv: quinn::RecvStream, ctx: Arc<StreamCtx>) {
     let mut reader = FrameReader::new(recv);
     let head = match tokio::time::timeout(HEAD_TIMEOUT, reader.next()).await {
         Ok(Ok(Some(frame))) => frame,
@@ -75,11 +89,7 @@ pub(crate) async fn handle(
     };
     match head {
         Frame::RequestHead(head) => proxy_http(head, reader, send, &ctx).await,
-        Frame::TcpHead { service } => {
-            reader.stop(code::DONE);
-            let message = format!("raw TCP (service {service:?}) is not supported by this agent");
-            respond_error(&mut send, 501, message).await;
-        }
+        Frame::TcpHead { service } => proxy_tcp(service, reader, send, &ctx).await,
         other => {
             debug!(
                 frame = frame_name(&other),
@@ -167,10 +177,15 @@ async fn proxy_http(
         );
         return respond_error(&mut send, 421, msg).await;
     }
+    let Some(origin) = ctx.origin.as_ref() else {
+        reader.stop(code::DONE);
+        let msg = format!("service {:?} has no HTTP origin at this agent", ctx.service);
+        return respond_error(&mut send, 502, msg).await;
+    };
     let upgrade = headers::is_upgrade_request(&head.headers);
     let request = Method::from_bytes(&head.method)
         .map_err(|_| "invalid method".to_owned())
-        .and_then(|m| Ok((m, ctx.origin.uri_for(&head.uri)?)))
+        .and_then(|m| Ok((m, origin.uri_for(&head.uri)?)))
         .and_then(|(m, u)| {
             let h = headers::to_header_map(&head.headers, upgrade).map_err(|e| e.to_string())?;
             Ok((m, u, h))
@@ -227,7 +242,7 @@ async fn proxy_http(
     // Resolves only if the edge abandons the stream (STOP_SENDING) or the connection dies.
     let mut stopped = std::pin::pin!(send.stopped());
     let resp = tokio::select! {
-        r = ctx.origin.client.request(req) => r,
+        r = origin.client.request(req) => r,
         _ = &mut stopped => {
             source.abort();
             return;
@@ -306,6 +321,63 @@ async fn proxy_http(
     }
     // The origin answered in full; any request body still arriving is no longer needed.
     source.abort();
+}
+
+/// A raw TCP connection the edge accepted for this service: after the `TcpHead`, bytes both ways
+/// between the stream and a fresh connection to `--tcp`, with half-closes passed through. A
+/// failed origin connect resets the stream with [`code::ORIGIN`] (the edge closes its client).
+async fn proxy_tcp(
+    service: String,
+    mut reader: FrameReader,
+    mut send: quinn::SendStream,
+    ctx: &StreamCtx,
+) {
+    let Some(addr) = ctx.tcp.as_deref().filter(|_| service == ctx.service) else {
+        debug!(
+            service,
+            "TCP stream for a service without a TCP origin here"
+        );
+        reader.stop(code::REFUSED_TCP);
+        wire::reset(&mut send, code::REFUSED_TCP);
+        return;
+    };
+    let origin =
+        match tokio::time::timeout(TCP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                warn!(origin = addr, error = %e, "TCP origin unreachable");
+                reader.stop(code::ORIGIN);
+                wire::reset(&mut send, code::ORIGIN);
+                return;
+            }
+            Err(_) => {
+                warn!(origin = addr, "TCP origin connect timed out");
+                reader.stop(code::ORIGIN);
+                wire::reset(&mut send, code::ORIGIN);
+                return;
+            }
+        };
+    let _ = origin.set_nodelay(true);
+    let (mut recv, leftover) = reader.into_parts();
+    let (origin_rd, mut origin_wr) = origin.into_split();
+    let up = async {
+        if !leftover.is_empty() {
+            origin_wr.write_all(&leftover).await?;
+        }
+        tokio::io::copy(&mut recv, &mut origin_wr).await?;
+        origin_wr.shutdown().await
+    };
+    let down = async {
+        let mut origin_rd = tokio::io::BufReader::with_capacity(TCP_COPY_BUF, origin_rd);
+        tokio::io::copy_buf(&mut origin_rd, &mut send).await?;
+        finish(&mut send).await;
+        Ok::<_, std::io::Error>(())
+    };
+    if let Err(e) = tokio::try_join!(up, down) {
+        debug!(error = %e, "TCP stream ended with an error");
+        wire::reset(&mut send, code::CANCELLED);
+    }
 }
 
 /// Streams request body frames from the tunnel into hyper. Returns the reader after `End`.

@@ -17,8 +17,10 @@ pub(crate) mod code {
     pub(crate) const PROTOCOL: u32 = 0x2;
     /// The agent is draining and did not start this request: safe for the edge to retry it.
     pub(crate) const REFUSED: u32 = 0x3;
-    /// The origin failed after the response head was sent.
+    /// The origin failed after the response head was sent (or, for raw TCP, could not be reached).
     pub(crate) const ORIGIN: u32 = 0x4;
+    /// A raw TCP stream for a service this agent has no TCP origin for.
+    pub(crate) const REFUSED_TCP: u32 = 0x5;
 }
 
 #[derive(Debug, thiserror::Error)]
