@@ -361,21 +361,21 @@ async fn proxies_requests_upgrades_and_drains() {
     assert_eq!(&got, b"ping-raw");
     send.finish().unwrap();
 
-    // A TCP head is refused with 501.
-    let (mut send, recv) = conn.open_bi().await.unwrap();
+    // A TCP head at an agent without `--tcp` is refused: the stream is reset with code 5.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
     write(
         &mut send,
         &[Frame::TcpHead {
-            service: "db".into(),
+            service: "shop".into(),
         }],
         true,
     )
     .await;
-    let mut r = Reader::new(recv);
-    assert!(matches!(
-        r.next().await,
-        Some(Frame::Error { code: 501, .. })
-    ));
+    let refused = recv.read_chunk(1024, true).await;
+    assert!(
+        matches!(refused, Err(quinn::ReadError::Reset(c)) if c == quinn::VarInt::from_u32(5)),
+        "{refused:?}"
+    );
 
     // Heartbeats flow.
     let seq = tokio::time::timeout(Duration::from_secs(5), hb_rx.recv())
@@ -560,6 +560,90 @@ async fn connects_to_a_second_region_and_reconnects_after_drain() {
     // Edge A drains: the agent reconnects to A (its region's only address).
     write(&mut ctl_a, &[Frame::Drain], false).await;
     let (_conn_a2, _ctl_a2, _r) = register(&edge_a, "edge-a", "eu", vec![]).await;
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(&pki.ca_path);
+}
+
+/// A TCP origin that echoes every byte until EOF, then closes its write side.
+async fn tcp_echo() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_streams_are_spliced_to_the_tcp_origin() {
+    let pki = pki("tcp");
+    let edge = quinn::Endpoint::server(pki.server.clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let echo = tcp_echo().await;
+    let mut cfg = agent_config(edge.local_addr().unwrap(), "", &pki.ca_path);
+    cfg.tcp = Some(echo.to_string());
+    cfg.health_interval = 0;
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(tunnel_agent::run(cfg, shutdown.clone()));
+    let (conn, _ctl, _ctl_reader) = register(&edge, "edge-a", "eu", vec![]).await;
+
+    // Head and the first bytes in one write (the agent must keep what it read past the head),
+    // then more, then FIN: everything comes back, then FIN.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut first = BytesMut::new();
+    tunnel_proto::encode_preamble(&mut first);
+    tunnel_proto::encode(
+        &Frame::TcpHead {
+            service: "shop".into(),
+        },
+        &mut first,
+    )
+    .unwrap();
+    first.extend_from_slice(b"hello ");
+    send.write_all(&first).await.unwrap();
+    let big = vec![7u8; 3 * 1024 * 1024];
+    send.write_all(&big).await.unwrap();
+    send.finish().unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(8 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed.len(), 6 + big.len());
+    assert_eq!(&echoed[..6], b"hello ");
+    assert!(echoed[6..].iter().all(|b| *b == 7));
+
+    // HTTP to a TCP-only agent: 502, not a hang.
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    write(&mut send, &[head("GET", "/", &[]), Frame::End], true).await;
+    assert!(matches!(
+        Reader::new(recv).next().await,
+        Some(Frame::Error { code: 502, .. })
+    ));
+
+    // A TCP stream for another service is refused (code 5).
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write(
+        &mut send,
+        &[Frame::TcpHead {
+            service: "other".into(),
+        }],
+        true,
+    )
+    .await;
+    assert!(matches!(
+        recv.read_chunk(1024, true).await,
+        Err(quinn::ReadError::Reset(c)) if c == quinn::VarInt::from_u32(5)
+    ));
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(15), agent)
