@@ -11,50 +11,52 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use sha2::{Digest, Sha256};
 
-/// Picks an index in `0..n` by P2C: two distinct random candidates, the one with fewer in-flight
-/// requests wins (the first drawn on a tie). `None` when `n == 0`.
-pub(crate) fn p2c<R: Rng + ?Sized>(
+/// Plain P2C over in-flight requests: [`p2c_ewma`] before any latency is known.
+#[cfg(test)]
+fn p2c<R: Rng + ?Sized>(
     n: usize,
     in_flight: impl Fn(usize) -> usize,
     rng: &mut R,
 ) -> Option<usize> {
-    match n {
-        0 => None,
-        1 => Some(0),
-        _ => {
-            let a = rng.random_range(0..n);
-            let mut b = rng.random_range(0..n - 1);
-            if b >= a {
-                b += 1;
-            }
-            Some(choose(a, b, &in_flight))
-        }
-    }
+    p2c_ewma(n, in_flight, |_| None, rng)
 }
 
-/// The less loaded of two candidates; `a` on a tie.
-fn choose(a: usize, b: usize, in_flight: impl Fn(usize) -> usize) -> usize {
-    if in_flight(b) < in_flight(a) { b } else { a }
+/// What a policy may look at in a candidate list (index `0..len()`), so policies stay pure
+/// functions of numbers and ids, unit tested without connections.
+pub(crate) trait Backends {
+    fn len(&self) -> usize;
+    fn in_flight(&self, i: usize) -> usize;
+    /// EWMA of time to response head; `None` before the first answer.
+    fn latency(&self, i: usize) -> Option<Duration>;
+    /// Stable identity (the agent id), for consistent hashing.
+    fn id(&self, i: usize) -> &str;
 }
 
 /// The policy a registry lookup applies to its candidate list.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Choice<'a> {
-    /// P2C over in-flight requests (the default).
+    /// P2C over (in-flight + 1) × EWMA latency (the default).
     P2c,
     RoundRobin(&'a RoundRobin),
+    LeastConnections,
+    /// Consistent hashing of the request's key; `None` (no key in this request) falls back to P2C.
+    Hash(Option<&'a [u8]>, &'a RingCache),
 }
 
 impl Choice<'_> {
-    pub(crate) fn pick<R: Rng + ?Sized>(
+    pub(crate) fn pick<B: Backends + ?Sized, R: Rng + ?Sized>(
         self,
-        n: usize,
-        in_flight: impl Fn(usize) -> usize,
+        b: &B,
         rng: &mut R,
     ) -> Option<usize> {
+        let n = b.len();
         match self {
-            Choice::P2c => p2c(n, in_flight, rng),
+            Choice::P2c | Choice::Hash(None, _) => {
+                p2c_ewma(n, |i| b.in_flight(i), |i| b.latency(i), rng)
+            }
             Choice::RoundRobin(rr) => rr.pick(n),
+            Choice::LeastConnections => least_connections(n, |i| b.in_flight(i), rng),
+            Choice::Hash(Some(key), cache) => cache.ring(b).pick(key),
         }
     }
 }
@@ -64,14 +66,61 @@ impl Choice<'_> {
 pub(crate) struct ServiceBalance {
     pub(crate) policy: coordinator_api::LbPolicy,
     pub(crate) rr: RoundRobin,
+    pub(crate) ring: RingCache,
 }
 
 impl ServiceBalance {
-    pub(crate) fn choice(&self) -> Choice<'_> {
-        match self.policy {
-            coordinator_api::LbPolicy::P2c => Choice::P2c,
-            coordinator_api::LbPolicy::RoundRobin => Choice::RoundRobin(&self.rr),
+    /// The choice for one request; `key` is [`hash_key`]'s answer when the policy hashes.
+    pub(crate) fn choice<'a>(&'a self, key: Option<&'a [u8]>) -> Choice<'a> {
+        use coordinator_api::LbPolicy;
+        match &self.policy {
+            LbPolicy::P2c => Choice::P2c,
+            LbPolicy::RoundRobin => Choice::RoundRobin(&self.rr),
+            LbPolicy::LeastConnections => Choice::LeastConnections,
+            LbPolicy::Hash(_) => Choice::Hash(key, &self.ring),
         }
+    }
+
+    /// The request's hash key under this policy (`None` when it does not hash or the request
+    /// lacks the attribute).
+    pub(crate) fn key(
+        &self,
+        headers: &[(bytes::Bytes, bytes::Bytes)],
+        client: std::net::IpAddr,
+    ) -> Option<Vec<u8>> {
+        match &self.policy {
+            coordinator_api::LbPolicy::Hash(on) => hash_key(on, headers, client),
+            _ => None,
+        }
+    }
+}
+
+/// What [`coordinator_api::HashOn`] names in one request. Header names in `headers` are
+/// lower-case (the edge builds them from `http::HeaderName`).
+pub(crate) fn hash_key(
+    on: &coordinator_api::HashOn,
+    headers: &[(bytes::Bytes, bytes::Bytes)],
+    client: std::net::IpAddr,
+) -> Option<Vec<u8>> {
+    use coordinator_api::HashOn;
+    fn header<'h>(
+        headers: &'h [(bytes::Bytes, bytes::Bytes)],
+        name: &'h str,
+    ) -> impl Iterator<Item = &'h bytes::Bytes> {
+        headers
+            .iter()
+            .filter(move |(n, _)| n.as_ref().eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+    match on {
+        HashOn::Header(name) => header(headers, name).next().map(|v| v.to_vec()),
+        HashOn::Cookie(name) => header(headers, "cookie").find_map(|v| {
+            std::str::from_utf8(v).ok()?.split(';').find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == name).then(|| v.as_bytes().to_vec())
+            })
+        }),
+        HashOn::ClientIp => Some(client.to_string().into_bytes()),
     }
 }
 
@@ -86,19 +135,34 @@ pub(crate) fn policies(services: &[coordinator_api::Service]) -> Policies {
             (
                 s.name.clone(),
                 std::sync::Arc::new(ServiceBalance {
-                    policy: s.lb_policy,
-                    rr: RoundRobin::default(),
+                    policy: s.lb_policy.clone(),
+                    ..ServiceBalance::default()
                 }),
             )
         })
         .collect()
 }
 
-// The policies below are complete and unit tested; `LbPolicy` (coordinator-api) has only
-// `P2c` and `RoundRobin` today, and the coordinator's store maps it exhaustively, so new
-// variants need the coordinator engineer first. Until then they are reachable from tests only.
+/// The ring of the current candidate list, rebuilt only when that list changes (agents come and
+/// go rarely; requests are many). The lock is held for a lookup or a swap, never across `.await`.
+#[derive(Debug, Default)]
+pub(crate) struct RingCache(std::sync::Mutex<Option<(Vec<String>, std::sync::Arc<Ring>)>>);
 
-#[cfg_attr(not(test), allow(dead_code))]
+impl RingCache {
+    fn ring<B: Backends + ?Sized>(&self, b: &B) -> std::sync::Arc<Ring> {
+        let ids: Vec<&str> = (0..b.len()).map(|i| b.id(i)).collect();
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((have, ring)) = cached.as_ref()
+            && have.iter().map(String::as_str).eq(ids.iter().copied())
+        {
+            return ring.clone();
+        }
+        let ring = std::sync::Arc::new(Ring::new(&ids));
+        *cached = Some((ids.iter().map(|s| (*s).to_owned()).collect(), ring.clone()));
+        ring
+    }
+}
+
 /// Picks by P2C where each candidate costs `(in_flight + 1) × latency_ewma` (linkerd's
 /// "peak EWMA" idea without the peak); a backend with no samples yet costs `in_flight + 1` × the
 /// smallest known latency, so new backends get traffic. `None` when `n == 0`.
@@ -130,7 +194,6 @@ pub(crate) fn p2c_ewma<R: Rng + ?Sized>(
     }
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// Exponentially weighted moving average of latency, decaying with wall time (not sample
 /// count), so a backend that was slow a minute ago is not punished forever.
 #[derive(Clone, Copy, Debug)]
@@ -140,7 +203,6 @@ pub(crate) struct Ewma {
     tau: Duration,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl Ewma {
     pub(crate) fn new(tau: Duration) -> Self {
         Self {
@@ -213,7 +275,6 @@ impl SmoothWeighted {
     }
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// The candidate with the fewest in-flight requests; ties broken at random so equal backends
 /// share load. `None` when `n == 0`.
 pub(crate) fn least_connections<R: Rng + ?Sized>(
@@ -226,7 +287,6 @@ pub(crate) fn least_connections<R: Rng + ?Sized>(
     ties.get(rng.random_range(0..ties.len())).copied()
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 fn hash64(parts: &[&[u8]]) -> u64 {
     let mut h = Sha256::new();
     for p in parts {
@@ -239,7 +299,6 @@ fn hash64(parts: &[&[u8]]) -> u64 {
     u64::from_le_bytes(b)
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// Consistent hashing on a ring with virtual nodes: adding or removing one of `n` backends moves
 /// only about `1/n` of the keys (a header, cookie or client IP), so caches behind stay warm.
 #[derive(Debug, Default)]
@@ -250,7 +309,6 @@ pub(crate) struct Ring {
 /// Virtual nodes per backend: enough for a spread within a few percent.
 const VNODES: usize = 160;
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl Ring {
     /// Builds the ring from stable backend ids (index `i` of the result refers to `ids[i]`).
     pub(crate) fn new<S: AsRef<[u8]>>(ids: &[S]) -> Self {
@@ -381,6 +439,80 @@ mod tests {
         assert_eq!(counts[0] + counts[3], 0);
         assert!(counts[1] > 400 && counts[2] > 400, "{counts:?}");
         assert_eq!(least_connections(0, |_| 0, &mut rng), None);
+    }
+
+    #[test]
+    fn hash_keys_come_from_header_cookie_or_client() {
+        use bytes::Bytes;
+        use coordinator_api::HashOn;
+        let h = |n: &'static str, v: &'static str| {
+            (
+                Bytes::from_static(n.as_bytes()),
+                Bytes::from_static(v.as_bytes()),
+            )
+        };
+        let headers = [h("x-user", "alice"), h("cookie", "a=1; sid=s-42; b=2")];
+        let ip: std::net::IpAddr = [192, 0, 2, 7].into();
+        let key = |on: HashOn| hash_key(&on, &headers, ip);
+        assert_eq!(
+            key(HashOn::Header("x-user".into())),
+            Some(b"alice".to_vec())
+        );
+        assert_eq!(
+            key(HashOn::Header("X-User".into())),
+            Some(b"alice".to_vec())
+        );
+        assert_eq!(key(HashOn::Header("x-other".into())), None);
+        assert_eq!(key(HashOn::Cookie("sid".into())), Some(b"s-42".to_vec()));
+        assert_eq!(key(HashOn::Cookie("si".into())), None);
+        assert_eq!(key(HashOn::ClientIp), Some(b"192.0.2.7".to_vec()));
+    }
+
+    struct Fake(Vec<&'static str>);
+
+    impl Backends for Fake {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn in_flight(&self, _: usize) -> usize {
+            0
+        }
+        fn latency(&self, _: usize) -> Option<Duration> {
+            None
+        }
+        fn id(&self, i: usize) -> &str {
+            self.0[i]
+        }
+    }
+
+    #[test]
+    fn hashing_choice_is_sticky_per_key_and_survives_reordering() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let cache = RingCache::default();
+        let three = Fake(vec!["a", "b", "c"]);
+        let pick = |b: &Fake, key: &str, rng: &mut StdRng| {
+            Choice::Hash(Some(key.as_bytes()), &cache)
+                .pick(b, rng)
+                .map(|i| b.0[i])
+        };
+        let first: Vec<_> = (0..50)
+            .map(|k| pick(&three, &k.to_string(), &mut rng))
+            .collect();
+        let again: Vec<_> = (0..50)
+            .map(|k| pick(&three, &k.to_string(), &mut rng))
+            .collect();
+        assert_eq!(first, again, "same key, same backend");
+        assert!(first.contains(&Some("a")) && first.contains(&Some("c")));
+        // "b" leaves: only its keys move.
+        let two = Fake(vec!["a", "c"]);
+        for (k, before) in first.iter().enumerate() {
+            let after = pick(&two, &k.to_string(), &mut rng);
+            if *before != Some("b") {
+                assert_eq!(after, *before, "key {k} moved though its backend stayed");
+            }
+        }
+        // No key: P2C still picks something.
+        assert!(Choice::Hash(None, &cache).pick(&two, &mut rng).is_some());
     }
 
     #[test]

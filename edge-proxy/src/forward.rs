@@ -41,6 +41,8 @@ pub(crate) struct Outgoing {
     pub(crate) client_uri: String,
     /// The request came from a peer edge: it is served here or not at all (one hop at most).
     pub(crate) from_peer: bool,
+    /// The client's address (for a peer's request, the one that peer saw), for hashing on it.
+    pub(crate) client_ip: std::net::IpAddr,
 }
 
 pub(crate) fn full(body: impl Into<Bytes>) -> RespBody {
@@ -121,6 +123,7 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
         body,
         client_uri,
         from_peer,
+        client_ip,
     } = out;
     let idempotent = retry::idempotent(&head.method);
 
@@ -143,7 +146,13 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     let mut attempt = 0;
     let policies = shared.policies.load_full();
     let balance = policies.get(&service);
-    let choice = balance.map_or(crate::balance::Choice::P2c, |b| b.choice());
+    let hash_key = match (&head, balance) {
+        (Frame::RequestHead(h), Some(b)) => b.key(&h.headers, client_ip),
+        _ => None,
+    };
+    let choice = balance.map_or(crate::balance::Choice::P2c, |b| {
+        b.choice(hash_key.as_deref())
+    });
     let mut last_failure = None;
     loop {
         attempt += 1;
@@ -350,6 +359,7 @@ async fn attempt_once(
     body: &mut Option<Incoming>,
     upgrade: &mut Option<OnUpgrade>,
 ) -> Result<Response<RespBody>, Failed> {
+    let started = std::time::Instant::now();
     let agent = lease.agent().key;
     let fail = |failure, response| Failed {
         failure,
@@ -430,7 +440,10 @@ async fn attempt_once(
         next = reader.next() => next,
     };
     let head = match next {
-        Ok(Some(Frame::ResponseHead(h))) => h,
+        Ok(Some(Frame::ResponseHead(h))) => {
+            lease.agent().observe_latency(started.elapsed());
+            h
+        }
         Ok(Some(Frame::Error { code, message })) => {
             return Ok(text(
                 StatusCode::BAD_GATEWAY,

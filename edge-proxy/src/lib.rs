@@ -331,7 +331,6 @@ impl Edge {
             anycast: anycast.as_ref().map(|a| a.2.clone()),
             peers,
         });
-
         let anycast_stop = CancellationToken::new();
         let anycast_task = anycast.map(|(bird, settings, status)| {
             tokio::spawn(announce::drive(

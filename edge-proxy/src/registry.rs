@@ -13,6 +13,9 @@ use tokio::sync::Notify;
 
 use crate::balance;
 
+/// How fast latency samples fade: a backend slow ten seconds ago is mostly forgiven.
+const LATENCY_DECAY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One registered agent connection.
 #[derive(Debug)]
 pub(crate) struct AgentHandle {
@@ -23,6 +26,8 @@ pub(crate) struct AgentHandle {
     in_flight: AtomicUsize,
     /// Last `OriginHealth` the agent reported; unhealthy connections are avoided while others exist.
     origin_healthy: AtomicBool,
+    /// Time to response head, smoothed: P2C's cost steers away from slow agents before they queue.
+    latency: Mutex<balance::Ewma>,
 }
 
 impl AgentHandle {
@@ -34,7 +39,22 @@ impl AgentHandle {
             info,
             in_flight: AtomicUsize::new(0),
             origin_healthy: AtomicBool::new(true),
+            latency: Mutex::new(balance::Ewma::new(LATENCY_DECAY)),
         })
+    }
+
+    /// Records one request's time to response head.
+    pub(crate) fn observe_latency(&self, d: std::time::Duration) {
+        let now = std::time::Instant::now();
+        // Held for one float update; a poisoned EWMA is still a valid number.
+        self.latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(d, now);
+    }
+
+    fn latency(&self) -> Option<std::time::Duration> {
+        self.latency.lock().unwrap_or_else(|e| e.into_inner()).get()
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -69,6 +89,36 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl balance::Backends for [Arc<AgentHandle>] {
+    fn len(&self) -> usize {
+        <[_]>::len(self)
+    }
+    fn in_flight(&self, i: usize) -> usize {
+        self[i].in_flight()
+    }
+    fn latency(&self, i: usize) -> Option<std::time::Duration> {
+        self[i].latency()
+    }
+    fn id(&self, i: usize) -> &str {
+        &self[i].info.agent_id
+    }
+}
+
+impl balance::Backends for [&Arc<AgentHandle>] {
+    fn len(&self) -> usize {
+        <[_]>::len(self)
+    }
+    fn in_flight(&self, i: usize) -> usize {
+        self[i].in_flight()
+    }
+    fn latency(&self, i: usize) -> Option<std::time::Duration> {
+        self[i].latency()
+    }
+    fn id(&self, i: usize) -> &str {
+        &self[i].info.agent_id
     }
 }
 
@@ -143,9 +193,7 @@ impl Registry {
         let mut rng = rand::rng();
         let chosen = if exclude.is_none() && list.iter().all(|h| h.origin_healthy()) {
             // Fast path: no filtering, no allocation.
-            choice
-                .pick(list.len(), |i| list[i].in_flight(), &mut rng)
-                .map(|i| &list[i])
+            choice.pick(&list[..], &mut rng).map(|i| &list[i])
         } else {
             let usable: Vec<&Arc<AgentHandle>> =
                 list.iter().filter(|h| Some(h.key) != exclude).collect();
@@ -155,9 +203,7 @@ impl Registry {
                 .filter(|h| h.origin_healthy())
                 .collect();
             let pool = if healthy.is_empty() { usable } else { healthy };
-            choice
-                .pick(pool.len(), |i| pool[i].in_flight(), &mut rng)
-                .map(|i| pool[i])
+            choice.pick(&pool[..], &mut rng).map(|i| pool[i])
         }?;
         Some(chosen.lease())
     }

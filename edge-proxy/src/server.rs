@@ -360,6 +360,19 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
         headers: headers::request_headers(req.headers(), &ctx),
     };
     let client_uri = path_and_query.to_owned();
+    // A peer appended the client it saw last in X-Forwarded-For.
+    let original_client = if from_peer {
+        req.headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|ip| ip.trim().parse().ok())
+            .unwrap_or(client_ip)
+    } else {
+        client_ip
+    };
     let upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     let out = Outgoing {
         service: matched.service.to_string(),
@@ -367,6 +380,7 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
         upgrade,
         client_uri,
         from_peer,
+        client_ip: original_client,
         body: req.into_body(),
     };
     let mut resp = forward::forward(shared, out).await;

@@ -3,8 +3,8 @@
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use coordinator_api::{
-    AdminState, ApiScope, Client, CreateApiToken, CreateService, CreateToken, LbPolicy, Mount,
-    Region,
+    AdminState, ApiScope, Client, CreateApiToken, CreateService, CreateToken, HashOn, LbPolicy,
+    Mount, Region,
 };
 use serde::Serialize;
 
@@ -167,9 +167,25 @@ fn parse_scope(s: &str) -> Result<ApiScope, String> {
         .map_err(|_| format!("unknown scope {s:?} (admin, read, node)"))
 }
 
+/// `p2c`, `round-robin`, `least-connections`, `hash:header:NAME`, `hash:cookie:NAME`,
+/// `hash:client-ip`.
 fn parse_policy(s: &str) -> Result<LbPolicy, String> {
-    serde_json::from_value(serde_json::Value::String(s.replace('-', "_")))
-        .map_err(|_| format!("unknown policy {s:?} (p2c, round-robin)"))
+    let unknown = || {
+        format!(
+            "unknown policy {s:?} (p2c, round-robin, least-connections, hash:header:NAME, \
+             hash:cookie:NAME, hash:client-ip)"
+        )
+    };
+    if let Some(on) = s.strip_prefix("hash:") {
+        let on = match on.split_once(':') {
+            Some(("header", name)) if !name.is_empty() => HashOn::Header(name.to_ascii_lowercase()),
+            Some(("cookie", name)) if !name.is_empty() => HashOn::Cookie(name.to_owned()),
+            None if on == "client-ip" => HashOn::ClientIp,
+            _ => return Err(unknown()),
+        };
+        return Ok(LbPolicy::Hash(on));
+    }
+    serde_json::from_value(serde_json::Value::String(s.replace('-', "_"))).map_err(|_| unknown())
 }
 
 /// Splits `host/prefix` (prefix defaults to `/`).
@@ -218,7 +234,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                     .len();
                 vec![
                     s.name.clone(),
-                    serde_plain(&s.lb_policy),
+                    policy_label(&s.lb_policy),
                     if m.is_empty() {
                         "-".into()
                     } else {
@@ -522,6 +538,16 @@ async fn bench_watch(c: &Client, n: usize, changes: usize, service: &str) -> any
 }
 
 /// A unit enum as its wire name (`round_robin`, `down`), for tables.
+/// A policy as `--lb` takes it.
+fn policy_label(p: &LbPolicy) -> String {
+    match p {
+        LbPolicy::Hash(HashOn::Header(n)) => format!("hash:header:{n}"),
+        LbPolicy::Hash(HashOn::Cookie(n)) => format!("hash:cookie:{n}"),
+        LbPolicy::Hash(HashOn::ClientIp) => "hash:client-ip".into(),
+        other => serde_plain(other).replace('_', "-"),
+    }
+}
+
 fn serde_plain<T: Serialize>(v: &T) -> String {
     match serde_json::to_value(v) {
         Ok(serde_json::Value::String(s)) => s,
@@ -640,6 +666,24 @@ mod tests {
     fn policies() {
         assert_eq!(parse_policy("p2c"), Ok(LbPolicy::P2c));
         assert_eq!(parse_policy("round-robin"), Ok(LbPolicy::RoundRobin));
+        assert_eq!(
+            parse_policy("least-connections"),
+            Ok(LbPolicy::LeastConnections)
+        );
+        assert_eq!(
+            parse_policy("hash:header:X-User"),
+            Ok(LbPolicy::Hash(HashOn::Header("x-user".into())))
+        );
+        assert_eq!(
+            parse_policy("hash:cookie:sid"),
+            Ok(LbPolicy::Hash(HashOn::Cookie("sid".into())))
+        );
+        assert_eq!(
+            parse_policy("hash:client-ip"),
+            Ok(LbPolicy::Hash(HashOn::ClientIp))
+        );
+        assert!(parse_policy("hash:header:").is_err());
+        assert!(parse_policy("hash:body").is_err());
         assert!(parse_policy("random").is_err());
     }
 }

@@ -21,6 +21,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at startup and moved into the role: the size of the largest config does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the control plane.

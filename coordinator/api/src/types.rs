@@ -31,13 +31,31 @@ pub enum AdminState {
 }
 
 /// How an edge picks among a service's backends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LbPolicy {
-    /// Power of two choices over in-flight requests.
+    /// Power of two choices, each costing (in-flight requests + 1) × EWMA latency.
     #[default]
     P2c,
     RoundRobin,
+    /// The backend with the fewest in-flight requests.
+    LeastConnections,
+    /// Consistent hashing (a ring of virtual nodes) on a request attribute: one key keeps reaching
+    /// one backend while it is there, and losing a backend moves only its keys. Requests without
+    /// the key fall back to P2C.
+    Hash(HashOn),
+}
+
+/// What [`LbPolicy::Hash`] hashes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    /// A request header (name, case-insensitive).
+    Header(String),
+    /// A cookie (name).
+    Cookie(String),
+    /// The client's IP address as the edge sees it.
+    ClientIp,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -247,21 +247,16 @@ fn service_exists(c: &Connection, name: &str) -> Result<bool, StoreError> {
     exists(c, "SELECT 1 FROM services WHERE name = ?1", &name)
 }
 
-fn lb_to_str(p: LbPolicy) -> &'static str {
-    match p {
-        LbPolicy::P2c => "p2c",
-        LbPolicy::RoundRobin => "round_robin",
-    }
+/// The policy column: the policy's JSON (`"p2c"`, `{"hash":{"header":"x-user"}}`), which reads
+/// the bare names older databases hold too.
+fn lb_to_str(p: &LbPolicy) -> String {
+    serde_json::to_string(p).unwrap_or_else(|_| "\"p2c\"".to_owned())
 }
 
 fn lb_from_str(s: &str) -> Result<LbPolicy, StoreError> {
-    match s {
-        "p2c" => Ok(LbPolicy::P2c),
-        "round_robin" => Ok(LbPolicy::RoundRobin),
-        other => Err(StoreError::Backend(format!(
-            "unknown lb_policy {other:?} in database"
-        ))),
-    }
+    serde_json::from_str(s)
+        .or_else(|_| serde_json::from_value(serde_json::Value::String(s.to_owned())))
+        .map_err(|_| StoreError::Backend(format!("unknown lb_policy {s:?} in database")))
 }
 
 fn read_regions(c: &Connection) -> Result<Vec<Region>, StoreError> {
@@ -378,7 +373,7 @@ impl Store for SqliteStore {
         }
         tx.execute(
             "INSERT INTO services (name, lb_policy) VALUES (?1, ?2)",
-            params![s.name, lb_to_str(s.lb_policy)],
+            params![s.name, lb_to_str(&s.lb_policy)],
         )?;
         let rev = log_change(&tx, &self.actor, "service.put", &s.name, Some(s))?;
         tx.commit()?;

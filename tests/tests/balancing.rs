@@ -1,0 +1,115 @@
+//! Per-service balancing policies under `meridian dev`, with two agents in front of two demo
+//! app instances that name themselves.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use meridian_tests::{
+    clients::https_get,
+    dev::{DevNetwork, eventually},
+    meridian_bin,
+};
+
+const IAD: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 12));
+const HOST: &str = "edge.meridian.test";
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Kill {
+    let mut c = Command::new(meridian_bin());
+    c.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Kill(c.spawn().expect("spawn"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hashing_on_a_header_keeps_each_user_on_one_instance_and_spreads_users() {
+    let net = DevNetwork::start();
+    net.ctl(&["service", "create", "sticky", "--lb", "hash:header:x-user"]);
+    net.ctl(&[
+        "mount",
+        "add",
+        &format!("{HOST}/sticky"),
+        "sticky",
+        "--strip-prefix",
+    ]);
+    let token = net.ctl(&["token", "create", "sticky"])["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let ca = net.ca().display().to_string();
+    let mut running = Vec::new();
+    for (name, port) in [("one", 7791), ("two", 7792)] {
+        let listen = format!("127.0.0.1:{port}");
+        running.push(spawn(
+            &["demo-app", "--listen", &listen, "--name", name],
+            &[],
+        ));
+        running.push(spawn(
+            &[
+                "agent",
+                "--edge",
+                "127.0.0.12:7443",
+                "--regions",
+                "1",
+                "--ca",
+                &ca,
+                "--service",
+                "sticky",
+                "--to",
+                &format!("http://{listen}"),
+                "--agent-id",
+                name,
+            ],
+            &[("MERIDIAN_AGENT_TOKEN", &token)],
+        ));
+    }
+    // Both instances answer (a user hashed to each exists among a hundred).
+    let instance = |user: String| {
+        let ca = net.ca();
+        async move {
+            let r = https_get(&ca, IAD, 8443, HOST, "/sticky/", &[("x-user", &user)])
+                .await
+                .ok()?;
+            (r.status == 200).then(|| r.json()["instance"].as_str().unwrap().to_owned())
+        }
+    };
+    eventually(Duration::from_secs(20), || async {
+        let mut seen = HashSet::new();
+        for u in 0..100 {
+            seen.insert(instance(format!("user-{u}")).await?);
+        }
+        (seen.len() == 2).then_some(())
+    })
+    .await
+    .expect("both agents registered and both instances used");
+
+    // Every user stays on one instance, request after request.
+    let mut first: HashMap<u32, String> = HashMap::new();
+    for round in 0..3 {
+        for u in 0..40 {
+            let got = instance(format!("user-{u}")).await.expect("answer");
+            let want = first.entry(u).or_insert_with(|| got.clone());
+            assert_eq!(&got, want, "user-{u} moved in round {round}");
+        }
+    }
+    let spread: HashSet<_> = first.values().collect();
+    assert_eq!(spread.len(), 2, "forty users spread over both instances");
+    drop(running);
+}
