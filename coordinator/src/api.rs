@@ -51,6 +51,8 @@ pub(crate) struct AppState {
     pub(crate) progress_every: Duration,
     /// Last ack/nack per subscriber, at most [`MAX_SUBSCRIBERS`].
     pub(crate) acks: Arc<std::sync::Mutex<std::collections::BTreeMap<String, SubscriberState>>>,
+    /// The latest snapshot's watch line, shared by every stream.
+    encoded: Arc<EncodedSnapshot>,
 }
 
 /// Most subscribers whose acks we remember; the oldest is forgotten first.
@@ -64,6 +66,7 @@ impl AppState {
             watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
             progress_every: PROGRESS_EVERY,
             acks: Arc::default(),
+            encoded: Arc::default(),
         }
     }
 }
@@ -691,6 +694,27 @@ fn ndjson(line: &WatchLine<'_>) -> Option<Bytes> {
     }
 }
 
+/// A change is serialised once, not once per subscriber: with a thousand watch streams that is
+/// the difference between one encode and a thousand on every write. Keyed by the snapshot's
+/// `Arc` (the cache holds a clone, so the address cannot be reused while cached); the lock is
+/// held for one encode at most, never across `.await`.
+#[derive(Debug, Default)]
+struct EncodedSnapshot(std::sync::Mutex<Option<(Arc<Snapshot>, Bytes)>>);
+
+impl EncodedSnapshot {
+    fn line(&self, snap: &Arc<Snapshot>) -> Option<Bytes> {
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, line)) = cached.as_ref()
+            && Arc::ptr_eq(s, snap)
+        {
+            return Some(line.clone());
+        }
+        let line = ndjson(&WatchLine::Snapshot(snap))?;
+        *cached = Some((snap.clone(), line.clone()));
+        Some(line)
+    }
+}
+
 /// `?revision=&observed_version=`: what the subscriber already holds.
 #[derive(Debug, Deserialize)]
 struct WatchFrom {
@@ -726,6 +750,7 @@ async fn watch_stream(
         st.shutdown.clone(),
         st.progress_every,
         permit,
+        st.encoded.clone(),
     );
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
@@ -740,6 +765,7 @@ struct WatchState {
     first: Option<(Arc<Snapshot>, bool)>,
     shutdown: CancellationToken,
     progress_every: Duration,
+    encoded: Arc<EncodedSnapshot>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -753,18 +779,20 @@ fn watch_lines(
     shutdown: CancellationToken,
     progress_every: Duration,
     permit: OwnedSemaphorePermit,
+    encoded: Arc<EncodedSnapshot>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     let state = WatchState {
         rx,
         first: Some((current, send_snapshot)),
         shutdown,
         progress_every,
+        encoded,
         _permit: permit,
     };
     futures_util::stream::unfold(state, |mut s| async move {
         if let Some((snap, full)) = s.first.take() {
             let line = if full {
-                ndjson(&WatchLine::Snapshot(&snap))
+                s.encoded.line(&snap)
             } else {
                 ndjson(&WatchLine::Progress {
                     revision: snap.revision,
@@ -778,7 +806,7 @@ fn watch_lines(
             r = tokio::time::timeout(s.progress_every, s.rx.changed()) => match r {
                 Ok(Ok(())) => {
                     let snap = s.rx.borrow_and_update().clone();
-                    ndjson(&WatchLine::Snapshot(&snap))
+                    s.encoded.line(&snap)
                 }
                 // The hub is gone: the server is stopping.
                 Ok(Err(_)) => return None,
