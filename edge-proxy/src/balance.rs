@@ -163,6 +163,9 @@ impl RingCache {
     }
 }
 
+/// Latency ratio under which two backends count as equally fast.
+const LATENCY_TOLERANCE: f64 = 1.25;
+
 /// Picks by P2C where each candidate costs `(in_flight + 1) × latency_ewma` (linkerd's
 /// "peak EWMA" idea without the peak); a backend with no samples yet costs `in_flight + 1` × the
 /// smallest known latency, so new backends get traffic. `None` when `n == 0`.
@@ -176,10 +179,7 @@ pub(crate) fn p2c_ewma<R: Rng + ?Sized>(
         .filter_map(&latency)
         .min()
         .unwrap_or(Duration::from_millis(1));
-    let cost = |i: usize| {
-        let lat = latency(i).unwrap_or(floor).as_secs_f64().max(1e-6);
-        (in_flight(i) as f64 + 1.0) * lat
-    };
+    let lat = |i: usize| latency(i).unwrap_or(floor).as_secs_f64().max(1e-6);
     match n {
         0 => None,
         1 => Some(0),
@@ -189,7 +189,17 @@ pub(crate) fn p2c_ewma<R: Rng + ?Sized>(
             if b >= a {
                 b += 1;
             }
-            Some(if cost(b) < cost(a) { b } else { a })
+            // Latencies within a quarter of each other are noise, not a signal: compare on load
+            // alone then, so two equal backends share traffic instead of the one that happened to
+            // answer a microsecond faster taking all of it. `a` is the random draw on a tie.
+            let (la, lb) = (lat(a), lat(b));
+            let (la, lb) = if la.max(lb) <= la.min(lb) * LATENCY_TOLERANCE {
+                (la.min(lb), la.min(lb))
+            } else {
+                (la, lb)
+            };
+            let cost = |i: usize, l: f64| (in_flight(i) as f64 + 1.0) * l;
+            Some(if cost(b, lb) < cost(a, la) { b } else { a })
         }
     }
 }
@@ -225,7 +235,13 @@ impl Ewma {
         self.last = Some(now);
     }
 
-    pub(crate) fn get(&self) -> Option<Duration> {
+    /// The average, or `None` when the last sample is older than the decay time: a backend that
+    /// was slow and so got no traffic must get probed again rather than stay shunned forever.
+    pub(crate) fn get(&self, now: Instant) -> Option<Duration> {
+        let last = self.last?;
+        if now.saturating_duration_since(last) > self.tau {
+            return None;
+        }
         self.value.map(Duration::from_secs_f64)
     }
 }
@@ -399,11 +415,28 @@ mod tests {
         );
         let t0 = Instant::now();
         let mut e = Ewma::new(Duration::from_secs(1));
-        assert_eq!(e.get(), None);
+        assert_eq!(e.get(t0), None);
         e.observe(Duration::from_millis(100), t0);
-        e.observe(Duration::from_millis(10), t0 + Duration::from_secs(10));
-        let v = e.get().unwrap_or_default();
+        let t1 = t0 + Duration::from_secs(10);
+        e.observe(Duration::from_millis(10), t1);
+        let v = e.get(t1).unwrap_or_default();
         assert!(v < Duration::from_millis(11), "{v:?}");
+        // A sample older than the decay time is forgotten, so the backend gets probed again.
+        assert_eq!(e.get(t1 + Duration::from_secs(2)), None);
+    }
+
+    #[test]
+    fn nearly_equal_latencies_share_traffic() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let lat = [
+            Some(Duration::from_micros(1_000)),
+            Some(Duration::from_micros(1_100)),
+        ];
+        let picks: Vec<_> = (0..400)
+            .filter_map(|_| p2c_ewma(2, |_| 0, |i| lat[i], &mut rng))
+            .collect();
+        let slower = picks.iter().filter(|&&i| i == 1).count();
+        assert!((100..300).contains(&slower), "{slower} of 400");
     }
 
     #[test]

@@ -54,7 +54,10 @@ impl AgentHandle {
     }
 
     fn latency(&self) -> Option<std::time::Duration> {
-        self.latency.lock().unwrap_or_else(|e| e.into_inner()).get()
+        self.latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(std::time::Instant::now())
     }
 
     pub(crate) fn in_flight(&self) -> usize {
