@@ -203,6 +203,7 @@ mod tests {
                 http_addr: None,
                 https_addr: None,
                 tunnel_addr: Some("127.0.0.1:4433".into()),
+                anycast: None,
             },
             agents: agents
                 .iter()

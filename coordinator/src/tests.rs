@@ -402,6 +402,7 @@ fn heartbeat(id: &str) -> EdgeHeartbeat {
             http_addr: Some("127.0.0.11:8080".into()),
             https_addr: None,
             tunnel_addr: Some("127.0.0.11:4433".into()),
+            anycast: None,
         },
         agents: vec![AgentConn {
             agent_id: "agent-1".into(),

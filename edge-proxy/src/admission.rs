@@ -122,6 +122,7 @@ mod tests {
                 http_addr: None,
                 https_addr: None,
                 tunnel_addr: tunnel.map(Into::into),
+                anycast: None,
             },
             alive,
             last_seen_ms: 0,

@@ -1,11 +1,14 @@
-//! Tells the coordinator this edge is alive and which agents it holds.
+//! Tells the coordinator this edge is alive, which agents it holds and whether its anycast VIP is
+//! announced.
 //!
 //! Never fatal: when the coordinator is away the edge keeps serving on its last snapshot.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use coordinator_api::{Client, EdgeHeartbeat, EdgeInfo, HEARTBEAT_INTERVAL_MS};
+use std::sync::atomic::Ordering;
+
+use coordinator_api::{AnycastState, Client, EdgeHeartbeat, EdgeInfo, HEARTBEAT_INTERVAL_MS};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -38,8 +41,13 @@ pub(crate) async fn run(
             _ = tick.tick() => {}
             _ = shared.agents.changed.notified() => {}
         }
+        let mut info = info.clone();
+        info.anycast = shared.anycast.as_ref().map(|a| AnycastState {
+            vip: a.vip.clone(),
+            announced: a.announced.load(Ordering::Relaxed),
+        });
         let hb = EdgeHeartbeat {
-            info: info.clone(),
+            info,
             agents: shared.agents.agent_conns(),
         };
         send(&client, &hb, SEND_TIMEOUT).await;

@@ -186,6 +186,7 @@ impl Edge {
             http_addr: http_addr.map(|a| advertise(a, &public_ips)),
             https_addr: https_addr.map(|a| advertise(a, &public_ips)),
             tunnel_addr: Some(advertise(tunnel_addr, &public_ips)),
+            anycast: None,
             public_ips,
         };
         Ok(Self {

@@ -247,6 +247,7 @@ mod tests {
                 http_addr: None,
                 https_addr: Some(format!("127.0.0.1:{port}")),
                 tunnel_addr: None,
+                anycast: None,
             },
             alive,
             last_seen_ms: 0,

@@ -178,6 +178,7 @@ mod tests {
                     http_addr: None,
                     https_addr: None,
                     tunnel_addr: None,
+                    anycast: None,
                 },
                 alive: true,
                 last_seen_ms: 0,

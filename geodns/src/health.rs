@@ -206,6 +206,7 @@ mod tests {
                 http_addr: None,
                 https_addr: None,
                 tunnel_addr: None,
+                anycast: None,
             },
             alive,
             last_seen_ms: 0,

@@ -34,6 +34,7 @@ fn dev_snapshot() -> Snapshot {
             http_addr: None,
             https_addr: None,
             tunnel_addr: None,
+            anycast: None,
         },
         alive: true,
         last_seen_ms: 0,

@@ -440,7 +440,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             let rows = c.list_edges().await?;
             out.table(
                 &rows,
-                &["ID", "REGION", "ALIVE", "PUBLIC_IPS", "TUNNEL", "AGENTS"],
+                &[
+                    "ID",
+                    "REGION",
+                    "ALIVE",
+                    "PUBLIC_IPS",
+                    "TUNNEL",
+                    "AGENTS",
+                    "ANYCAST",
+                ],
                 |e| {
                     vec![
                         e.info.id.clone(),
@@ -454,6 +462,17 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                             .join(","),
                         e.info.tunnel_addr.clone().unwrap_or_default(),
                         e.agents.len().to_string(),
+                        e.info.anycast.as_ref().map_or_else(
+                            || "-".to_owned(),
+                            |a| {
+                                let state = if a.announced {
+                                    "announced"
+                                } else {
+                                    "withdrawn"
+                                };
+                                format!("{} {state}", a.vip)
+                            },
+                        ),
                     ]
                 },
             )

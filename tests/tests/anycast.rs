@@ -313,6 +313,29 @@ fn anycast_lab() {
         "announce state on /metrics:\n{m}"
     );
 
+    // The coordinator shows each edge's announce state (`meridian ctl edges`, the dashboard),
+    // one heartbeat (1 s) behind the edge.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = lab(&["ctl", "edges", "--json"]);
+        let edges: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("ctl edges --json");
+        let announced = edges
+            .as_array()
+            .expect("edge list")
+            .iter()
+            .filter(|e| e["info"]["anycast"]["announced"] == true)
+            .count();
+        if announced == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ctl edges shows every edge announced: {edges}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // 1. Many connections spread over the edges (L4 hashing on the router).
     let counts = spread(30, "spread");
     eprintln!("spread over edges 1/2/3: {:?}", &counts[1..]);

@@ -101,6 +101,17 @@ pub struct EdgeInfo {
     pub https_addr: Option<String>,
     /// `ip:port` of the QUIC tunnel listener agents dial.
     pub tunnel_addr: Option<String>,
+    /// Anycast announcement, for edges that announce a VIP over BGP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anycast: Option<AnycastState>,
+}
+
+/// Whether an edge's anycast VIP is in the routing table, as its routing daemon confirmed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnycastState {
+    /// The VIP with its prefix length, e.g. `198.18.0.10/32`.
+    pub vip: String,
+    pub announced: bool,
 }
 
 /// One agent connection held by an edge.
