@@ -235,11 +235,12 @@ impl Ewma {
         self.last = Some(now);
     }
 
-    /// The average, or `None` when the last sample is older than the decay time: a backend that
-    /// was slow and so got no traffic must get probed again rather than stay shunned forever.
-    pub(crate) fn get(&self, now: Instant) -> Option<Duration> {
+    /// The average, or `None` when the last sample is older than `max_age`: a backend that was
+    /// slow once (a cold first request) and so got no traffic must be probed again soon rather
+    /// than stay shunned.
+    pub(crate) fn get(&self, now: Instant, max_age: Duration) -> Option<Duration> {
         let last = self.last?;
-        if now.saturating_duration_since(last) > self.tau {
+        if now.saturating_duration_since(last) > max_age {
             return None;
         }
         self.value.map(Duration::from_secs_f64)
@@ -415,14 +416,15 @@ mod tests {
         );
         let t0 = Instant::now();
         let mut e = Ewma::new(Duration::from_secs(1));
-        assert_eq!(e.get(t0), None);
+        let age = Duration::from_secs(1);
+        assert_eq!(e.get(t0, age), None);
         e.observe(Duration::from_millis(100), t0);
         let t1 = t0 + Duration::from_secs(10);
         e.observe(Duration::from_millis(10), t1);
-        let v = e.get(t1).unwrap_or_default();
+        let v = e.get(t1, age).unwrap_or_default();
         assert!(v < Duration::from_millis(11), "{v:?}");
-        // A sample older than the decay time is forgotten, so the backend gets probed again.
-        assert_eq!(e.get(t1 + Duration::from_secs(2)), None);
+        // An old sample is forgotten, so the backend gets probed again.
+        assert_eq!(e.get(t1 + Duration::from_secs(2), age), None);
     }
 
     #[test]

@@ -16,6 +16,10 @@ use crate::balance;
 /// How fast latency samples fade: a backend slow ten seconds ago is mostly forgiven.
 const LATENCY_DECAY: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A latency sample older than this no longer counts: the agent is probed again with real
+/// traffic, so one slow (cold) answer cannot starve it.
+const LATENCY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One registered agent connection.
 #[derive(Debug)]
 pub(crate) struct AgentHandle {
@@ -57,7 +61,7 @@ impl AgentHandle {
         self.latency
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(std::time::Instant::now())
+            .get(std::time::Instant::now(), LATENCY_MAX_AGE)
     }
 
     pub(crate) fn in_flight(&self) -> usize {
