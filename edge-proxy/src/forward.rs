@@ -172,7 +172,16 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
             return last_failure.map_or_else(|| no_agent(&service), |f: Failed| f.response);
         };
         let agent = lease.agent().key;
-        let result = attempt_once(shared, &service, lease, &prelude, &mut body, &mut upgrade).await;
+        let result = attempt_once(
+            shared,
+            &service,
+            lease,
+            &prelude,
+            &mut body,
+            &mut upgrade,
+            idempotent,
+        )
+        .await;
         let ok = result.as_ref().is_ok_and(|r| !r.status().is_server_error());
         record_outcome(shared, &service, agent, ok);
         let failed = match result {
@@ -358,6 +367,7 @@ async fn attempt_once(
     prelude: &Bytes,
     body: &mut Option<Incoming>,
     upgrade: &mut Option<OnUpgrade>,
+    idempotent: bool,
 ) -> Result<Response<RespBody>, Failed> {
     let started = std::time::Instant::now();
     let agent = lease.agent().key;
@@ -506,9 +516,37 @@ async fn attempt_once(
         let _ = send.finish();
     }
 
-    let mut resp = Response::new(response_body(reader, lease, cancel_guard));
+    let headers = response_headers(&head.headers, false);
+    let small = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n <= BUFFER_SMALL);
+    let body = if idempotent && small && !declined {
+        // A small answer to an idempotent request is read whole before the client sees its head:
+        // if the agent dies mid-body the request can still go elsewhere instead of failing.
+        match buffered(reader).await {
+            Ok(frames) => {
+                drop(lease);
+                StreamBody::new(futures_util::stream::iter(frames.into_iter().map(Ok)))
+                    .boxed_unsync()
+            }
+            Err(e) => {
+                return Err(fail(
+                    Failure::MaybeStarted,
+                    text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("service {service} failed mid-response: {e}"),
+                    ),
+                ));
+            }
+        }
+    } else {
+        response_body(reader, lease, cancel_guard)
+    };
+    let mut resp = Response::new(body);
     *resp.status_mut() = status;
-    *resp.headers_mut() = response_headers(&head.headers, false);
+    *resp.headers_mut() = headers;
     if declined {
         // The smuggling guard stopped following this connection at the upgrade request; close
         // it rather than parse unchecked bytes as the next request.
@@ -611,6 +649,42 @@ enum BodyError {
     Protocol(u8),
     #[error(transparent)]
     Wire(#[from] WireError),
+}
+
+/// Responses up to this size (by `Content-Length`) to idempotent requests are buffered whole.
+const BUFFER_SMALL: usize = 64 * 1024;
+
+/// Reads a whole (small, declared) response body; more than [`BUFFER_SMALL`] bytes is an error.
+async fn buffered(mut reader: FrameReader) -> Result<Vec<hyper::body::Frame<Bytes>>, BodyError> {
+    let mut frames = Vec::new();
+    let mut total = 0usize;
+    loop {
+        match reader.next().await {
+            Ok(Some(Frame::Data(b))) => {
+                total += b.len();
+                if total > BUFFER_SMALL {
+                    reader.stop(code::CANCELLED);
+                    return Err(BodyError::Truncated);
+                }
+                if !b.is_empty() {
+                    frames.push(hyper::body::Frame::data(b));
+                }
+            }
+            Ok(Some(Frame::Trailers(h))) => {
+                frames.push(hyper::body::Frame::trailers(from_wire(&h)))
+            }
+            Ok(Some(Frame::End)) => return Ok(frames),
+            Ok(Some(Frame::Error { code, message })) => {
+                return Err(BodyError::Upstream { code, message });
+            }
+            Ok(Some(other)) => {
+                reader.stop(code::CANCELLED);
+                return Err(BodyError::Protocol(other.type_code()));
+            }
+            Ok(None) => return Err(BodyError::Truncated),
+            Err(e) => return Err(BodyError::Wire(e)),
+        }
+    }
 }
 
 fn response_body(reader: FrameReader, lease: Lease, cancel: DropGuard) -> RespBody {
