@@ -80,7 +80,6 @@ async fn hashing_on_a_header_keeps_each_user_on_one_instance_and_spreads_users()
             &[("MERIDIAN_AGENT_TOKEN", &token)],
         ));
     }
-    // Both instances answer (a user hashed to each exists among a hundred).
     let instance = |user: String| {
         let ca = net.ca();
         async move {
@@ -90,23 +89,30 @@ async fn hashing_on_a_header_keeps_each_user_on_one_instance_and_spreads_users()
             (r.status == 200).then(|| r.json()["instance"].as_str().unwrap().to_owned())
         }
     };
-    eventually(Duration::from_secs(20), || async {
-        let mut seen = HashSet::new();
-        for u in 0..100 {
-            seen.insert(instance(format!("user-{u}")).await?);
+    let mapping = || async {
+        let mut m: HashMap<u32, String> = HashMap::new();
+        for u in 0..40 {
+            m.insert(u, instance(format!("user-{u}")).await?);
         }
-        (seen.len() == 2).then_some(())
+        Some(m)
+    };
+    // Both agents registered and their origins reported healthy: two passes over forty users
+    // agree and use both instances (an agent whose first origin probe has not passed yet gets
+    // no traffic, which would move its users).
+    let first = eventually(Duration::from_secs(30), || async {
+        let a = mapping().await?;
+        let b = mapping().await?;
+        let both: HashSet<_> = a.values().collect();
+        (a == b && both.len() == 2).then_some(a)
     })
     .await
-    .expect("both agents registered and both instances used");
+    .expect("forty users spread over both instances, stably");
 
     // Every user stays on one instance, request after request.
-    let mut first: HashMap<u32, String> = HashMap::new();
     for round in 0..3 {
-        for u in 0..40 {
-            let got = instance(format!("user-{u}")).await.expect("answer");
-            let want = first.entry(u).or_insert_with(|| got.clone());
-            assert_eq!(&got, want, "user-{u} moved in round {round}");
+        let again = mapping().await.expect("answers");
+        for (u, want) in &first {
+            assert_eq!(&again[u], want, "user-{u} moved in round {round}");
         }
     }
     let spread: HashSet<_> = first.values().collect();
