@@ -208,3 +208,23 @@ pub async fn tunnel_hello(
         inbox.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// One plain-HTTP GET to `ip:8080` over a fresh connection, for `host`: the status, or `None`
+/// when nothing answers (a transport error).
+pub async fn http_status(ip: IpAddr, host: &str, path: &str) -> Option<u16> {
+    let tcp = tokio::net::TcpStream::connect(SocketAddr::new(ip, 8080))
+        .await
+        .ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .ok()?;
+    let resp = sender.send_request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.ok()?;
+    Some(status)
+}

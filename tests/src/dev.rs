@@ -195,3 +195,27 @@ pub fn start_agent(
         .spawn()
         .expect("start agent")
 }
+
+/// A child process killed and reaped when the guard drops, so a failing test leaves no process
+/// behind holding ports or tunnel connections.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A demo app (`meridian demo-app`) on `listen` that names itself `name` on `/`.
+pub fn demo_app(listen: &str, name: &str) -> Proc {
+    Proc(
+        Command::new(crate::meridian_bin())
+            .args(["demo-app", "--listen", listen, "--name", name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start demo-app"),
+    )
+}

@@ -5,28 +5,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use meridian_tests::{
     clients::https_get,
-    dev::{DevNetwork, eventually},
+    dev::{DevNetwork, Proc, demo_app, eventually},
     meridian_bin,
 };
 
 const IAD: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 12));
 const HOST: &str = "edge.meridian.test";
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str], env: &[(&str, &str)]) -> Kill {
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut c = Command::new(meridian_bin());
     c.args(args)
         .stdin(Stdio::null())
@@ -35,7 +26,7 @@ fn spawn(args: &[&str], env: &[(&str, &str)]) -> Kill {
     for (k, v) in env {
         c.env(k, v);
     }
-    Kill(c.spawn().expect("spawn"))
+    Proc(c.spawn().expect("spawn"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -57,10 +48,7 @@ async fn hashing_on_a_header_keeps_each_user_on_one_instance_and_spreads_users()
     let mut running = Vec::new();
     for (name, port) in [("one", 7791), ("two", 7792)] {
         let listen = format!("127.0.0.1:{port}");
-        running.push(spawn(
-            &["demo-app", "--listen", &listen, "--name", name],
-            &[],
-        ));
+        running.push(demo_app(&listen, name));
         running.push(spawn(
             &[
                 "agent",

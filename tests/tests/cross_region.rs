@@ -4,14 +4,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use meridian_tests::{
     clients::https_get,
-    dev::{DevNetwork, eventually, kill9},
+    dev::{DevNetwork, Proc, eventually, kill9},
     meridian_bin,
 };
 
@@ -20,18 +20,20 @@ const IAD: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 12));
 const HOST: &str = "edge.meridian.test";
 
 /// An agent of `xr` that dials only the edge at `edge`.
-fn agent(net: &DevNetwork, token: &str, edge: &str, id: &str) -> Child {
-    Command::new(meridian_bin())
-        .args(["agent", "--edge", edge, "--regions", "1", "--ca"])
-        .arg(net.ca())
-        .args(["--service", "xr", "--to", "http://127.0.0.1:7781"])
-        .args(["--agent-id", id])
-        .env("MERIDIAN_AGENT_TOKEN", token)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start agent")
+fn agent(net: &DevNetwork, token: &str, edge: &str, id: &str) -> Proc {
+    Proc(
+        Command::new(meridian_bin())
+            .args(["agent", "--edge", edge, "--regions", "1", "--ca"])
+            .arg(net.ca())
+            .args(["--service", "xr", "--to", "http://127.0.0.1:7781"])
+            .args(["--agent-id", id])
+            .env("MERIDIAN_AGENT_TOKEN", token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start agent"),
+    )
 }
 
 /// GETs `/xr/` from the edge at `ip` until `stop`; counts answers by outcome.
@@ -79,7 +81,7 @@ async fn a_region_without_agents_is_served_by_the_nearest_region_with_one() {
         .as_str()
         .expect("token")
         .to_owned();
-    let mut sin_agent = agent(&net, &token, "127.0.0.13:7443", "xr-sin");
+    let _sin_agent = agent(&net, &token, "127.0.0.13:7443", "xr-sin");
 
     // ams has no agent of xr: sin serves it, and the origin never sees the edges' credential.
     let r = eventually(Duration::from_secs(20), || async {
@@ -152,8 +154,8 @@ async fn a_region_without_agents_is_served_by_the_nearest_region_with_one() {
     })
     .await
     .expect("load is served locally");
-    kill9(iad_agent.id() as i32);
-    let _ = iad_agent.wait();
+    kill9(iad_agent.0.id() as i32);
+    let _ = iad_agent.0.wait();
     let killed = Instant::now();
     // Past the edge's dead-agent detection (4 s), and a good number served by sin.
     let peer_before = ok_peer.load(Ordering::Relaxed);
@@ -175,7 +177,4 @@ async fn a_region_without_agents_is_served_by_the_nearest_region_with_one() {
         failed.load(Ordering::Relaxed)
     );
     assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
-
-    let _ = sin_agent.kill();
-    let _ = sin_agent.wait();
 }

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use meridian_tests::{clients::http_status, dev::Proc};
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     process::{Child, Command, Stdio},
@@ -25,34 +26,6 @@ const IAD: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 12));
 const SIN: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 13));
 const EDGES: [IpAddr; 3] = [AMS, IAD, SIN];
 const HOST: &str = "edge.meridian.test";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One plain-HTTP GET over a fresh connection: the status, or `None` on a transport error.
-async fn get_status(edge: IpAddr, path: &str) -> Option<u16> {
-    let tcp = tokio::net::TcpStream::connect(SocketAddr::new(edge, 8080))
-        .await
-        .ok()?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", HOST)
-        .body(Empty::<Bytes>::new())
-        .ok()?;
-    let resp = sender.send_request(req).await.ok()?;
-    let status = resp.status().as_u16();
-    resp.into_body().collect().await.ok()?;
-    Some(status)
-}
 
 #[derive(Default)]
 struct Tally {
@@ -186,7 +159,11 @@ async fn kill_9_of_an_edge_costs_other_regions_nothing_and_its_restart_is_rejoin
     })
     .await
     .expect("requests keep succeeding via ams and sin");
-    assert_eq!(get_status(IAD, "/demo/").await, None, "iad is really down");
+    assert_eq!(
+        http_status(IAD, HOST, "/demo/").await,
+        None,
+        "iad is really down"
+    );
 
     // Restart iad exactly as dev started it, and time how long after it listens the agent is
     // back on it.
@@ -200,7 +177,7 @@ async fn kill_9_of_an_edge_costs_other_regions_nothing_and_its_restart_is_rejoin
     let _edge = Proc(cmd.spawn().expect("restart edge-iad"));
     let listening = std::sync::Mutex::new(None::<Instant>);
     let back = eventually(Duration::from_secs(30), || async {
-        let status = get_status(IAD, "/demo/").await?;
+        let status = http_status(IAD, HOST, "/demo/").await?;
         listening.lock().unwrap().get_or_insert_with(Instant::now);
         (status == 200).then_some(())
     })

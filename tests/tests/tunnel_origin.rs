@@ -4,9 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use meridian_tests::dev::{Proc, demo_app};
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -20,27 +20,6 @@ const IAD: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 12));
 const SIN: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 13));
 const EDGES: [IpAddr; 3] = [AMS, IAD, SIN];
 const HOST: &str = "edge.meridian.test";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn demo_app(listen: &str, name: &str) -> Proc {
-    Proc(
-        Command::new(meridian_tests::meridian_bin())
-            .args(["demo-app", "--listen", listen, "--name", name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start demo-app"),
-    )
-}
 
 /// Plain HTTP GET: status and body, `None` on a transport error.
 async fn get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {

@@ -9,47 +9,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use meridian_tests::{clients::http_status, dev::Proc};
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    process::{Child, Command, Stdio},
+    net::{IpAddr, Ipv4Addr},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use meridian_tests::dev::{DevNetwork, eventually, is_alive, kill9};
 
 const IAD: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 12));
 const HOST: &str = "edge.meridian.test";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One plain-HTTP GET over a fresh connection: the status, or `None` if nothing listens.
-async fn get_status(edge: IpAddr, path: &str) -> Option<u16> {
-    let tcp = tokio::net::TcpStream::connect(SocketAddr::new(edge, 8080))
-        .await
-        .ok()?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", HOST)
-        .body(Empty::<Bytes>::new())
-        .ok()?;
-    let resp = sender.send_request(req).await.ok()?;
-    let status = resp.status().as_u16();
-    resp.into_body().collect().await.ok()?;
-    Some(status)
-}
 
 /// The command line and environment of a running process, to start it again after a kill -9.
 fn snapshot_process(pid: i32) -> (Vec<String>, Vec<(String, String)>) {
@@ -123,7 +93,7 @@ async fn agent_is_back_within_a_second_of_an_edge_restart() {
         .max(1);
     let net = DevNetwork::start();
     eventually(Duration::from_secs(20), || async {
-        (get_status(IAD, "/demo/").await == Some(200)).then_some(())
+        (http_status(IAD, HOST, "/demo/").await == Some(200)).then_some(())
     })
     .await
     .expect("the demo agent serves through iad");
@@ -177,7 +147,7 @@ async fn agent_is_back_within_a_second_of_an_edge_restart() {
         after_kill.push(k);
     }
     assert_eq!(
-        get_status(IAD, "/demo/").await,
+        http_status(IAD, HOST, "/demo/").await,
         Some(200),
         "served through the restarted edge"
     );

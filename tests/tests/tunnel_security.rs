@@ -3,9 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use meridian_tests::dev::{Proc, demo_app};
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -21,28 +21,6 @@ const EDGES: [IpAddr; 3] = [AMS, IAD, SIN];
 const HOST: &str = "edge.meridian.test";
 /// A second app, next to dev's demo app on 127.0.0.1:7781.
 const OTHER_APP: &str = "127.0.0.1:7791";
-
-/// A child process killed when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn demo_app(listen: &str, name: &str) -> Proc {
-    Proc(
-        Command::new(meridian_tests::meridian_bin())
-            .args(["demo-app", "--listen", listen, "--name", name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start demo-app"),
-    )
-}
 
 /// `instance` of the app that answered `GET /<mount>/` via `edge`, or the HTTP status if not 200.
 async fn instance(net: &DevNetwork, edge: IpAddr, mount: &str) -> Result<String, u16> {

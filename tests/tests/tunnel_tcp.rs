@@ -4,9 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use meridian_tests::dev::Proc;
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -21,15 +22,6 @@ use tokio::net::TcpStream;
 const EDGE_TCP: &str = "127.0.0.13:6390";
 /// redis-server on a port no other suite uses.
 const REDIS_PORT: u16 = 6391;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn snapshot_process(pid: i32) -> (Vec<String>, Vec<(String, String)>) {
     let split = |raw: Vec<u8>| -> Vec<String> {
