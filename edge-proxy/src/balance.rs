@@ -150,15 +150,17 @@ pub(crate) struct RingCache(std::sync::Mutex<Option<(Vec<String>, std::sync::Arc
 
 impl RingCache {
     fn ring<B: Backends + ?Sized>(&self, b: &B) -> std::sync::Arc<Ring> {
-        let ids: Vec<&str> = (0..b.len()).map(|i| b.id(i)).collect();
         let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // The common case allocates nothing: the candidate list is the one the ring was built on.
         if let Some((have, ring)) = cached.as_ref()
-            && have.iter().map(String::as_str).eq(ids.iter().copied())
+            && have.len() == b.len()
+            && have.iter().enumerate().all(|(i, id)| id == b.id(i))
         {
             return ring.clone();
         }
+        let ids: Vec<String> = (0..b.len()).map(|i| b.id(i).to_owned()).collect();
         let ring = std::sync::Arc::new(Ring::new(&ids));
-        *cached = Some((ids.iter().map(|s| (*s).to_owned()).collect(), ring.clone()));
+        *cached = Some((ids, ring.clone()));
         ring
     }
 }

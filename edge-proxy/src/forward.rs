@@ -521,11 +521,11 @@ async fn attempt_once(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n <= BUFFER_SMALL);
-    let body = if idempotent && small && !declined {
+        .filter(|&n| n <= BUFFER_SMALL);
+    let body = if let Some(declared) = small.filter(|_| idempotent && !declined) {
         // A small answer to an idempotent request is read whole before the client sees its head:
         // if the agent dies mid-body the request can still go elsewhere instead of failing.
-        match buffered(reader).await {
+        match buffered(reader, declared).await {
             Ok(frames) => {
                 drop(lease);
                 StreamBody::new(futures_util::stream::iter(frames.into_iter().map(Ok)))
@@ -643,6 +643,8 @@ struct BodyState {
 enum BodyError {
     #[error("agent closed the stream before the end of the response body")]
     Truncated,
+    #[error("origin sent more than the {0} bytes its Content-Length declared")]
+    LongerThanDeclared(usize),
     #[error("origin failed mid-response ({code}): {message}")]
     Upstream { code: u16, message: String },
     #[error("agent protocol error: unexpected frame type {0} in a response body")]
@@ -654,17 +656,20 @@ enum BodyError {
 /// Responses up to this size (by `Content-Length`) to idempotent requests are buffered whole.
 const BUFFER_SMALL: usize = 64 * 1024;
 
-/// Reads a whole (small, declared) response body; more than [`BUFFER_SMALL`] bytes is an error.
-async fn buffered(mut reader: FrameReader) -> Result<Vec<hyper::body::Frame<Bytes>>, BodyError> {
+/// Reads a whole response body of `declared` (≤ [`BUFFER_SMALL`]) bytes; more is an error.
+async fn buffered(
+    mut reader: FrameReader,
+    declared: usize,
+) -> Result<Vec<hyper::body::Frame<Bytes>>, BodyError> {
     let mut frames = Vec::new();
     let mut total = 0usize;
     loop {
         match reader.next().await {
             Ok(Some(Frame::Data(b))) => {
                 total += b.len();
-                if total > BUFFER_SMALL {
+                if total > declared {
                     reader.stop(code::CANCELLED);
-                    return Err(BodyError::Truncated);
+                    return Err(BodyError::LongerThanDeclared(declared));
                 }
                 if !b.is_empty() {
                     frames.push(hyper::body::Frame::data(b));
