@@ -1,0 +1,3 @@
+//! Async glue shared by the edge and the agent (feature `io`; the codec itself stays sans-IO).
+
+pub mod fallback;
