@@ -28,7 +28,9 @@ use tracing::{error, warn};
 use crate::bootstrap::{MAX_TOKEN_LEN, new_secret, new_token_id};
 use crate::hub::Hub;
 use crate::observed::ObservedError;
+use crate::resume;
 use crate::store::{Scope, StoreError};
+use coordinator_api::{Delta, ObservedState, delta};
 
 /// Most audit entries one `GET /v1/audit` returns.
 pub(crate) const MAX_AUDIT_PAGE: usize = 1000;
@@ -53,6 +55,8 @@ pub(crate) struct AppState {
     pub(crate) acks: Arc<std::sync::Mutex<std::collections::BTreeMap<String, SubscriberState>>>,
     /// The latest snapshot's watch line, shared by every stream.
     encoded: Arc<EncodedSnapshot>,
+    /// The latest changes' delta lines, shared by every stream that asked for deltas.
+    deltas: Arc<EncodedDeltas>,
 }
 
 /// Most subscribers whose acks we remember; the oldest is forgotten first.
@@ -67,6 +71,7 @@ impl AppState {
             progress_every: PROGRESS_EVERY,
             acks: Arc::default(),
             encoded: Arc::default(),
+            deltas: Arc::default(),
         }
     }
 }
@@ -679,6 +684,7 @@ enum WatchLine<'a> {
         revision: u64,
         observed_version: u64,
     },
+    Delta(&'a Delta),
 }
 
 fn ndjson(line: &WatchLine<'_>) -> Option<Bytes> {
@@ -715,11 +721,117 @@ impl EncodedSnapshot {
     }
 }
 
-/// `?revision=&observed_version=`: what the subscriber already holds.
+/// Delta lines for the live stream, computed and encoded once per change for every stream that
+/// holds the same previous snapshot. A few entries, because streams that fell behind (the watch
+/// channel coalesced changes for them) start from older snapshots. The lock is held for one
+/// computation at most, never across `.await`.
+#[derive(Debug, Default)]
+struct EncodedDeltas {
+    lines: std::sync::Mutex<std::collections::VecDeque<(Arc<Snapshot>, Arc<Snapshot>, Bytes)>>,
+    /// [`delta::digest`] of the latest snapshot, for resumes (many at once after a restart).
+    digest: std::sync::Mutex<Option<(Arc<Snapshot>, String)>>,
+}
+
+/// Delta lines remembered per [`EncodedDeltas`].
+const DELTA_CACHE: usize = 4;
+
+impl EncodedDeltas {
+    /// The line that takes a stream from `old` to `new`: a delta, or the snapshot when a delta
+    /// cannot say it (a field [`delta::diff`] does not carry changed, caught by the digest).
+    fn line(
+        &self,
+        old: &Arc<Snapshot>,
+        new: &Arc<Snapshot>,
+        full: &EncodedSnapshot,
+    ) -> Option<Bytes> {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, line)) = lines
+            .iter()
+            .find(|(o, n, _)| Arc::ptr_eq(o, old) && Arc::ptr_eq(n, new))
+        {
+            return Some(line.clone());
+        }
+        let mut d = delta::diff(old, new);
+        d.digest = Some(self.digest(new));
+        let line = match delta::apply(old, &d) {
+            Ok(_) => ndjson(&WatchLine::Delta(&d))?,
+            Err(e) => {
+                tracing::debug!(error = %e, "change not expressible as a delta; sending a snapshot");
+                full.line(new)?
+            }
+        };
+        lines.push_back((old.clone(), new.clone(), line.clone()));
+        if lines.len() > DELTA_CACHE {
+            lines.pop_front();
+        }
+        Some(line)
+    }
+
+    fn digest(&self, snap: &Arc<Snapshot>) -> String {
+        let mut cached = self.digest.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, d)) = cached.as_ref()
+            && Arc::ptr_eq(s, snap)
+        {
+            return d.clone();
+        }
+        let d = delta::digest(snap);
+        *cached = Some((snap.clone(), d.clone()));
+        d
+    }
+}
+
+/// The first line for a subscriber that holds `from` and asked for deltas: the changes since
+/// then from the change log, or `None` (send a snapshot) when the log no longer has them
+/// (compacted), they are too many, or they include something deltas do not carry.
+async fn resume_delta(st: &AppState, from: u64, current: &Arc<Snapshot>) -> Option<Bytes> {
+    let to = current.revision;
+    if from > to {
+        return None;
+    }
+    let ops = if from == to {
+        Vec::new()
+    } else {
+        let changes = match st
+            .hub
+            .store()
+            .call(move |s| s.changes_since(from, resume::RESUME_MAX_CHANGES))
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(from, error = %e, "no delta for this resume; sending a snapshot");
+                return None;
+            }
+        };
+        // The log must reach the snapshot's revision within one page.
+        if changes.len() >= resume::RESUME_MAX_CHANGES || !changes.iter().any(|c| c.revision == to)
+        {
+            return None;
+        }
+        resume::ops_from_changes(&changes, to)?
+    };
+    let d = Delta {
+        from_revision: from,
+        revision: to,
+        ops,
+        observed: Some(ObservedState {
+            observed_version: current.observed_version,
+            edges: current.edges.clone(),
+            region_health: current.region_health.clone(),
+        }),
+        digest: Some(st.deltas.digest(current)),
+    };
+    ndjson(&WatchLine::Delta(&d))
+}
+
+/// `?revision=&observed_version=`: what the subscriber already holds; `deltas=true` asks for
+/// delta lines instead of a snapshot per change.
 #[derive(Debug, Deserialize)]
 struct WatchFrom {
     revision: Option<u64>,
     observed_version: Option<u64>,
+    #[serde(default)]
+    deltas: bool,
 }
 
 async fn watch_stream(
@@ -743,15 +855,26 @@ async fn watch_stream(
     let current = rx.borrow_and_update().clone();
     let up_to_date = from.revision == Some(current.revision)
         && from.observed_version == Some(current.observed_version);
-    let stream = watch_lines(
+    let first = if up_to_date {
+        First::Progress
+    } else if let Some(rev) = from.revision.filter(|_| from.deltas) {
+        match resume_delta(&st, rev, &current).await {
+            Some(line) => First::Line(line),
+            None => First::Snapshot,
+        }
+    } else {
+        First::Snapshot
+    };
+    let stream = watch_lines(WatchState {
         rx,
-        current,
-        !up_to_date,
-        st.shutdown.clone(),
-        st.progress_every,
-        permit,
-        st.encoded.clone(),
-    );
+        last: current,
+        first: Some(first),
+        deltas: from.deltas.then(|| st.deltas.clone()),
+        shutdown: st.shutdown.clone(),
+        progress_every: st.progress_every,
+        encoded: st.encoded.clone(),
+        _permit: permit,
+    });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .header(header::CACHE_CONTROL, "no-store")
@@ -759,45 +882,45 @@ async fn watch_stream(
         .map_err(|e| ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
+/// What a watch stream sends first.
+enum First {
+    /// The current snapshot.
+    Snapshot,
+    /// The subscriber is up to date: a progress line.
+    Progress,
+    /// A resume delta ([`resume_delta`]).
+    Line(Bytes),
+}
+
 struct WatchState {
     rx: watch::Receiver<Arc<Snapshot>>,
-    /// The first line: `Some(snapshot)` or, for an up-to-date subscriber, a progress line.
-    first: Option<(Arc<Snapshot>, bool)>,
+    /// The snapshot the subscriber holds once it has applied what this stream sent.
+    last: Arc<Snapshot>,
+    first: Option<First>,
+    /// Set when the subscriber asked for deltas.
+    deltas: Option<Arc<EncodedDeltas>>,
     shutdown: CancellationToken,
     progress_every: Duration,
     encoded: Arc<EncodedSnapshot>,
     _permit: OwnedSemaphorePermit,
 }
 
-/// The first line is the current snapshot; then a snapshot line on every change (the watch
-/// channel coalesces, so a slow reader skips to the latest rather than buffering), and a progress
+/// The first line is the current snapshot (or a progress line, or a resume delta); then a
+/// snapshot or delta line on every change (the watch channel coalesces, so a slow reader skips to
+/// the latest rather than buffering, and its delta spans the skipped changes), and a progress
 /// line after `progress_every` of quiet. Ends at shutdown.
 fn watch_lines(
-    rx: watch::Receiver<Arc<Snapshot>>,
-    current: Arc<Snapshot>,
-    send_snapshot: bool,
-    shutdown: CancellationToken,
-    progress_every: Duration,
-    permit: OwnedSemaphorePermit,
-    encoded: Arc<EncodedSnapshot>,
+    state: WatchState,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-    let state = WatchState {
-        rx,
-        first: Some((current, send_snapshot)),
-        shutdown,
-        progress_every,
-        encoded,
-        _permit: permit,
-    };
     futures_util::stream::unfold(state, |mut s| async move {
-        if let Some((snap, full)) = s.first.take() {
-            let line = if full {
-                s.encoded.line(&snap)
-            } else {
-                ndjson(&WatchLine::Progress {
-                    revision: snap.revision,
-                    observed_version: snap.observed_version,
-                })
+        if let Some(first) = s.first.take() {
+            let line = match first {
+                First::Snapshot => s.encoded.line(&s.last),
+                First::Progress => ndjson(&WatchLine::Progress {
+                    revision: s.last.revision,
+                    observed_version: s.last.observed_version,
+                }),
+                First::Line(line) => Some(line),
             };
             return line.map(|b| (Ok(b), s));
         }
@@ -806,7 +929,12 @@ fn watch_lines(
             r = tokio::time::timeout(s.progress_every, s.rx.changed()) => match r {
                 Ok(Ok(())) => {
                     let snap = s.rx.borrow_and_update().clone();
-                    s.encoded.line(&snap)
+                    let line = match &s.deltas {
+                        Some(deltas) => deltas.line(&s.last, &snap, &s.encoded),
+                        None => s.encoded.line(&snap),
+                    };
+                    s.last = snap;
+                    line
                 }
                 // The hub is gone: the server is stopping.
                 Ok(Err(_)) => return None,

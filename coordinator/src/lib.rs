@@ -10,6 +10,7 @@ mod error;
 mod hub;
 mod observed;
 mod openapi;
+mod resume;
 mod server;
 pub mod store;
 mod validate;

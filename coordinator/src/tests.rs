@@ -888,3 +888,241 @@ async fn subscriber_acks_applied_snapshots() {
     task.abort();
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn put_replaces_services_and_mounts_and_watchers_see_it() {
+    let srv = Server::start().await;
+    let c = srv.admin();
+    let mut web = coordinator_api::Service {
+        name: "web".into(),
+        ..Default::default()
+    };
+    c.create_service_spec(&web).await.unwrap();
+    c.create_service_spec(&coordinator_api::Service {
+        name: "api".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.add_mount(&mount("a.test", "/", "web")).await.unwrap();
+    let mut events = srv.node().watch().await.unwrap();
+    next_snapshot(&mut events, |_| true).await;
+
+    web.origins = vec![coordinator_api::Origin {
+        url: "HTTP://Origin.Test:8080/".into(),
+        weight: Some(4),
+        ..Default::default()
+    }];
+    web.sticky = Some(coordinator_api::StickyCookie {
+        name: "mrd_sticky".into(),
+    });
+    let stored = c.update_service(&web).await.unwrap();
+    assert_eq!(
+        stored.origins[0].url, "http://origin.test:8080",
+        "normalised"
+    );
+    let snap = next_snapshot(&mut events, |s| {
+        s.services.iter().any(|x| !x.origins.is_empty())
+    })
+    .await;
+    assert_eq!(
+        snap.services.iter().find(|s| s.name == "web"),
+        Some(&stored)
+    );
+
+    let moved = Mount {
+        strip_prefix: true,
+        ..mount("a.test", "/", "api")
+    };
+    assert_eq!(c.update_mount(&moved).await.unwrap(), moved);
+    let snap = next_snapshot(&mut events, |s| {
+        s.mounts.first().map(|m| m.service.as_str()) == Some("api")
+    })
+    .await;
+    assert_eq!(snap.mounts, vec![moved]);
+
+    // 404 for what does not exist, 422 for an unknown service, 400 for bad input.
+    let ghost = coordinator_api::Service {
+        name: "ghost".into(),
+        ..Default::default()
+    };
+    assert_eq!(status(c.update_service(&ghost).await).0, 404);
+    assert_eq!(
+        status(c.update_mount(&mount("b.test", "/", "web")).await).0,
+        404
+    );
+    assert_eq!(
+        status(c.update_mount(&mount("a.test", "/", "nope")).await),
+        (422, Some("service".into()))
+    );
+    web.origins[0].url = "ftp://x".into();
+    assert_eq!(
+        status(c.update_service(&web).await),
+        (400, Some("origins.url".into()))
+    );
+    srv.stop().await;
+}
+
+async fn next_event(
+    events: &mut (impl Stream<Item = Result<WatchEvent, ClientError>> + Unpin),
+) -> WatchEvent {
+    tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("timed out waiting for a watch line")
+        .expect("watch stream ended")
+        .expect("watch error")
+}
+
+/// A subscriber resuming from a revision still in the change log gets the changes as one delta
+/// (not a snapshot), then a delta per change; applying them gives exactly the state a fresh
+/// snapshot has. Behind the compaction horizon it gets a snapshot.
+#[tokio::test]
+async fn resumed_watch_gets_deltas_that_converge_to_the_snapshot() {
+    let srv = Server::start().await;
+    let c = srv.admin();
+    for name in ["web", "old"] {
+        c.create_service(&CreateService {
+            name: name.into(),
+            lb_policy: Default::default(),
+        })
+        .await
+        .unwrap();
+    }
+    c.add_mount(&mount("a.test", "/", "web")).await.unwrap();
+    c.add_mount(&mount("o.test", "/", "old")).await.unwrap();
+    let node = srv.node();
+    let have = node.snapshot().await.unwrap();
+
+    // While the subscriber is away: a new service and a mount on it, the old one removed
+    // (mount first), a region, and an edge heartbeat (observed state).
+    c.create_service(&CreateService {
+        name: "api".into(),
+        lb_policy: Default::default(),
+    })
+    .await
+    .unwrap();
+    c.add_mount(&mount("b.test", "/v1", "api")).await.unwrap();
+    c.delete_mount("o.test", "/").await.unwrap();
+    c.delete_service("old").await.unwrap();
+    c.create_region(&Region {
+        name: "ams".into(),
+        latitude: Some(52.4),
+        longitude: Some(4.9),
+        admin_state: Default::default(),
+    })
+    .await
+    .unwrap();
+    node.heartbeat(&EdgeHeartbeat {
+        info: EdgeInfo {
+            id: "ams-1".into(),
+            region: "ams".into(),
+            public_ips: vec![],
+            http_addr: None,
+            https_addr: None,
+            tunnel_addr: None,
+            anycast: None,
+        },
+        agents: vec![],
+    })
+    .await
+    .unwrap();
+    let fresh = node.snapshot().await.unwrap();
+    assert!(fresh.revision > have.revision);
+
+    let mut events = node
+        .watch_deltas(Some((have.revision, have.observed_version)))
+        .await
+        .unwrap();
+    let WatchEvent::Delta(d) = next_event(&mut events).await else {
+        panic!("a resume within the change log must start with a delta");
+    };
+    assert_eq!((d.from_revision, d.revision), (have.revision, fresh.revision));
+    let ops: Vec<String> = d
+        .ops
+        .iter()
+        .map(|op| serde_json::to_value(op).unwrap()["op"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            "put_region",
+            "put_service",
+            "put_mount",
+            "delete_mount",
+            "delete_service"
+        ]
+    );
+    let mut held = coordinator_api::delta::apply(&have, &d).unwrap();
+    assert_eq!(held, fresh);
+
+    // Live: one mount more is one small delta, not the snapshot.
+    c.add_mount(&mount("c.test", "/", "web")).await.unwrap();
+    let WatchEvent::Delta(d) = next_event(&mut events).await else {
+        panic!("a change on a delta stream must arrive as a delta");
+    };
+    assert_eq!(d.ops.len(), 1);
+    held = coordinator_api::delta::apply(&held, &d).unwrap();
+    assert_eq!(held, node.snapshot().await.unwrap());
+
+    // A stream that did not ask for deltas still gets snapshots.
+    let mut plain = node
+        .watch_from(Some((have.revision, have.observed_version)))
+        .await
+        .unwrap();
+    assert!(matches!(next_event(&mut plain).await, WatchEvent::Snapshot(_)));
+
+    // Behind the compaction horizon: a snapshot.
+    let now = held.revision;
+    srv.hub.store().call(move |s| s.compact(now)).await.unwrap();
+    let mut behind = node
+        .watch_deltas(Some((have.revision, have.observed_version)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(next_event(&mut behind).await, WatchEvent::Snapshot(s) if s == held),
+        "a compacted resume must get a snapshot"
+    );
+    srv.stop().await;
+}
+
+/// The real subscriber, cold-started from a cache that is a few changes old, catches up by
+/// delta and ends up with exactly the coordinator's snapshot (and persists it).
+#[tokio::test]
+async fn subscriber_catches_up_from_its_cache_by_delta() {
+    let srv = Server::start().await;
+    let c = srv.admin();
+    c.create_service(&CreateService {
+        name: "web".into(),
+        lb_policy: Default::default(),
+    })
+    .await
+    .unwrap();
+    let node = srv.node();
+    let old = node.snapshot().await.unwrap();
+    let cache = srv.dir.path().join("sub-cache.json");
+    coordinator_api::subscriber::persist_cache(&cache, &old).unwrap();
+    c.add_mount(&mount("a.test", "/", "web")).await.unwrap();
+    let (mut rx, task) = coordinator_api::Subscriber::spawn(coordinator_api::SubscriberConfig {
+        client: node.clone(),
+        cache_path: Some(cache.clone()),
+    });
+    let fresh = node.snapshot().await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|s| s.as_deref() == Some(&fresh)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    c.add_mount(&mount("b.test", "/", "web")).await.unwrap();
+    let fresh = node.snapshot().await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|s| s.as_deref() == Some(&fresh)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    task.abort();
+    srv.stop().await;
+}

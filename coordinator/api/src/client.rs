@@ -187,11 +187,36 @@ impl Client {
         impl Stream<Item = Result<WatchEvent, ClientError>> + Send + Unpin + use<>,
         ClientError,
     > {
+        self.watch_stream(have, false).await
+    }
+
+    /// Like [`Self::watch_from`], asking for [`WatchEvent::Delta`] lines instead of a snapshot per
+    /// change: the changes since `have` when the coordinator still has them in its change log
+    /// (a snapshot otherwise), then one delta per change. The caller applies them with
+    /// [`crate::delta::apply`] to the snapshot it holds.
+    pub async fn watch_deltas(
+        &self,
+        have: Option<(Revision, u64)>,
+    ) -> Result<
+        impl Stream<Item = Result<WatchEvent, ClientError>> + Send + Unpin + use<>,
+        ClientError,
+    > {
+        self.watch_stream(have, true).await
+    }
+
+    async fn watch_stream(
+        &self,
+        have: Option<(Revision, u64)>,
+        deltas: bool,
+    ) -> Result<BoxEventStream, ClientError> {
         let mut url = self.url("v1/watch")?;
         if let Some((revision, observed)) = have {
             url.query_pairs_mut()
                 .append_pair("revision", &revision.to_string())
                 .append_pair("observed_version", &observed.to_string());
+        }
+        if deltas {
+            url.query_pairs_mut().append_pair("deltas", "true");
         }
         let rb = self
             .stream_http

@@ -4,10 +4,12 @@
 //! depends on nothing else of ours and carries no server code.
 
 pub mod client;
+pub mod delta;
 pub mod subscriber;
 pub mod token;
 pub mod types;
 
 pub use client::{Client, ClientError};
+pub use delta::{Delta, DeltaError, DeltaOp, ObservedState};
 pub use subscriber::{Subscriber, SubscriberConfig};
 pub use types::*;

@@ -76,6 +76,14 @@ enum Outcome {
         revision: u64,
         observed_version: u64,
     },
+    /// A delta that does not apply to what we hold (or yields an invalid or different state):
+    /// refused like [`Outcome::Rejected`], and the stream is reopened asking for a snapshot, since
+    /// the coordinator's next delta would build on the state we refused.
+    Resync {
+        error: String,
+        revision: u64,
+        observed_version: u64,
+    },
 }
 
 /// Tells the coordinator what we applied (or refused), without holding up the stream; an ack
@@ -105,6 +113,30 @@ fn send_ack(
 fn on_event(current: Option<&Snapshot>, ev: WatchEvent) -> Outcome {
     match ev {
         WatchEvent::Progress { .. } => Outcome::Unchanged,
+        WatchEvent::Delta(d) => {
+            let observed_version = d
+                .observed
+                .as_ref()
+                .map_or(current.map_or(0, |c| c.observed_version), |o| {
+                    o.observed_version
+                });
+            let resync = |error: String| Outcome::Resync {
+                error,
+                revision: d.revision,
+                observed_version,
+            };
+            let Some(base) = current else {
+                return resync(format!(
+                    "delta from revision {} but no snapshot held",
+                    d.from_revision
+                ));
+            };
+            match crate::delta::apply(base, &d) {
+                Ok(s) if s == *base => Outcome::Unchanged,
+                Ok(s) => Outcome::Publish(Arc::new(s)),
+                Err(e) => resync(e.to_string()),
+            }
+        }
         WatchEvent::Snapshot(s) => {
             if let Err(error) = s.validate() {
                 return Outcome::Rejected {
@@ -156,8 +188,9 @@ fn random_u64() -> u64 {
 async fn run(cfg: SubscriberConfig, tx: &watch::Sender<Option<Arc<Snapshot>>>) {
     let mut backoff = Backoff::default();
     let id = format!("{}-{:08x}", std::process::id(), random_u64() as u32);
+    let mut resync = false;
     loop {
-        match follow(&cfg, tx, &mut backoff, &id).await {
+        match follow(&cfg, tx, &mut backoff, &id, &mut resync).await {
             Ok(()) => info!(
                 coordinator = cfg.client.base_url(),
                 "watch stream ended; reconnecting"
@@ -178,13 +211,18 @@ async fn follow(
     tx: &watch::Sender<Option<Arc<Snapshot>>>,
     backoff: &mut Backoff,
     id: &str,
+    resync: &mut bool,
 ) -> Result<(), crate::ClientError> {
-    // Resume from what we hold (cache or last stream): no full snapshot if nothing changed.
-    let have = tx
-        .borrow()
-        .as_ref()
-        .map(|s| (s.revision, s.observed_version));
-    let mut events = cfg.client.watch_from(have).await?;
+    // Resume from what we hold (cache or last stream): the changes since then as a delta, or
+    // nothing if nothing changed. After a refused delta, ask for a whole snapshot instead.
+    let have = if *resync {
+        None
+    } else {
+        tx.borrow()
+            .as_ref()
+            .map(|s| (s.revision, s.observed_version))
+    };
+    let mut events = cfg.client.watch_deltas(have).await?;
     info!(
         coordinator = cfg.client.base_url(),
         "watch stream connected"
@@ -208,8 +246,19 @@ async fn follow(
                 warn!(error = %error, "refusing invalid snapshot; keeping the last good one");
                 send_ack(cfg, id, revision, observed_version, Some(error));
             }
+            Outcome::Resync {
+                error,
+                revision,
+                observed_version,
+            } => {
+                warn!(error = %error, "refusing delta; keeping the last good snapshot and asking for a whole one");
+                send_ack(cfg, id, revision, observed_version, Some(error));
+                *resync = true;
+                return Ok(());
+            }
             Outcome::Publish(snap) => {
                 backoff.reset();
+                *resync = false;
                 send_ack(cfg, id, snap.revision, snap.observed_version, None);
                 debug!(
                     revision = snap.revision,
@@ -345,6 +394,119 @@ mod tests {
             ),
             Outcome::Unchanged
         );
+    }
+
+    /// `good(from)` with one more mount, as a delta.
+    fn added_mount(from: u64, to: u64) -> (Snapshot, crate::delta::Delta) {
+        let mut next = good(to);
+        next.mounts.push(Mount {
+            host: "b.test".into(),
+            path_prefix: "/".into(),
+            service: "web".into(),
+            strip_prefix: true,
+        });
+        let mut d = crate::delta::diff(&good(from), &next);
+        d.digest = Some(crate::delta::digest(&next));
+        (next, d)
+    }
+
+    #[test]
+    fn delta_outcomes() {
+        let (next, d) = added_mount(1, 2);
+        assert_eq!(
+            on_event(Some(&good(1)), WatchEvent::Delta(d.clone())),
+            Outcome::Publish(Arc::new(next.clone()))
+        );
+        // Applying to the wrong base, or with nothing held, refuses and resyncs.
+        assert!(matches!(
+            on_event(Some(&good(3)), WatchEvent::Delta(d.clone())),
+            Outcome::Resync { revision: 2, .. }
+        ));
+        assert!(matches!(
+            on_event(None, WatchEvent::Delta(d.clone())),
+            Outcome::Resync { .. }
+        ));
+        // A delta whose result fails validation is refused too.
+        let mut invalid = d.clone();
+        if let Some(crate::delta::DeltaOp::PutMount { mount }) = invalid.ops.first_mut() {
+            mount.service = "missing".into();
+        }
+        invalid.digest = None;
+        assert!(matches!(
+            on_event(Some(&good(1)), WatchEvent::Delta(invalid)),
+            Outcome::Resync { .. }
+        ));
+        // An empty delta to the same revision changes nothing.
+        let same = crate::delta::diff(&next, &next);
+        assert_eq!(
+            on_event(Some(&next), WatchEvent::Delta(same)),
+            Outcome::Unchanged
+        );
+    }
+
+    #[tokio::test]
+    async fn applies_deltas_and_resyncs_with_a_snapshot_when_one_does_not_apply() {
+        use axum::extract::RawQuery;
+        use axum::routing::get;
+        use std::sync::Mutex;
+        // Connection 1: snapshot 1, delta 1→2, then a delta from a revision we never had.
+        // Connection 2 must ask for a whole snapshot (no revision) and gets revision 5.
+        let (two, d12) = added_mount(1, 2);
+        let (_, mut stray) = added_mount(3, 4);
+        stray.from_revision = 3;
+        let queries = Arc::new(Mutex::new(Vec::<String>::new()));
+        let q2 = queries.clone();
+        let app = axum::Router::new().route(
+            "/v1/watch",
+            get(move |RawQuery(q): RawQuery| {
+                let mut seen = q2.lock().unwrap();
+                seen.push(q.unwrap_or_default());
+                let lines = if seen.len() == 1 {
+                    vec![
+                        WatchEvent::Snapshot(good(1)),
+                        WatchEvent::Delta(d12.clone()),
+                        WatchEvent::Delta(stray.clone()),
+                    ]
+                } else {
+                    vec![WatchEvent::Snapshot(good(5))]
+                };
+                async move {
+                    let chunks = lines.into_iter().map(|ev| {
+                        let mut s = serde_json::to_string(&ev).unwrap();
+                        s.push('\n');
+                        Ok::<_, Infallible>(Bytes::from(s))
+                    });
+                    axum::body::Body::from_stream(
+                        futures_util::stream::iter(chunks).chain(futures_util::stream::pending()),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let dir = tmpdir("delta");
+        let path = dir.join("snap.json");
+        let client = Client::new(format!("http://{addr}"), "tok").unwrap();
+        let (mut rx, handle) = Subscriber::spawn(SubscriberConfig {
+            client,
+            cache_path: Some(path.clone()),
+        });
+        wait_for(&mut rx, |s| s == Some(&two)).await;
+        wait_for(&mut rx, |s| s.map(|s| s.revision) == Some(5)).await;
+        let seen = queries.lock().unwrap().clone();
+        assert_eq!(seen[0], "deltas=true");
+        assert_eq!(seen[1], "deltas=true", "resync asks for a whole snapshot");
+        // The cache is written just after the swap.
+        for _ in 0..100 {
+            if load_cache(&path) == Ok(Some(good(5))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(load_cache(&path), Ok(Some(good(5))));
+        handle.abort();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

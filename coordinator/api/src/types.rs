@@ -201,6 +201,8 @@ pub enum WatchEvent {
         revision: Revision,
         observed_version: u64,
     },
+    /// The changes since the subscriber's snapshot (only to subscribers that ask with `deltas=true`).
+    Delta(crate::delta::Delta),
 }
 
 // ---- request / response bodies of the admin API ----
