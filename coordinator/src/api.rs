@@ -16,9 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use coordinator_api::{
-    AgentTokenRecord, ApiError, ApiTokenInfo, AuditEntry, CreateApiToken, CreateService,
-    CreateToken, CreatedApiToken, CreatedToken, EdgeHeartbeat, Mount, Region, Service,
-    SetAdminState, Snapshot, Status, SubscriberState, TokenInfo, WatchAck, token,
+    AgentTokenRecord, ApiError, ApiTokenInfo, AuditEntry, CreateApiToken, CreateToken,
+    CreatedApiToken, CreatedToken, EdgeHeartbeat, Mount, Region, Service, SetAdminState, Snapshot,
+    Status, SubscriberState, TokenInfo, WatchAck, token,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -85,10 +85,16 @@ pub(crate) fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_node));
     let admin = Router::new()
         .route("/v1/services", post(create_service).get(list_services))
-        .route("/v1/services/{name}", delete(delete_service))
+        .route(
+            "/v1/services/{name}",
+            delete(delete_service).put(update_service),
+        )
         .route(
             "/v1/mounts",
-            post(add_mount).get(list_mounts).delete(delete_mount),
+            post(add_mount)
+                .get(list_mounts)
+                .delete(delete_mount)
+                .put(update_mount),
         )
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}", delete(revoke_token))
@@ -305,14 +311,10 @@ async fn require_admin(State(state): State<AppState>, req: Request, next: Next) 
 async fn create_service(
     State(st): State<AppState>,
     Extension(who): Extension<Caller>,
-    req: Result<Json<CreateService>, JsonRejection>,
+    req: Result<Json<Service>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Service>)> {
-    let req = body(req)?;
-    validate::name("name", &req.name)?;
-    let svc = Service {
-        name: req.name,
-        lb_policy: req.lb_policy,
-    };
+    // A whole `Service` (a `CreateService` body is one with every other field defaulted).
+    let svc = validate::service(&body(req)?)?;
     let s = svc.clone();
     st.hub
         .store()
@@ -320,6 +322,33 @@ async fn create_service(
         .await?;
     st.hub.refresh_desired().await?;
     Ok((StatusCode::CREATED, Json(svc)))
+}
+
+/// `PUT /v1/services/{name}`: replaces the whole service (404 when there is none).
+async fn update_service(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    Path(name): Path<String>,
+    req: Result<Json<Service>, JsonRejection>,
+) -> ApiResult<Json<Service>> {
+    let svc = validate::service(&body(req)?)?;
+    if svc.name != name {
+        return Err(ApiErr::field(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "body names service {:?} but the path names {name:?} (services cannot be renamed)",
+                svc.name
+            ),
+            "name",
+        ));
+    }
+    let s = svc.clone();
+    st.hub
+        .store()
+        .call_as(who.actor(), move |store| store.update_service(&s))
+        .await?;
+    st.hub.refresh_desired().await?;
+    Ok(Json(svc))
 }
 
 async fn list_services(State(st): State<AppState>) -> ApiResult<Json<Vec<Service>>> {
@@ -354,6 +383,22 @@ async fn add_mount(
         .await?;
     st.hub.refresh_desired().await?;
     Ok((StatusCode::CREATED, Json(m)))
+}
+
+/// `PUT /v1/mounts`: replaces the mount at the body's host and prefix (404 when there is none).
+async fn update_mount(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    req: Result<Json<Mount>, JsonRejection>,
+) -> ApiResult<Json<Mount>> {
+    let m = validate::mount(&body(req)?)?;
+    let m2 = m.clone();
+    st.hub
+        .store()
+        .call_as(who.actor(), move |s| s.update_mount(&m2))
+        .await?;
+    st.hub.refresh_desired().await?;
+    Ok(Json(m))
 }
 
 async fn list_mounts(State(st): State<AppState>) -> ApiResult<Json<Vec<Mount>>> {

@@ -2,7 +2,8 @@
 //!
 //! Errors name the request field at fault so `meridian ctl` can point at it.
 
-use coordinator_api::{ApiError, Mount};
+use axum::http::Uri;
+use coordinator_api::{ApiError, Mount, Service};
 
 /// Longest path prefix we accept; a prefix is a routing key, not a URL.
 const MAX_PATH_PREFIX: usize = 1024;
@@ -177,6 +178,162 @@ pub(crate) fn mount(m: &Mount) -> Result<Mount, Invalid> {
     })
 }
 
+/// Most direct origins one service may list.
+const MAX_ORIGINS: usize = 64;
+/// Largest origin weight (weighted round robin).
+const MAX_WEIGHT: u32 = 1_000;
+/// Longest origin URL or CA path.
+const MAX_ORIGIN_TEXT: usize = 512;
+
+/// A service and its backend settings: origins are `http(s)://host[:port]` without a path,
+/// thresholds and intervals are within sane bounds, so an edge never has to reject it.
+pub(crate) fn service(s: &Service) -> Result<Service, Invalid> {
+    name("name", &s.name)?;
+    let mut out = s.clone();
+    if s.origins.len() > MAX_ORIGINS {
+        return Err(Invalid::new(
+            "origins",
+            format!("at most {MAX_ORIGINS} origins per service"),
+        ));
+    }
+    for (o, norm) in s.origins.iter().zip(out.origins.iter_mut()) {
+        norm.url = origin_url(&o.url)?;
+        if let Some(w) = o.weight
+            && !(1..=MAX_WEIGHT).contains(&w)
+        {
+            return Err(Invalid::new(
+                "origins.weight",
+                format!("weight must be 1 to {MAX_WEIGHT}"),
+            ));
+        }
+        if let Some(ca) = &o.ca {
+            if ca.is_empty() || ca.len() > MAX_ORIGIN_TEXT || ca.chars().any(char::is_control) {
+                return Err(Invalid::new(
+                    "origins.ca",
+                    "ca must be a file path on the edge or \"system\"",
+                ));
+            }
+            if norm.url.starts_with("http://") {
+                return Err(Invalid::new(
+                    "origins.ca",
+                    format!("{}: a CA only applies to https origins", norm.url),
+                ));
+            }
+        }
+    }
+    if let Some(st) = &s.sticky
+        && (st.name.is_empty()
+            || st.name.len() > 64
+            || !st
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+    {
+        return Err(Invalid::new(
+            "sticky.name",
+            "cookie name must be 1 to 64 characters of a-z, A-Z, 0-9, '-', '_', '.'",
+        ));
+    }
+    if let Some(h) = &s.health_check {
+        if !h.path.starts_with('/')
+            || h.path.len() > MAX_PATH_PREFIX
+            || h.path.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(Invalid::new(
+                "health_check.path",
+                "path must start with '/' and contain no whitespace",
+            ));
+        }
+        if !(100..=3_600_000).contains(&h.interval_ms) {
+            return Err(Invalid::new(
+                "health_check.interval_ms",
+                "interval must be 100 ms to 1 h",
+            ));
+        }
+        if h.timeout_ms < 10 || h.timeout_ms > h.interval_ms {
+            return Err(Invalid::new(
+                "health_check.timeout_ms",
+                "timeout must be at least 10 ms and at most the interval",
+            ));
+        }
+        if !(1..=100).contains(&h.rise) || !(1..=100).contains(&h.fall) {
+            return Err(Invalid::new(
+                "health_check.rise",
+                "rise and fall must be 1 to 100",
+            ));
+        }
+    }
+    if let Some(b) = &s.circuit_breaker
+        && (!(1..=1_000).contains(&b.failures)
+            || !(10..=3_600_000).contains(&b.open_ms)
+            || !(1..=1_000).contains(&b.half_open_probes))
+    {
+        return Err(Invalid::new(
+            "circuit_breaker",
+            "failures 1 to 1000, open_ms 10 ms to 1 h, half_open_probes 1 to 1000",
+        ));
+    }
+    if let Some(c) = &s.concurrency {
+        if c.soft == Some(0) || c.hard == Some(0) {
+            return Err(Invalid::new("concurrency", "limits must be at least 1"));
+        }
+        if let (Some(soft), Some(hard)) = (c.soft, c.hard)
+            && soft > hard
+        {
+            return Err(Invalid::new(
+                "concurrency.soft",
+                "the soft limit must not exceed the hard one",
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// `http://host[:port]` or `https://host[:port]`, lower-cased, without a trailing '/'.
+fn origin_url(value: &str) -> Result<String, Invalid> {
+    const F: &str = "origins.url";
+    if value.len() > MAX_ORIGIN_TEXT {
+        return Err(Invalid::new(F, "origin URL too long"));
+    }
+    let uri: Uri = value
+        .parse()
+        .map_err(|e| Invalid::new(F, format!("origin URL {value:?}: {e}")))?;
+    let scheme = match uri.scheme_str() {
+        Some(s @ ("http" | "https")) => s,
+        _ => {
+            return Err(Invalid::new(
+                F,
+                format!("origin URL {value:?} must start with http:// or https://"),
+            ));
+        }
+    };
+    let Some(auth) = uri.authority() else {
+        return Err(Invalid::new(F, format!("origin URL {value:?} has no host")));
+    };
+    if auth.as_str().contains('@') || auth.host().is_empty() {
+        return Err(Invalid::new(
+            F,
+            format!("origin URL {value:?}: give host[:port] only (no user info)"),
+        ));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(Invalid::new(
+            F,
+            format!("origin URL {value:?} may not have a path or query (mounts choose paths)"),
+        ));
+    }
+    Ok(format!("{scheme}://{}", auth.as_str().to_ascii_lowercase()))
+}
+
+/// Validates and normalises a GeoDNS zone record (conflicts with other records are the
+/// store's job, checked at commit).
+pub(crate) fn dns_record(
+    r: &coordinator_api::DnsRecord,
+) -> Result<coordinator_api::DnsRecord, Invalid> {
+    r.normalized()
+        .map_err(|(field, message)| Invalid::new(field, message))
+}
+
 /// Ids that edges report about themselves (edge id, region, agent ids): bounded, printable.
 pub(crate) fn reported_id(field: &'static str, value: &str) -> Result<(), Invalid> {
     if value.is_empty() || value.len() > MAX_ID_LEN {
@@ -272,6 +429,61 @@ mod tests {
             ..m
         };
         assert_eq!(mount(&bad).unwrap_err().field, "service");
+    }
+
+    #[test]
+    fn services_and_origins() {
+        let mut s = Service {
+            name: "web".into(),
+            origins: vec![coordinator_api::Origin {
+                url: "HTTPS://Origin.Test:8443/".into(),
+                weight: Some(5),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            service(&s).unwrap().origins[0].url,
+            "https://origin.test:8443"
+        );
+        for (bad, field) in [
+            ("ftp://x.test", "origins.url"),
+            ("x.test:80", "origins.url"),
+            ("http://x.test/path", "origins.url"),
+            ("http://u@x.test", "origins.url"),
+            ("http://x.test/?q", "origins.url"),
+        ] {
+            s.origins[0].url = bad.into();
+            assert_eq!(service(&s).unwrap_err().field, field, "{bad}");
+        }
+        s.origins[0].url = "http://x.test".into();
+        s.origins[0].weight = Some(0);
+        assert_eq!(service(&s).unwrap_err().field, "origins.weight");
+        s.origins[0].weight = None;
+        s.origins[0].ca = Some("/ca.pem".into());
+        assert_eq!(service(&s).unwrap_err().field, "origins.ca");
+        s.origins[0].ca = None;
+        s.sticky = Some(coordinator_api::StickyCookie { name: "a b".into() });
+        assert_eq!(service(&s).unwrap_err().field, "sticky.name");
+        s.sticky = None;
+        s.health_check = Some(coordinator_api::HealthCheck {
+            path: "health".into(),
+            ..Default::default()
+        });
+        assert_eq!(service(&s).unwrap_err().field, "health_check.path");
+        s.health_check = Some(coordinator_api::HealthCheck {
+            timeout_ms: 5_000,
+            ..Default::default()
+        });
+        assert_eq!(service(&s).unwrap_err().field, "health_check.timeout_ms");
+        s.health_check = None;
+        s.concurrency = Some(coordinator_api::ConcurrencyLimits {
+            soft: Some(10),
+            hard: Some(5),
+        });
+        assert_eq!(service(&s).unwrap_err().field, "concurrency.soft");
+        s.concurrency = None;
+        assert!(service(&s).is_ok());
     }
 
     #[test]

@@ -51,6 +51,7 @@ fn svc(name: &str) -> Service {
     Service {
         name: name.into(),
         lb_policy: LbPolicy::RoundRobin,
+        ..Default::default()
     }
 }
 
@@ -384,6 +385,7 @@ async fn conflicting_creates(a: &StoreHandle, b: &StoreHandle) {
                             } else {
                                 LbPolicy::RoundRobin
                             },
+                            ..Default::default()
                         }))
                     })
                     .await
@@ -450,6 +452,85 @@ async fn compaction_resnapshots(h: &StoreHandle) {
     assert_eq!(got, [r4, r5, r6]);
 }
 
+/// `update_service` and `update_mount` replace the whole object (every field, including ones
+/// with serde defaults), bump the revision, log a change, and refuse what create would refuse.
+fn updates_replace_whole_objects(s: &mut dyn Store) {
+    s.create_service(&svc("web")).unwrap();
+    s.create_service(&svc("api")).unwrap();
+    s.add_mount(&mount("a.test", "/", "web")).unwrap();
+    let before = s.revision().unwrap();
+
+    let web = Service {
+        name: "web".into(),
+        lb_policy: LbPolicy::WeightedRoundRobin,
+        origins: vec![
+            coordinator_api::Origin {
+                url: "https://10.0.0.1:8443".into(),
+                weight: Some(3),
+                h2: true,
+                ca: Some("/etc/meridian/origin-ca.pem".into()),
+            },
+            coordinator_api::Origin {
+                url: "http://10.0.0.2:8080".into(),
+                ..Default::default()
+            },
+        ],
+        sticky: Some(coordinator_api::StickyCookie {
+            name: "mrd_sticky".into(),
+        }),
+        health_check: Some(coordinator_api::HealthCheck {
+            path: "/healthz".into(),
+            ..Default::default()
+        }),
+        circuit_breaker: Some(Default::default()),
+        concurrency: Some(coordinator_api::ConcurrencyLimits {
+            soft: Some(10),
+            hard: Some(20),
+        }),
+    };
+    let r1 = s.update_service(&web).unwrap();
+    assert!(r1 > before);
+    assert_eq!(s.revision().unwrap(), r1);
+    let services = s.list_services().unwrap();
+    assert_eq!(services.iter().find(|x| x.name == "web"), Some(&web));
+    assert_eq!(s.desired().unwrap().services, services);
+
+    let moved = Mount {
+        strip_prefix: false,
+        ..mount("a.test", "/", "api")
+    };
+    let r2 = s.update_mount(&moved).unwrap();
+    assert!(r2 > r1);
+    assert_eq!(s.list_mounts().unwrap(), vec![moved.clone()]);
+
+    let changes = s.changes_since(before, 10).unwrap();
+    let objs: Vec<(&str, &str)> = changes
+        .iter()
+        .map(|c| (c.object.as_str(), c.key.as_str()))
+        .collect();
+    assert_eq!(objs, [("service", "web"), ("mount", "a.test/")]);
+    assert_eq!(
+        changes[0].value.as_ref().unwrap(),
+        &serde_json::to_value(&web).unwrap()
+    );
+
+    // Refused like create refuses, and nothing is written.
+    assert!(matches!(
+        s.update_service(&svc("nope")),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        s.update_mount(&mount("b.test", "/", "web")),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        s.update_mount(&mount("a.test", "/", "missing")),
+        Err(StoreError::UnknownService(_))
+    ));
+    assert_eq!(s.revision().unwrap(), r2);
+    assert_eq!(s.list_mounts().unwrap(), vec![moved]);
+}
+
 // ---- SQLite ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,6 +543,18 @@ async fn sqlite_revisions_and_conflicts() {
 async fn sqlite_api_tokens_and_audit() {
     let dir = TempDir::new("sqlite-tokens");
     with(&sqlite(&dir), api_tokens_and_audit).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_updates_replace_whole_objects() {
+    let dir = TempDir::new("sqlite-updates");
+    with(&sqlite(&dir), updates_replace_whole_objects).await;
+    // And the whole object survives a reopen (the `spec` column).
+    let svc = with(&sqlite(&dir), |s| s.list_services().unwrap()).await;
+    let web = svc.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(web.origins.len(), 2);
+    assert_eq!(web.origins[0].weight, Some(3));
+    assert!(web.sticky.is_some() && web.health_check.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,6 +597,7 @@ async fn etcd_conformance() {
     with(&etcd(&cluster, "/c2").await, api_tokens_and_audit).await;
     watch_delivers_every_change_in_order(&etcd(&cluster, "/c3").await).await;
     conflicting_creates(&etcd(&cluster, "/c4").await, &etcd(&cluster, "/c4").await).await;
+    with(&etcd(&cluster, "/c6").await, updates_replace_whole_objects).await;
     compaction_resnapshots(&etcd(&cluster, "/c5").await).await;
 }
 

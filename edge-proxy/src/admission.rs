@@ -91,10 +91,12 @@ mod tests {
                 Service {
                     name: "web".into(),
                     lb_policy: Default::default(),
+                    ..Default::default()
                 },
                 Service {
                     name: "api".into(),
                     lb_policy: Default::default(),
+                    ..Default::default()
                 },
             ],
             agent_tokens: vec![AgentTokenRecord {

@@ -75,7 +75,8 @@ impl ServiceBalance {
         use coordinator_api::LbPolicy;
         match &self.policy {
             LbPolicy::P2c => Choice::P2c,
-            LbPolicy::RoundRobin => Choice::RoundRobin(&self.rr),
+            // Weighted round robin until origins carry weights (all agents weigh 1).
+            LbPolicy::RoundRobin | LbPolicy::WeightedRoundRobin => Choice::RoundRobin(&self.rr),
             LbPolicy::LeastConnections => Choice::LeastConnections,
             LbPolicy::Hash(_) => Choice::Hash(key, &self.ring),
         }

@@ -25,6 +25,7 @@ fn snapshot() -> Snapshot {
     let svc = |n: &str| Service {
         name: n.into(),
         lb_policy: Default::default(),
+        ..Default::default()
     };
     let tok = |id: &str, service: &str, secret: &str| AgentTokenRecord {
         id: id.into(),

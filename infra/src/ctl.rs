@@ -3,8 +3,7 @@
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use coordinator_api::{
-    AdminState, ApiScope, Client, CreateApiToken, CreateService, CreateToken, HashOn, LbPolicy,
-    Mount, Region,
+    AdminState, ApiScope, Client, CreateApiToken, CreateToken, HashOn, LbPolicy, Mount, Region,
 };
 use serde::Serialize;
 
@@ -108,6 +107,16 @@ enum ServiceCmd {
         name: String,
         #[arg(long, value_parser = parse_policy, default_value = "p2c")]
         lb: LbPolicy,
+        #[command(flatten)]
+        backend: ServiceFlags,
+    },
+    /// Change a service: only the flags given change (`--origin` replaces the origin list).
+    Update {
+        name: String,
+        #[arg(long, value_parser = parse_policy)]
+        lb: Option<LbPolicy>,
+        #[command(flatten)]
+        backend: ServiceFlags,
     },
     List,
     Delete {
@@ -115,10 +124,164 @@ enum ServiceCmd {
     },
 }
 
+/// Backend settings of a service, shared by `service create` and `service update`.
+#[derive(clap::Args, Debug, Default)]
+struct ServiceFlags {
+    /// A direct origin, `URL[,weight=N][,h2][,ca=PATH|system]`, e.g.
+    /// `https://10.0.0.5:8443,weight=3,h2,ca=/etc/meridian/origin-ca.pem`. Repeat for several.
+    #[arg(long = "origin", value_parser = parse_origin)]
+    origins: Vec<coordinator_api::Origin>,
+    /// Remove every direct origin (update).
+    #[arg(long, conflicts_with = "origins")]
+    no_origins: bool,
+    /// Cookie stickiness: the cookie naming the backend that served the client.
+    #[arg(long, value_name = "COOKIE")]
+    sticky: Option<String>,
+    #[arg(long, conflicts_with = "sticky")]
+    no_sticky: bool,
+    /// Active health checks of origins: `PATH[,interval=MS][,timeout=MS][,rise=N][,fall=N]`.
+    #[arg(long, value_parser = parse_health_check)]
+    health_check: Option<coordinator_api::HealthCheck>,
+    #[arg(long, conflicts_with = "health_check")]
+    no_health_check: bool,
+    /// Circuit breaker per backend: `on` or `[failures=N][,open=MS][,probes=N]`.
+    #[arg(long, value_parser = parse_breaker)]
+    circuit_breaker: Option<coordinator_api::CircuitBreaker>,
+    #[arg(long, conflicts_with = "circuit_breaker")]
+    no_circuit_breaker: bool,
+    /// In-flight requests per backend above which another backend is preferred.
+    #[arg(long)]
+    soft_limit: Option<u32>,
+    /// In-flight requests per backend it never exceeds (503 when every backend is there).
+    #[arg(long)]
+    hard_limit: Option<u32>,
+    /// Remove both concurrency limits (update).
+    #[arg(long, conflicts_with_all = ["soft_limit", "hard_limit"])]
+    no_limits: bool,
+}
+
+impl ServiceFlags {
+    /// Applies the flags given to `s`; absent flags leave its fields alone.
+    fn apply(self, s: &mut coordinator_api::Service) {
+        if !self.origins.is_empty() || self.no_origins {
+            s.origins = self.origins;
+        }
+        if let Some(name) = self.sticky {
+            s.sticky = Some(coordinator_api::StickyCookie { name });
+        } else if self.no_sticky {
+            s.sticky = None;
+        }
+        if self.health_check.is_some() || self.no_health_check {
+            s.health_check = self.health_check;
+        }
+        if self.circuit_breaker.is_some() || self.no_circuit_breaker {
+            s.circuit_breaker = self.circuit_breaker;
+        }
+        if self.no_limits {
+            s.concurrency = None;
+        } else if self.soft_limit.is_some() || self.hard_limit.is_some() {
+            let c = s.concurrency.get_or_insert_with(Default::default);
+            c.soft = self.soft_limit.or(c.soft);
+            c.hard = self.hard_limit.or(c.hard);
+        }
+    }
+}
+
+/// `URL[,weight=N][,h2][,ca=PATH|system]`.
+fn parse_origin(s: &str) -> Result<coordinator_api::Origin, String> {
+    let mut parts = s.split(',');
+    let url = parts.next().unwrap_or_default().trim();
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!(
+            "origin {url:?} must start with http:// or https://"
+        ));
+    }
+    let mut o = coordinator_api::Origin {
+        url: url.trim_end_matches('/').to_owned(),
+        ..Default::default()
+    };
+    for opt in parts {
+        match opt.trim().split_once('=') {
+            Some(("weight", n)) => {
+                o.weight = Some(n.parse().map_err(|_| format!("bad weight {n:?}"))?);
+            }
+            Some(("ca", path)) if !path.is_empty() => o.ca = Some(path.to_owned()),
+            None if opt.trim() == "h2" => o.h2 = true,
+            _ => {
+                return Err(format!(
+                    "unknown origin option {opt:?} (weight=N, h2, ca=PATH|system)"
+                ));
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// `PATH[,interval=MS][,timeout=MS][,rise=N][,fall=N]`.
+fn parse_health_check(s: &str) -> Result<coordinator_api::HealthCheck, String> {
+    let mut parts = s.split(',');
+    let mut h = coordinator_api::HealthCheck {
+        path: parts.next().unwrap_or("/").to_owned(),
+        ..Default::default()
+    };
+    for opt in parts {
+        let Some((k, v)) = opt.split_once('=') else {
+            return Err(format!("expected key=value, got {opt:?}"));
+        };
+        let n: u64 = v.parse().map_err(|_| format!("{k}: not a number: {v:?}"))?;
+        let small = || u32::try_from(n).map_err(|_| format!("{k} too large"));
+        match k {
+            "interval" => h.interval_ms = n,
+            "timeout" => h.timeout_ms = n,
+            "rise" => h.rise = small()?,
+            "fall" => h.fall = small()?,
+            _ => {
+                return Err(format!(
+                    "unknown health-check option {k:?} (interval, timeout, rise, fall)"
+                ));
+            }
+        }
+    }
+    Ok(h)
+}
+
+/// `on` or `[failures=N][,open=MS][,probes=N]`.
+fn parse_breaker(s: &str) -> Result<coordinator_api::CircuitBreaker, String> {
+    let mut b = coordinator_api::CircuitBreaker::default();
+    if s == "on" {
+        return Ok(b);
+    }
+    for opt in s.split(',') {
+        let Some((k, v)) = opt.split_once('=') else {
+            return Err(format!("expected key=value or 'on', got {opt:?}"));
+        };
+        let n: u64 = v.parse().map_err(|_| format!("{k}: not a number: {v:?}"))?;
+        let small = || u32::try_from(n).map_err(|_| format!("{k} too large"));
+        match k {
+            "failures" => b.failures = small()?,
+            "open" => b.open_ms = n,
+            "probes" => b.half_open_probes = small()?,
+            _ => {
+                return Err(format!(
+                    "unknown circuit-breaker option {k:?} (failures, open, probes)"
+                ));
+            }
+        }
+    }
+    Ok(b)
+}
+
 #[derive(Subcommand, Debug)]
 enum MountCmd {
     /// `HOST/PREFIX SERVICE`, e.g. `edge.meridian.test/shop shop --strip-prefix`.
     Add {
+        target: String,
+        service: String,
+        #[arg(long)]
+        strip_prefix: bool,
+    },
+    /// Point an existing `HOST/PREFIX` at SERVICE (and set its strip flag); other settings stay.
+    Update {
         target: String,
         service: String,
         #[arg(long)]
@@ -209,13 +372,30 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let c = Client::new(args.coordinator, token)?;
     let out = Out { json: args.json };
     match args.command {
-        Cmd::Service(ServiceCmd::Create { name, lb }) => out.one(
-            &c.create_service(&CreateService {
+        Cmd::Service(ServiceCmd::Create { name, lb, backend }) => {
+            let mut svc = coordinator_api::Service {
                 name,
                 lb_policy: lb,
-            })
-            .await?,
-        ),
+                ..Default::default()
+            };
+            backend.apply(&mut svc);
+            out.one(&c.create_service_spec(&svc).await?)
+        }
+        Cmd::Service(ServiceCmd::Update { name, lb, backend }) => {
+            let Some(mut svc) = c
+                .list_services()
+                .await?
+                .into_iter()
+                .find(|s| s.name == name)
+            else {
+                bail!("no service {name:?}");
+            };
+            if let Some(lb) = lb {
+                svc.lb_policy = lb;
+            }
+            backend.apply(&mut svc);
+            out.one(&c.update_service(&svc).await?)
+        }
         Cmd::Service(ServiceCmd::List) | Cmd::Services => {
             let rows = c.list_services().await?;
             let mounts = c.list_mounts().await?;
@@ -263,6 +443,29 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                 })
                 .await?,
             )
+        }
+        Cmd::Mount(MountCmd::Update {
+            target,
+            service,
+            strip_prefix,
+        }) => {
+            let (host, path_prefix) = split_target(&target);
+            let prefix = if path_prefix.len() > 1 {
+                path_prefix.trim_end_matches('/')
+            } else {
+                path_prefix.as_str()
+            };
+            let Some(mut m) = c
+                .list_mounts()
+                .await?
+                .into_iter()
+                .find(|m| m.host == host.to_ascii_lowercase() && m.path_prefix == prefix)
+            else {
+                bail!("no mount {host}{path_prefix}");
+            };
+            m.service = service;
+            m.strip_prefix = strip_prefix;
+            out.one(&c.update_mount(&m).await?)
         }
         Cmd::Mount(MountCmd::Remove { target }) => {
             let (host, prefix) = split_target(&target);
@@ -704,5 +907,71 @@ mod tests {
         assert!(parse_policy("hash:header:").is_err());
         assert!(parse_policy("hash:body").is_err());
         assert!(parse_policy("random").is_err());
+        assert_eq!(
+            parse_policy("weighted-round-robin"),
+            Ok(LbPolicy::WeightedRoundRobin)
+        );
+    }
+
+    #[test]
+    fn service_backend_flags() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: Args,
+        }
+        let t = T::try_parse_from([
+            "x",
+            "service",
+            "update",
+            "web",
+            "--origin",
+            "https://10.0.0.5:8443/,weight=3,h2,ca=/ca.pem",
+            "--origin",
+            "http://10.0.0.6:80",
+            "--sticky",
+            "mrd",
+            "--health-check",
+            "/healthz,interval=500,rise=1",
+            "--soft-limit",
+            "8",
+        ])
+        .unwrap();
+        let Cmd::Service(ServiceCmd::Update { backend, .. }) = t.a.command else {
+            panic!("not an update");
+        };
+        let mut svc = coordinator_api::Service {
+            name: "web".into(),
+            concurrency: Some(coordinator_api::ConcurrencyLimits {
+                soft: None,
+                hard: Some(20),
+            }),
+            ..Default::default()
+        };
+        backend.apply(&mut svc);
+        assert_eq!(svc.origins.len(), 2);
+        assert_eq!(svc.origins[0].url, "https://10.0.0.5:8443");
+        assert_eq!(svc.origins[0].weight, Some(3));
+        assert!(svc.origins[0].h2 && !svc.origins[1].h2);
+        assert_eq!(svc.origins[0].ca.as_deref(), Some("/ca.pem"));
+        assert_eq!(svc.sticky.unwrap().name, "mrd");
+        let h = svc.health_check.unwrap();
+        assert_eq!(
+            (h.path.as_str(), h.interval_ms, h.rise, h.fall),
+            ("/healthz", 500, 1, 3)
+        );
+        assert_eq!(
+            svc.concurrency,
+            Some(coordinator_api::ConcurrencyLimits {
+                soft: Some(8),
+                hard: Some(20)
+            })
+        );
+        assert!(parse_origin("10.0.0.1:80").is_err());
+        assert!(parse_origin("http://a,weight=x").is_err());
+        assert!(parse_origin("http://a,bogus").is_err());
+        assert_eq!(parse_breaker("on"), Ok(Default::default()));
+        assert_eq!(parse_breaker("failures=2,open=100").unwrap().open_ms, 100);
     }
 }

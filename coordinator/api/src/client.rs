@@ -250,6 +250,21 @@ impl Client {
         self.post("v1/services", svc).await
     }
 
+    /// `POST /v1/services` with a whole [`Service`] (origins, stickiness, health checks...).
+    pub async fn create_service_spec(&self, svc: &Service) -> Result<Service, ClientError> {
+        self.post("v1/services", svc).await
+    }
+
+    /// `PUT /v1/services/{name}`: replaces the whole service.
+    pub async fn update_service(&self, svc: &Service) -> Result<Service, ClientError> {
+        let mut url = self.url("v1/services")?;
+        url.path_segments_mut()
+            .map_err(|()| ClientError::Config("base url cannot have paths".into()))?
+            .push(&svc.name);
+        self.send_json(self.request(Method::PUT, url).json(svc))
+            .await
+    }
+
     pub async fn list_services(&self) -> Result<Vec<Service>, ClientError> {
         self.get("v1/services").await
     }
@@ -264,6 +279,13 @@ impl Client {
 
     pub async fn add_mount(&self, mount: &Mount) -> Result<Mount, ClientError> {
         self.post("v1/mounts", mount).await
+    }
+
+    /// `PUT /v1/mounts`: replaces the mount at `mount.host` + `mount.path_prefix`.
+    pub async fn update_mount(&self, mount: &Mount) -> Result<Mount, ClientError> {
+        let url = self.url("v1/mounts")?;
+        self.send_json(self.request(Method::PUT, url).json(mount))
+            .await
     }
 
     pub async fn list_mounts(&self) -> Result<Vec<Mount>, ClientError> {

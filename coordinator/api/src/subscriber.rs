@@ -342,6 +342,7 @@ mod tests {
             services: vec![Service {
                 name: "web".into(),
                 lb_policy: Default::default(),
+                ..Default::default()
             }],
             mounts: vec![Mount {
                 host: "a.test".into(),

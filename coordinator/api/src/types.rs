@@ -40,6 +40,8 @@ pub enum LbPolicy {
     RoundRobin,
     /// The backend with the fewest in-flight requests.
     LeastConnections,
+    /// Smooth weighted round robin (nginx's): origins by their `weight`, agents weight 1.
+    WeightedRoundRobin,
     /// Consistent hashing (a ring of virtual nodes) on a request attribute: one key keeps reaching
     /// one backend while it is there, and losing a backend moves only its keys. Requests without
     /// the key fall back to P2C.
@@ -58,11 +60,141 @@ pub enum HashOn {
     ClientIp,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub name: String,
     #[serde(default)]
     pub lb_policy: LbPolicy,
+    /// Backends reached directly by URL, balanced together with the service's agents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub origins: Vec<Origin>,
+    /// Cookie stickiness: a signed cookie names the backend that served the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<StickyCookie>,
+    /// Active health checks of the service's direct origins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// Per-backend circuit breaker with half-open probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// In-flight request limits per backend of this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<ConcurrencyLimits>,
+}
+
+/// A backend reached directly (no agent): `http://host:port` or `https://host:port`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// Scheme, host and optional port; no path. The TLS server name (SNI) is the URL's host.
+    pub url: String,
+    /// Share under weighted round robin (1 when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Speak HTTP/2 to the origin (ALPN h2 over TLS, prior-knowledge h2c over plain TCP).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub h2: bool,
+    /// How an https origin is verified: a PEM CA bundle path on the edge, or `system`
+    /// (the OS bundle). Absent means `system`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+}
+
+/// Cookie stickiness: the edge sets `name` to a signed backend id and honours it while that
+/// backend is usable, falling back to the policy when it is gone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StickyCookie {
+    pub name: String,
+}
+
+/// An active health check: `GET path` every `interval_ms`; `fall` consecutive failures take
+/// an origin out of rotation, `rise` consecutive passes put it back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    #[serde(default = "HealthCheck::default_path")]
+    pub path: String,
+    #[serde(default = "HealthCheck::default_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "HealthCheck::default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "HealthCheck::default_rise")]
+    pub rise: u32,
+    #[serde(default = "HealthCheck::default_fall")]
+    pub fall: u32,
+}
+
+impl HealthCheck {
+    fn default_path() -> String {
+        "/".to_owned()
+    }
+    fn default_interval_ms() -> u64 {
+        2_000
+    }
+    fn default_timeout_ms() -> u64 {
+        1_000
+    }
+    fn default_rise() -> u32 {
+        2
+    }
+    fn default_fall() -> u32 {
+        3
+    }
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            path: Self::default_path(),
+            interval_ms: Self::default_interval_ms(),
+            timeout_ms: Self::default_timeout_ms(),
+            rise: Self::default_rise(),
+            fall: Self::default_fall(),
+        }
+    }
+}
+
+/// A circuit breaker per backend: `failures` consecutive failures open it for `open_ms`,
+/// then up to `half_open_probes` requests probe it; a success closes it, a failure reopens it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CircuitBreaker {
+    #[serde(default = "CircuitBreaker::default_failures")]
+    pub failures: u32,
+    #[serde(default = "CircuitBreaker::default_open_ms")]
+    pub open_ms: u64,
+    #[serde(default = "CircuitBreaker::default_half_open_probes")]
+    pub half_open_probes: u32,
+}
+
+impl CircuitBreaker {
+    fn default_failures() -> u32 {
+        5
+    }
+    fn default_open_ms() -> u64 {
+        5_000
+    }
+    fn default_half_open_probes() -> u32 {
+        1
+    }
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            failures: Self::default_failures(),
+            open_ms: Self::default_open_ms(),
+            half_open_probes: Self::default_half_open_probes(),
+        }
+    }
+}
+
+/// In-flight limits per backend of a service. At `soft` the edge prefers another backend
+/// below it; at `hard` the backend takes no more, and when every backend is there the edge
+/// answers 503.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConcurrencyLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard: Option<u32>,
 }
 
 /// Host + path prefix → service. Identity is (host, path_prefix).

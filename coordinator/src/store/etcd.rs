@@ -723,6 +723,18 @@ impl Store for EtcdStore {
         Ok(self.read_desired()?.services)
     }
 
+    fn update_service(&mut self, s: &Service) -> Result<Revision, StoreError> {
+        self.write(|d| {
+            if !d.services.iter().any(|x| x.name == s.name) {
+                return Err(StoreError::NotFound {
+                    what: "service",
+                    key: s.name.clone(),
+                });
+            }
+            Plan::put("service", &s.name, s, "service.put")
+        })
+    }
+
     fn delete_service(&mut self, name: &str) -> Result<Revision, StoreError> {
         self.write(|d| {
             if !d.services.iter().any(|x| x.name == name) {
@@ -760,6 +772,23 @@ impl Store for EtcdStore {
 
     fn list_mounts(&self) -> Result<Vec<Mount>, StoreError> {
         Ok(self.read_desired()?.mounts)
+    }
+
+    fn update_mount(&mut self, m: &Mount) -> Result<Revision, StoreError> {
+        self.write(|d| {
+            let key = format!("{}{}", m.host, m.path_prefix);
+            if !d
+                .mounts
+                .iter()
+                .any(|x| x.host == m.host && x.path_prefix == m.path_prefix)
+            {
+                return Err(StoreError::NotFound { what: "mount", key });
+            }
+            if !d.services.iter().any(|s| s.name == m.service) {
+                return Err(StoreError::UnknownService(m.service.clone()));
+            }
+            Plan::put("mount", &key, m, "mount.put")
+        })
     }
 
     fn delete_mount(&mut self, host: &str, path_prefix: &str) -> Result<Revision, StoreError> {

@@ -163,12 +163,17 @@ pub trait Store: Send {
 
     fn create_service(&mut self, s: &Service) -> Result<Revision, StoreError>;
     fn list_services(&self) -> Result<Vec<Service>, StoreError>;
+    /// Replaces the service named `s.name`; [`StoreError::NotFound`] when there is none.
+    fn update_service(&mut self, s: &Service) -> Result<Revision, StoreError>;
     /// Fails with [`StoreError::InUse`] while mounts or agent tokens reference it.
     fn delete_service(&mut self, name: &str) -> Result<Revision, StoreError>;
 
     /// Fails with [`StoreError::UnknownService`] or [`StoreError::Duplicate`].
     fn add_mount(&mut self, m: &Mount) -> Result<Revision, StoreError>;
     fn list_mounts(&self) -> Result<Vec<Mount>, StoreError>;
+    /// Replaces the mount at (`m.host`, `m.path_prefix`): [`StoreError::NotFound`] when there
+    /// is none, [`StoreError::UnknownService`] when `m.service` does not exist.
+    fn update_mount(&mut self, m: &Mount) -> Result<Revision, StoreError>;
     fn delete_mount(&mut self, host: &str, path_prefix: &str) -> Result<Revision, StoreError>;
 
     fn create_agent_token(&mut self, t: &AgentTokenRecord) -> Result<Revision, StoreError>;

@@ -86,6 +86,12 @@ CREATE TABLE meta (
     v  INTEGER NOT NULL
 );
 ",
+    // The whole object as JSON, so every later `#[serde(default)]` field of Service/Mount
+    // persists without a new column. Rows from before keep NULL and read the old columns.
+    r"
+ALTER TABLE services ADD COLUMN spec TEXT;
+ALTER TABLE mounts ADD COLUMN spec TEXT;
+",
 ];
 
 #[derive(Debug)]
@@ -274,32 +280,63 @@ fn read_regions(c: &Connection) -> Result<Vec<Region>, StoreError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The `spec` column: the whole object's JSON.
+fn spec_json<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
 fn read_services(c: &Connection) -> Result<Vec<Service>, StoreError> {
-    let mut st = c.prepare_cached("SELECT name, lb_policy FROM services ORDER BY name")?;
-    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut st = c.prepare_cached("SELECT name, lb_policy, spec FROM services ORDER BY name")?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+        ))
+    })?;
     rows.map(|row| {
-        let (name, lb) = row?;
-        Ok(Service {
-            name,
-            lb_policy: lb_from_str(&lb)?,
-        })
+        let (name, lb, spec) = row?;
+        match spec {
+            Some(spec) => serde_json::from_str(&spec)
+                .map_err(|e| StoreError::Backend(format!("service {name:?} in database: {e}"))),
+            None => Ok(Service {
+                name,
+                lb_policy: lb_from_str(&lb)?,
+                ..Default::default()
+            }),
+        }
     })
     .collect()
 }
 
 fn read_mounts(c: &Connection) -> Result<Vec<Mount>, StoreError> {
     let mut st = c.prepare_cached(
-        "SELECT host, path_prefix, service, strip_prefix FROM mounts ORDER BY host, path_prefix",
+        "SELECT host, path_prefix, service, strip_prefix, spec FROM mounts ORDER BY host, path_prefix",
     )?;
     let rows = st.query_map([], |r| {
-        Ok(Mount {
-            host: r.get(0)?,
-            path_prefix: r.get(1)?,
-            service: r.get(2)?,
-            strip_prefix: r.get(3)?,
-        })
+        Ok((
+            Mount {
+                host: r.get(0)?,
+                path_prefix: r.get(1)?,
+                service: r.get(2)?,
+                strip_prefix: r.get(3)?,
+            },
+            r.get::<_, Option<String>>(4)?,
+        ))
     })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    rows.map(|row| {
+        let (m, spec) = row?;
+        match spec {
+            Some(spec) => serde_json::from_str(&spec).map_err(|e| {
+                StoreError::Backend(format!(
+                    "mount {}{} in database: {e}",
+                    m.host, m.path_prefix
+                ))
+            }),
+            None => Ok(m),
+        }
+    })
+    .collect()
 }
 
 fn read_agent_tokens(c: &Connection) -> Result<Vec<AgentTokenRecord>, StoreError> {
@@ -372,8 +409,8 @@ impl Store for SqliteStore {
             });
         }
         tx.execute(
-            "INSERT INTO services (name, lb_policy) VALUES (?1, ?2)",
-            params![s.name, lb_to_str(&s.lb_policy)],
+            "INSERT INTO services (name, lb_policy, spec) VALUES (?1, ?2, ?3)",
+            params![s.name, lb_to_str(&s.lb_policy), spec_json(s)?],
         )?;
         let rev = log_change(&tx, &self.actor, "service.put", &s.name, Some(s))?;
         tx.commit()?;
@@ -382,6 +419,23 @@ impl Store for SqliteStore {
 
     fn list_services(&self) -> Result<Vec<Service>, StoreError> {
         read_services(&self.conn)
+    }
+
+    fn update_service(&mut self, s: &Service) -> Result<Revision, StoreError> {
+        let tx = write_tx(&mut self.conn)?;
+        let n = tx.execute(
+            "UPDATE services SET lb_policy = ?2, spec = ?3 WHERE name = ?1",
+            params![s.name, lb_to_str(&s.lb_policy), spec_json(s)?],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "service",
+                key: s.name.clone(),
+            });
+        }
+        let rev = log_change(&tx, &self.actor, "service.put", &s.name, Some(s))?;
+        tx.commit()?;
+        Ok(self.committed(rev))
     }
 
     fn delete_service(&mut self, name: &str) -> Result<Revision, StoreError> {
@@ -431,8 +485,8 @@ impl Store for SqliteStore {
             return Err(StoreError::Duplicate { what: "mount", key });
         }
         tx.execute(
-            "INSERT INTO mounts (host, path_prefix, service, strip_prefix) VALUES (?1, ?2, ?3, ?4)",
-            params![m.host, m.path_prefix, m.service, m.strip_prefix],
+            "INSERT INTO mounts (host, path_prefix, service, strip_prefix, spec) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![m.host, m.path_prefix, m.service, m.strip_prefix, spec_json(m)?],
         )?;
         let rev = log_change(&tx, &self.actor, "mount.put", &key, Some(m))?;
         tx.commit()?;
@@ -441,6 +495,39 @@ impl Store for SqliteStore {
 
     fn list_mounts(&self) -> Result<Vec<Mount>, StoreError> {
         read_mounts(&self.conn)
+    }
+
+    fn update_mount(&mut self, m: &Mount) -> Result<Revision, StoreError> {
+        let tx = write_tx(&mut self.conn)?;
+        let key = format!("{}{}", m.host, m.path_prefix);
+        let exists = tx
+            .query_row(
+                "SELECT 1 FROM mounts WHERE host = ?1 AND path_prefix = ?2",
+                params![m.host, m.path_prefix],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if !exists {
+            return Err(StoreError::NotFound { what: "mount", key });
+        }
+        if !service_exists(&tx, &m.service)? {
+            return Err(StoreError::UnknownService(m.service.clone()));
+        }
+        tx.execute(
+            "UPDATE mounts SET service = ?3, strip_prefix = ?4, spec = ?5
+             WHERE host = ?1 AND path_prefix = ?2",
+            params![
+                m.host,
+                m.path_prefix,
+                m.service,
+                m.strip_prefix,
+                spec_json(m)?
+            ],
+        )?;
+        let rev = log_change(&tx, &self.actor, "mount.put", &key, Some(m))?;
+        tx.commit()?;
+        Ok(self.committed(rev))
     }
 
     fn delete_mount(&mut self, host: &str, path_prefix: &str) -> Result<Revision, StoreError> {
@@ -785,6 +872,7 @@ mod tests {
         Service {
             name: name.into(),
             lb_policy: LbPolicy::RoundRobin,
+            ..Default::default()
         }
     }
 
@@ -1003,6 +1091,45 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn rows_from_before_the_spec_column_read_their_old_columns() {
+        let dir = TempDir::new("store-spec");
+        let path = dir.path().join("coordinator.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            for m in &MIGRATIONS[..3] {
+                c.execute_batch(m).unwrap();
+            }
+            c.execute_batch(
+                r#"INSERT INTO services VALUES ('web', '{"hash":"client_ip"}');
+                 INSERT INTO mounts VALUES ('a.test', '/x', 'web', 1);
+                 PRAGMA user_version = 3;"#,
+            )
+            .unwrap();
+        }
+        let mut s = SqliteStore::open(&path).unwrap();
+        let web = Service {
+            name: "web".into(),
+            lb_policy: LbPolicy::Hash(coordinator_api::HashOn::ClientIp),
+            ..Default::default()
+        };
+        assert_eq!(s.list_services().unwrap(), vec![web.clone()]);
+        assert_eq!(s.list_mounts().unwrap(), vec![mount("a.test", "/x", "web")]);
+        // An update writes the whole object, new fields included.
+        let web = Service {
+            origins: vec![coordinator_api::Origin {
+                url: "http://127.0.0.1:9".into(),
+                weight: Some(2),
+                ..Default::default()
+            }],
+            ..web
+        };
+        s.update_service(&web).unwrap();
+        drop(s);
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.list_services().unwrap(), vec![web]);
     }
 
     #[test]
