@@ -201,6 +201,54 @@ pub(crate) fn strip_hop_by_hop(map: &mut HeaderMap) {
     }
 }
 
+/// RFC 8441: a WebSocket over an HTTP/2 extended CONNECT stream reaches the origin as the
+/// HTTP/1.1 handshake it understands. Adds `Upgrade: websocket` and a fresh `Sec-WebSocket-Key`
+/// (HTTP/2 clients send none; the key only proves the origin speaks WebSocket, and the edge checks
+/// nothing of its answer since the client never sees `Sec-WebSocket-Accept`).
+pub(crate) fn extended_connect_as_upgrade(map: &mut HeaderMap) {
+    map.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    map.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    let key = base64(&rand::random::<[u8; 16]>());
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        map.insert(header::SEC_WEBSOCKET_KEY, v);
+    }
+}
+
+/// The origin's `101` as an HTTP/2 extended CONNECT answer: `200`, without the HTTP/1.1-only
+/// handshake headers (RFC 8441 §5).
+pub(crate) fn upgrade_as_extended_connect(map: &mut HeaderMap) {
+    for h in [
+        header::UPGRADE,
+        header::CONNECTION,
+        header::SEC_WEBSOCKET_ACCEPT,
+        header::CONTENT_LENGTH,
+    ] {
+        map.remove(h);
+    }
+}
+
+/// Standard base64 with padding (RFC 4648 §4), for the 16-byte WebSocket key.
+fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// Stamps the `Meridian-Region` / `Meridian-Edge` pair on any response.
 pub(crate) fn stamp_response(map: &mut HeaderMap, region: &HeaderValue, edge: &HeaderValue) {
     map.insert(HeaderName::from_static("meridian-region"), region.clone());
@@ -416,5 +464,37 @@ mod tests {
             m.get("meridian-edge").map(|v| v.as_bytes()),
             Some(&b"edge-1"[..])
         );
+    }
+
+    #[test]
+    fn base64_matches_rfc_4648() {
+        for (input, want) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input), want);
+        }
+        assert_eq!(base64(&[0xff; 16]).len(), 24);
+    }
+
+    #[test]
+    fn extended_connect_maps_to_a_websocket_handshake_and_back() {
+        let mut m = map(&[("sec-websocket-version", "13")]);
+        extended_connect_as_upgrade(&mut m);
+        assert!(wants_upgrade(&m));
+        assert_eq!(m["upgrade"], "websocket");
+        assert_eq!(m["sec-websocket-key"].len(), 24);
+        let mut resp = map(&[
+            ("upgrade", "websocket"),
+            ("connection", "upgrade"),
+            ("sec-websocket-accept", "x"),
+            ("sec-websocket-protocol", "chat"),
+        ]);
+        upgrade_as_extended_connect(&mut resp);
+        assert_eq!(resp.len(), 1);
+        assert_eq!(resp["sec-websocket-protocol"], "chat");
     }
 }

@@ -76,6 +76,8 @@ fn builder(t: Timeouts) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_concurrent_streams(H2_MAX_STREAMS)
+        // RFC 8441: WebSockets over HTTP/2 streams.
+        .enable_connect_protocol()
         .keep_alive_interval(H2_KEEPALIVE)
         .keep_alive_timeout(H2_KEEPALIVE);
     b
@@ -275,6 +277,24 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
     {
         return too_many("client", wait);
     }
+    // RFC 8441 extended CONNECT (`:protocol`): only WebSocket, carried as an upgrade.
+    let extended_connect = req.method() == Method::CONNECT
+        && req.version() == Version::HTTP_2
+        && req.extensions().get::<hyper::ext::Protocol>().is_some();
+    if extended_connect {
+        let websocket = req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+        if !websocket {
+            return text(
+                StatusCode::NOT_IMPLEMENTED,
+                "extended CONNECT is supported for the websocket protocol only",
+            );
+        }
+        *req.method_mut() = Method::GET;
+        headers::extended_connect_as_upgrade(req.headers_mut());
+    }
     if req.method() == Method::CONNECT {
         let mut resp = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -346,7 +366,8 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
     }
-    let wants_upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
+    let wants_upgrade = extended_connect
+        || (req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers()));
     let ctx = ForwardCtx {
         client_ip: conn.remote.ip().to_canonical(),
         proto: conn.proto,
@@ -384,6 +405,11 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
         body: req.into_body(),
     };
     let mut resp = forward::forward(shared, out).await;
+    if extended_connect && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // The splice starts once hyper sends this 200 and hands over the stream.
+        *resp.status_mut() = StatusCode::OK;
+        headers::upgrade_as_extended_connect(resp.headers_mut());
+    }
     resp.extensions_mut().insert(Routed(matched.service));
     resp
 }

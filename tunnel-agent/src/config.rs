@@ -21,7 +21,8 @@ pub struct Config {
     /// Service this agent serves.
     #[arg(long, env = "MERIDIAN_AGENT_SERVICE")]
     pub service: String,
-    /// Origin base URL (`http://` only), e.g. `http://127.0.0.1:3000`. Optional when `--tcp`
+    /// Origin base URL (`http://`, or `h2c://` for HTTP/2 without TLS such as gRPC servers), e.g.
+    /// `http://127.0.0.1:3000`. Optional when `--tcp`
     /// is given (a raw-TCP-only service); HTTP requests then get a 502.
     #[arg(
         long = "to",

@@ -65,7 +65,9 @@ pub(crate) fn to_header_map(headers: &Headers, upgrade: bool) -> Result<HeaderMa
             upgrade_value = Some(value);
             continue;
         }
-        if is_hop_by_hop(name.as_str(), &tokens) {
+        // gRPC origins need `te: trailers` (the edge forwards only that value).
+        let te_trailers = name == http::header::TE && value.as_bytes() == b"trailers";
+        if is_hop_by_hop(name.as_str(), &tokens) && !te_trailers {
             continue;
         }
         map.append(name, value);
@@ -139,8 +141,9 @@ mod tests {
             ("accept", "b"),
         ]);
         let map = to_header_map(&headers, false).unwrap();
-        assert_eq!(map.len(), 3);
+        assert_eq!(map.len(), 4);
         assert_eq!(map.get("host").unwrap(), "example.com");
+        assert_eq!(map.get("te").unwrap(), "trailers");
         assert_eq!(map.get_all("accept").iter().count(), 2);
         assert!(map.get("x-secret").is_none());
     }

@@ -96,7 +96,11 @@ pub(crate) struct Origin {
 
 impl Origin {
     pub(crate) fn new(to: &str, health_path: Option<String>) -> Result<Self, Error> {
-        let base = parse_base(to)?;
+        // `h2c://` is an origin speaking HTTP/2 without TLS (gRPC servers): prior knowledge.
+        let (base, h2c) = match to.strip_prefix("h2c://") {
+            Some(rest) => (parse_base(&format!("http://{rest}"))?, true),
+            None => (parse_base(to)?, false),
+        };
         let authority = base_authority(&base);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -106,6 +110,7 @@ impl Origin {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .pool_timer(hyper_util::rt::TokioTimer::new())
+            .http2_only(h2c)
             .build(connector);
         if let Some(p) = &health_path {
             join(&base, p.as_bytes()).map_err(|e| Error::Config(format!("--health-path: {e}")))?;
