@@ -39,6 +39,16 @@ pub struct Config {
     /// Seconds a dead leader's lease outlives it before another coordinator takes over.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub etcd_lease_ttl: u64,
+    /// Change history kept for watch resumes: at least the last this many revisions...
+    #[arg(long, default_value_t = 10_000)]
+    pub history_revisions: u64,
+    /// ...and every revision current within this many minutes (0: count only). Subscribers
+    /// further behind resume with a snapshot.
+    #[arg(long, default_value_t = 60)]
+    pub history_minutes: u64,
+    /// How often the change log is compacted (by the leader, with a shared store).
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub compact_every_ms: u64,
 }
 
 impl Config {
@@ -53,6 +63,9 @@ impl Config {
             etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
             etcd_prefix: "/meridian".into(),
             etcd_lease_ttl: 5,
+            history_revisions: 10_000,
+            history_minutes: 60,
+            compact_every_ms: 30_000,
         }
     }
 }
@@ -75,6 +88,9 @@ impl std::fmt::Debug for Config {
             .field("etcd_endpoints", &self.etcd_endpoints)
             .field("etcd_prefix", &self.etcd_prefix)
             .field("etcd_lease_ttl", &self.etcd_lease_ttl)
+            .field("history_revisions", &self.history_revisions)
+            .field("history_minutes", &self.history_minutes)
+            .field("compact_every_ms", &self.compact_every_ms)
             .finish()
     }
 }
@@ -147,5 +163,32 @@ mod tests {
         );
         assert_eq!((c.etcd_prefix.as_str(), c.etcd_lease_ttl), ("/m2", 2));
         assert!(Cli::try_parse_from(["x", "--data-dir", "d", "--store", "zk"]).is_err());
+    }
+
+    #[test]
+    fn history_flags() {
+        let c = Cli::try_parse_from(["x", "--data-dir", "d"]).unwrap().config;
+        let d = Config::new(c.listen, c.data_dir.clone());
+        assert_eq!(
+            (c.history_revisions, c.history_minutes, c.compact_every_ms),
+            (d.history_revisions, d.history_minutes, d.compact_every_ms)
+        );
+        let c = Cli::try_parse_from([
+            "x",
+            "--data-dir",
+            "d",
+            "--history-revisions",
+            "5",
+            "--history-minutes",
+            "0",
+            "--compact-every-ms",
+            "100",
+        ])
+        .unwrap()
+        .config;
+        assert_eq!(
+            (c.history_revisions, c.history_minutes, c.compact_every_ms),
+            (5, 0, 100)
+        );
     }
 }

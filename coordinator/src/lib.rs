@@ -4,6 +4,7 @@
 mod api;
 mod bootstrap;
 mod clock;
+mod compaction;
 mod config;
 mod dashboard;
 mod error;
@@ -51,33 +52,61 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     bootstrap::tokens(&store, &config).await?;
     let hub = hub::Hub::new(store).await?;
     info!(addr = %addr, data_dir = %config.data_dir.display(), store = hub.store().backend(), "ready");
-    serve(listener, hub, shutdown).await?;
+    let tuning = Tuning {
+        retention: compaction::Retention {
+            revisions: config.history_revisions,
+            keep_for: Duration::from_secs(config.history_minutes.saturating_mul(60)),
+        },
+        compact_every: Duration::from_millis(config.compact_every_ms),
+        ..Tuning::default()
+    };
+    serve_with(listener, hub, shutdown, tuning).await?;
     info!("coordinator stopped");
     Ok(())
 }
 
-/// Serves the API on `listener` with a liveness ticker beside it, until `shutdown`.
-async fn serve(
-    listener: TcpListener,
-    hub: Arc<hub::Hub>,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    serve_with(listener, hub, shutdown, api::PROGRESS_EVERY).await
+/// Timings of the background work (shorter in tests).
+#[derive(Clone, Copy, Debug)]
+struct Tuning {
+    progress_every: Duration,
+    retention: compaction::Retention,
+    compact_every: Duration,
 }
 
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            progress_every: api::PROGRESS_EVERY,
+            retention: compaction::Retention {
+                revisions: 10_000,
+                keep_for: Duration::from_secs(3600),
+            },
+            compact_every: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves the API on `listener` with the liveness ticker, observed-state saver, store follower
+/// and compactor beside it, until `shutdown`.
 async fn serve_with(
     listener: TcpListener,
     hub: Arc<hub::Hub>,
     shutdown: CancellationToken,
-    progress_every: Duration,
+    tuning: Tuning,
 ) -> Result<(), Error> {
     // Child token: stops the ticker and watch streams also when serving fails on its own.
     let stop = shutdown.child_token();
     let ticker = tokio::spawn(liveness_ticker(hub.clone(), stop.clone()));
     let saver = tokio::spawn(persist_observed(hub.clone(), stop.clone()));
     let follower = tokio::spawn(follow_store(hub.clone(), stop.clone()));
+    let compactor = tokio::spawn(compact_history(
+        hub.clone(),
+        stop.clone(),
+        tuning.retention,
+        tuning.compact_every,
+    ));
     let mut state = api::AppState::new(hub, stop.clone());
-    state.progress_every = progress_every;
+    state.progress_every = tuning.progress_every;
     let app = api::router(state);
     let res = server::serve(listener, app, stop.clone())
         .await
@@ -86,7 +115,53 @@ async fn serve_with(
     let _ = ticker.await;
     let _ = saver.await;
     let _ = follower.await;
+    let _ = compactor.await;
     res
+}
+
+/// Compacts the change log on its own ([`compaction::Compactor`] decides how far), only while
+/// this coordinator leads: with a shared etcd one coordinator compacts, and the others' watch
+/// resumes fall back to snapshots like everyone's.
+async fn compact_history(
+    hub: Arc<hub::Hub>,
+    stop: CancellationToken,
+    retention: compaction::Retention,
+    every: Duration,
+) {
+    let (revs, leader) = match hub
+        .store()
+        .call(|s| Ok((s.revisions(), s.leadership())))
+        .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow the store; not compacting history");
+            return;
+        }
+    };
+    let mut policy = compaction::Compactor::new(retention);
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let latest = *revs.borrow();
+        let Some(upto) = policy.tick(Instant::now(), latest) else {
+            continue;
+        };
+        if !*leader.borrow() {
+            continue;
+        }
+        match hub.store().call(move |s| s.compact(upto)).await {
+            Ok(()) => {
+                policy.compacted(upto);
+                info!(upto, latest, "compacted change history");
+            }
+            Err(e) => tracing::warn!(error = %e, upto, "could not compact change history"),
+        }
+    }
 }
 
 /// Re-reads desired state whenever the store's revision moves past the published one: commits

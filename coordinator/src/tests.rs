@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::testutil::TempDir;
-use crate::{Config, bootstrap, hub::Hub, serve_with};
+use crate::{Config, Tuning, bootstrap, hub::Hub, serve_with};
 
 const ADMIN: &str = "mrd_api_admin1_adminsecret";
 const NODE: &str = "mrd_api_node1_nodesecret";
@@ -29,6 +29,14 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
+        Self::start_with(Tuning {
+            progress_every: PROGRESS,
+            ..Tuning::default()
+        })
+        .await
+    }
+
+    async fn start_with(tuning: Tuning) -> Self {
         let dir = TempDir::new("api");
         let cfg = Config {
             admin_token: Some(ADMIN.into()),
@@ -41,12 +49,7 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve_with(
-            listener,
-            hub.clone(),
-            shutdown.clone(),
-            PROGRESS,
-        ));
+        let task = tokio::spawn(serve_with(listener, hub.clone(), shutdown.clone(), tuning));
         Self {
             url,
             hub,
@@ -785,7 +788,10 @@ async fn restart_restores_observed_edges_instead_of_starting_blind() {
             listener,
             hub.clone(),
             shutdown.clone(),
-            PROGRESS,
+            Tuning {
+                progress_every: PROGRESS,
+                ..Tuning::default()
+            },
         ));
         let node = Client::new(&url, NODE).unwrap();
         if round == 0 {
@@ -1036,11 +1042,19 @@ async fn resumed_watch_gets_deltas_that_converge_to_the_snapshot() {
     let WatchEvent::Delta(d) = next_event(&mut events).await else {
         panic!("a resume within the change log must start with a delta");
     };
-    assert_eq!((d.from_revision, d.revision), (have.revision, fresh.revision));
+    assert_eq!(
+        (d.from_revision, d.revision),
+        (have.revision, fresh.revision)
+    );
     let ops: Vec<String> = d
         .ops
         .iter()
-        .map(|op| serde_json::to_value(op).unwrap()["op"].as_str().unwrap().to_owned())
+        .map(|op| {
+            serde_json::to_value(op).unwrap()["op"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(
         ops,
@@ -1069,7 +1083,10 @@ async fn resumed_watch_gets_deltas_that_converge_to_the_snapshot() {
         .watch_from(Some((have.revision, have.observed_version)))
         .await
         .unwrap();
-    assert!(matches!(next_event(&mut plain).await, WatchEvent::Snapshot(_)));
+    assert!(matches!(
+        next_event(&mut plain).await,
+        WatchEvent::Snapshot(_)
+    ));
 
     // Behind the compaction horizon: a snapshot.
     let now = held.revision;
@@ -1124,5 +1141,76 @@ async fn subscriber_catches_up_from_its_cache_by_delta() {
     .unwrap()
     .unwrap();
     task.abort();
+    srv.stop().await;
+}
+
+/// The coordinator compacts its change log on its own: with "keep 3 revisions, no time", a
+/// subscriber that fell further behind resumes with a snapshot, a recent one with a delta.
+#[tokio::test]
+async fn change_log_is_compacted_automatically() {
+    let srv = Server::start_with(Tuning {
+        progress_every: PROGRESS,
+        retention: crate::compaction::Retention {
+            revisions: 3,
+            keep_for: Duration::ZERO,
+        },
+        compact_every: Duration::from_millis(20),
+    })
+    .await;
+    let c = srv.admin();
+    c.create_service(&CreateService {
+        name: "web".into(),
+        lb_policy: Default::default(),
+    })
+    .await
+    .unwrap();
+    let node = srv.node();
+    let early = node.snapshot().await.unwrap();
+    for i in 0..8 {
+        c.add_mount(&mount(&format!("m{i}.test"), "/", "web"))
+            .await
+            .unwrap();
+    }
+    let latest = node.snapshot().await.unwrap().revision;
+    // Wait for the compactor (no other signal: the store says when history is gone).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = srv
+            .hub
+            .store()
+            .call(move |s| s.changes_since(latest - 5, 10))
+            .await;
+        if matches!(r, Err(crate::store::StoreError::Compacted { .. })) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "history was never compacted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The last three revisions are still there.
+    let kept = srv
+        .hub
+        .store()
+        .call(move |s| s.changes_since(latest - 3, 10))
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 3);
+    let mut behind = node
+        .watch_deltas(Some((early.revision, early.observed_version)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut behind).await,
+        WatchEvent::Snapshot(_)
+    ));
+    let recent = node.snapshot().await.unwrap();
+    c.add_mount(&mount("late.test", "/", "web")).await.unwrap();
+    let mut resumed = node
+        .watch_deltas(Some((recent.revision, recent.observed_version)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut resumed).await,
+        WatchEvent::Delta(_)
+    ));
     srv.stop().await;
 }
