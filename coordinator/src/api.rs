@@ -109,6 +109,12 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/agents", get(list_agents))
         .route("/v1/status", get(status))
         .route("/v1/audit", get(list_audit))
+        .route(
+            "/v1/dns/records",
+            post(put_dns_record)
+                .get(list_dns_records)
+                .delete(delete_dns_record),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -186,6 +192,9 @@ impl From<StoreError> for ApiErr {
             StoreError::NotFound { .. } => Self::new(StatusCode::NOT_FOUND, e.to_string()),
             StoreError::UnknownService(_) => {
                 Self::field(StatusCode::UNPROCESSABLE_ENTITY, e.to_string(), "service")
+            }
+            StoreError::Conflict { field, message } => {
+                Self::field(StatusCode::CONFLICT, message.clone(), field)
             }
             StoreError::SchemaTooNew { .. }
             | StoreError::Compacted { .. }
@@ -363,6 +372,58 @@ async fn delete_service(
     st.hub
         .store()
         .call_as(who.actor(), move |s| s.delete_service(&name))
+        .await?;
+    st.hub.refresh_desired().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- GeoDNS zone records ----
+
+/// `POST /v1/dns/records`: creates or replaces the RRset (name, type).
+async fn put_dns_record(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    req: Result<Json<coordinator_api::DnsRecord>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<coordinator_api::DnsRecord>)> {
+    let r = validate::dns_record(&body(req)?)?;
+    let r2 = r.clone();
+    st.hub
+        .store()
+        .call_as(who.actor(), move |s| s.put_dns_record(&r2))
+        .await?;
+    st.hub.refresh_desired().await?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+async fn list_dns_records(
+    State(st): State<AppState>,
+) -> ApiResult<Json<Vec<coordinator_api::DnsRecord>>> {
+    Ok(Json(st.hub.store().call(|s| s.list_dns_records()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct DnsRecordKey {
+    name: String,
+    #[serde(rename = "type")]
+    rtype: String,
+}
+
+/// `DELETE /v1/dns/records?name=N&type=T`.
+async fn delete_dns_record(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    q: Result<Query<DnsRecordKey>, QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let Query(q) = q?;
+    let name = coordinator_api::dns_name(&q.name)
+        .map_err(|e| ApiErr::field(StatusCode::BAD_REQUEST, e, "name"))?;
+    let rtype: coordinator_api::DnsRecordType = q
+        .rtype
+        .parse()
+        .map_err(|e: String| ApiErr::field(StatusCode::BAD_REQUEST, e, "type"))?;
+    st.hub
+        .store()
+        .call_as(who.actor(), move |s| s.delete_dns_record(&name, rtype))
         .await?;
     st.hub.refresh_desired().await?;
     Ok(StatusCode::NO_CONTENT)

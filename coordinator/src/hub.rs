@@ -144,6 +144,7 @@ fn build(st: &State) -> Snapshot {
         services: d.services.clone(),
         mounts: d.mounts.clone(),
         agent_tokens: d.agent_tokens.clone(),
+        records: d.records.clone(),
         region_health: region_health(&d.regions, &edges, st.observed.stale()),
         edges,
     }

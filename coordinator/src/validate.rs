@@ -334,6 +334,15 @@ pub(crate) fn dns_record(
         .map_err(|(field, message)| Invalid::new(field, message))
 }
 
+/// Validates and normalises a GeoDNS zone record (conflicts with other records are the
+/// store's job, checked at commit).
+pub(crate) fn dns_record(
+    r: &coordinator_api::DnsRecord,
+) -> Result<coordinator_api::DnsRecord, Invalid> {
+    r.normalized()
+        .map_err(|(field, message)| Invalid::new(field, message))
+}
+
 /// Ids that edges report about themselves (edge id, region, agent ids): bounded, printable.
 pub(crate) fn reported_id(field: &'static str, value: &str) -> Result<(), Invalid> {
     if value.is_empty() || value.len() > MAX_ID_LEN {

@@ -17,7 +17,8 @@ use coordinator::store::{
     StoreHandle,
 };
 use coordinator_api::{
-    AdminState, AgentTokenRecord, Client, CreateService, LbPolicy, Mount, Region, Revision, Service,
+    AdminState, AgentTokenRecord, Client, CreateService, DnsRecord, DnsRecordType, LbPolicy, Mount,
+    Region, Revision, Service,
 };
 use etcd_cluster::{EtcdCluster, have_etcd};
 use tokio::sync::{mpsc, watch};
@@ -531,6 +532,93 @@ fn updates_replace_whole_objects(s: &mut dyn Store) {
     assert_eq!(s.list_mounts().unwrap(), vec![moved]);
 }
 
+fn dns(name: &str, t: DnsRecordType, values: &[&str]) -> DnsRecord {
+    DnsRecord {
+        name: name.into(),
+        zone: "example.com".into(),
+        rtype: t,
+        ttl: 60,
+        values: values.iter().map(|v| (*v).to_owned()).collect(),
+    }
+}
+
+/// GeoDNS zone records: put creates or replaces an RRset, a CNAME stays alone at its name
+/// (refused both ways, nothing written), delete by (name, type), all in the snapshot and the
+/// change feed.
+fn dns_records(s: &mut dyn Store) {
+    let before = s.revision().unwrap();
+    let www = dns(
+        "www.example.com",
+        DnsRecordType::Cname,
+        &["edge.meridian.test"],
+    );
+    let txt = dns("example.com", DnsRecordType::Txt, &["v=spf1 -all"]);
+    let mx = dns("example.com", DnsRecordType::Mx, &["10 mail.example.com"]);
+    let r1 = s.put_dns_record(&www).unwrap();
+    assert!(r1 > before);
+    s.put_dns_record(&txt).unwrap();
+    let r3 = s.put_dns_record(&mx).unwrap();
+    assert_eq!(
+        s.list_dns_records().unwrap(),
+        vec![txt.clone(), mx.clone(), www.clone()],
+        "sorted by name, then type"
+    );
+    assert_eq!(s.desired().unwrap().records.len(), 3);
+
+    // A CNAME beside other data, and other data beside a CNAME: refused, nothing written.
+    let conflict = |r: Result<Revision, StoreError>| {
+        matches!(r, Err(StoreError::Conflict { field: "type", .. }))
+    };
+    assert!(conflict(s.put_dns_record(&dns(
+        "example.com",
+        DnsRecordType::Cname,
+        &["x.example.net"]
+    ))));
+    assert!(conflict(s.put_dns_record(&dns(
+        "www.example.com",
+        DnsRecordType::Txt,
+        &["hello"]
+    ))));
+    assert_eq!(s.revision().unwrap(), r3);
+
+    // Replacing an RRset keeps one set per (name, type).
+    let txt2 = dns("example.com", DnsRecordType::Txt, &["a", "b"]);
+    let r4 = s.put_dns_record(&txt2).unwrap();
+    let records = s.list_dns_records().unwrap();
+    assert_eq!(records.len(), 3);
+    assert!(records.contains(&txt2) && !records.contains(&txt));
+
+    let r5 = s
+        .delete_dns_record("www.example.com", DnsRecordType::Cname)
+        .unwrap();
+    assert!(r5 > r4);
+    assert!(matches!(
+        s.delete_dns_record("www.example.com", DnsRecordType::Cname),
+        Err(StoreError::NotFound { .. })
+    ));
+    // From just before the first put: on etcd an empty prefix has revision 0, whose history
+    // another suite's compaction may have dropped.
+    let changes = s.changes_since(r1 - 1, 10).unwrap();
+    let objs: Vec<(&str, &str, bool)> = changes
+        .iter()
+        .map(|c| (c.object.as_str(), c.key.as_str(), c.value.is_some()))
+        .collect();
+    assert_eq!(
+        objs,
+        [
+            ("dns_record", "www.example.com/CNAME", true),
+            ("dns_record", "example.com/TXT", true),
+            ("dns_record", "example.com/MX", true),
+            ("dns_record", "example.com/TXT", true),
+            ("dns_record", "www.example.com/CNAME", false),
+        ]
+    );
+    assert_eq!(
+        changes[3].value.as_ref().unwrap(),
+        &serde_json::to_value(&txt2).unwrap()
+    );
+}
+
 // ---- SQLite ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -555,6 +643,15 @@ async fn sqlite_updates_replace_whole_objects() {
     assert_eq!(web.origins.len(), 2);
     assert_eq!(web.origins[0].weight, Some(3));
     assert!(web.sticky.is_some() && web.health_check.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_dns_records() {
+    let dir = TempDir::new("sqlite-dns");
+    with(&sqlite(&dir), dns_records).await;
+    // Records survive a reopen.
+    let n = with(&sqlite(&dir), |s| s.list_dns_records().unwrap().len()).await;
+    assert_eq!(n, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -599,6 +696,7 @@ async fn etcd_conformance() {
     conflicting_creates(&etcd(&cluster, "/c4").await, &etcd(&cluster, "/c4").await).await;
     with(&etcd(&cluster, "/c6").await, updates_replace_whole_objects).await;
     compaction_resnapshots(&etcd(&cluster, "/c5").await).await;
+    with(&etcd(&cluster, "/c7").await, dns_records).await;
 }
 
 fn free_addr() -> SocketAddr {

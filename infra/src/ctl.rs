@@ -3,7 +3,8 @@
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use coordinator_api::{
-    AdminState, ApiScope, Client, CreateApiToken, CreateToken, HashOn, LbPolicy, Mount, Region,
+    AdminState, ApiScope, Client, CreateApiToken, CreateToken, DnsRecord, DnsRecordType, HashOn,
+    LbPolicy, Mount, Region,
 };
 use serde::Serialize;
 
@@ -77,6 +78,9 @@ enum Cmd {
         #[arg(long, default_value = "demo")]
         service: String,
     },
+    /// GeoDNS zone records: `dns record add|list|rm`.
+    #[command(subcommand)]
+    Dns(DnsCmd),
     /// The audit log: who changed what, when.
     Audit {
         /// Only entries after this id.
@@ -85,6 +89,56 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum DnsCmd {
+    /// Zone records GeoDNS serves (CNAME, TXT, CAA, MX, A, AAAA).
+    #[command(subcommand)]
+    Record(DnsRecordCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum DnsRecordCmd {
+    /// `NAME TYPE VALUE...`: adds the values to the RRset (name, type), creating it, e.g.
+    /// `www.example.com CNAME edge.meridian.test --zone example.com` or
+    /// `example.com MX "10 mail.example.com"`.
+    Add {
+        name: String,
+        #[arg(value_parser = parse_rtype)]
+        rtype: DnsRecordType,
+        #[arg(required = true)]
+        values: Vec<String>,
+        /// Zone of the name; defaults to the zone of an existing record the name falls in.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Seconds (0: GeoDNS's --ttl); defaults to the existing set's TTL.
+        #[arg(long)]
+        ttl: Option<u32>,
+    },
+    List,
+    /// `NAME TYPE [VALUE]`: removes one value, or the whole RRset without one.
+    #[command(alias = "remove")]
+    Rm {
+        name: String,
+        #[arg(value_parser = parse_rtype)]
+        rtype: DnsRecordType,
+        value: Option<String>,
+    },
+}
+
+fn parse_rtype(s: &str) -> Result<DnsRecordType, String> {
+    s.parse()
+}
+
+/// The zone for a new record at `name`: the longest zone of an existing record `name` falls in.
+fn zone_for(name: &str, existing: &[DnsRecord]) -> Option<String> {
+    existing
+        .iter()
+        .map(|r| r.zone.as_str())
+        .filter(|z| name == *z || name.ends_with(&format!(".{z}")))
+        .max_by_key(|z| z.len())
+        .map(str::to_owned)
 }
 
 #[derive(Subcommand, Debug)]
@@ -465,6 +519,106 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             };
             m.service = service;
             m.strip_prefix = strip_prefix;
+            out.one(&c.update_mount(&m).await?)
+        }
+        Cmd::Dns(DnsCmd::Record(DnsRecordCmd::Add {
+            name,
+            rtype,
+            values,
+            zone,
+            ttl,
+        })) => {
+            let existing = c.list_dns_records().await?;
+            let name = coordinator_api::dns_name(&name).map_err(anyhow::Error::msg)?;
+            let current = existing.iter().find(|r| r.name == name && r.rtype == rtype);
+            let zone = match (zone, current) {
+                (Some(z), _) => z,
+                (None, Some(r)) => r.zone.clone(),
+                (None, None) => zone_for(&name, &existing)
+                    .context("no record in a zone containing this name yet: pass --zone ZONE")?,
+            };
+            let mut all = current.map(|r| r.values.clone()).unwrap_or_default();
+            all.extend(values);
+            let record = DnsRecord {
+                name,
+                zone,
+                rtype,
+                ttl: ttl.or(current.map(|r| r.ttl)).unwrap_or(0),
+                values: all,
+            };
+            out.one(&c.put_dns_record(&record).await?)
+        }
+        Cmd::Dns(DnsCmd::Record(DnsRecordCmd::List)) => {
+            let rows = c.list_dns_records().await?;
+            out.table(&rows, &["NAME", "TYPE", "TTL", "ZONE", "VALUES"], |r| {
+                vec![
+                    r.name.clone(),
+                    r.rtype.as_str().to_owned(),
+                    r.ttl.to_string(),
+                    r.zone.clone(),
+                    r.values.join(" | "),
+                ]
+            })
+        }
+        Cmd::Dns(DnsCmd::Record(DnsRecordCmd::Rm { name, rtype, value })) => {
+            let name = coordinator_api::dns_name(&name).map_err(anyhow::Error::msg)?;
+            if let Some(value) = value {
+                let existing = c.list_dns_records().await?;
+                let Some(current) = existing
+                    .into_iter()
+                    .find(|r| r.name == name && r.rtype == rtype)
+                else {
+                    bail!("no {} record at {name}", rtype.as_str());
+                };
+                // Compare in canonical form, so `"10 mail.example.com."` matches what is stored.
+                let want = coordinator_api::DnsRdata::parse(rtype, &value)
+                    .map_err(anyhow::Error::msg)?
+                    .to_string();
+                let rest: Vec<String> = current
+                    .values
+                    .iter()
+                    .filter(|v| **v != want)
+                    .cloned()
+                    .collect();
+                if rest.len() == current.values.len() {
+                    bail!("{name} {} has no value {want:?}", rtype.as_str());
+                }
+                if !rest.is_empty() {
+                    return out.one(
+                        &c.put_dns_record(&DnsRecord {
+                            values: rest,
+                            ..current
+                        })
+                        .await?,
+                    );
+                }
+            }
+            c.delete_dns_record(&name, rtype).await?;
+            out.done(&format!("removed {name} {}", rtype.as_str()))
+        }
+        Cmd::Mount(MountCmd::Update {
+            target,
+            service,
+            strip_prefix,
+            route,
+        }) => {
+            let (host, path_prefix) = split_target(&target);
+            let prefix = if path_prefix.len() > 1 {
+                path_prefix.trim_end_matches('/')
+            } else {
+                path_prefix.as_str()
+            };
+            let Some(mut m) = c
+                .list_mounts()
+                .await?
+                .into_iter()
+                .find(|m| m.host == host.to_ascii_lowercase() && m.path_prefix == prefix)
+            else {
+                bail!("no mount {host}{path_prefix}");
+            };
+            m.service = service;
+            m.strip_prefix = strip_prefix;
+            route.apply(&mut m);
             out.one(&c.update_mount(&m).await?)
         }
         Cmd::Mount(MountCmd::Remove { target }) => {

@@ -288,6 +288,30 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/dns/records`: creates or replaces the RRset (name, type); returns it normalised.
+    pub async fn put_dns_record(
+        &self,
+        record: &crate::DnsRecord,
+    ) -> Result<crate::DnsRecord, ClientError> {
+        self.post("v1/dns/records", record).await
+    }
+
+    pub async fn list_dns_records(&self) -> Result<Vec<crate::DnsRecord>, ClientError> {
+        self.get("v1/dns/records").await
+    }
+
+    pub async fn delete_dns_record(
+        &self,
+        name: &str,
+        rtype: crate::DnsRecordType,
+    ) -> Result<(), ClientError> {
+        let mut url = self.url("v1/dns/records")?;
+        url.query_pairs_mut()
+            .append_pair("name", name)
+            .append_pair("type", rtype.as_str());
+        self.delete(url).await
+    }
+
     pub async fn list_mounts(&self) -> Result<Vec<Mount>, ClientError> {
         self.get("v1/mounts").await
     }

@@ -292,6 +292,9 @@ pub struct Snapshot {
     /// Per-region health as the coordinator sees it (GSLB view); empty from older coordinators.
     #[serde(default)]
     pub region_health: Vec<RegionHealth>,
+    /// Zone records GeoDNS serves (CNAME, TXT, CAA, MX, A, AAAA), sorted by (name, type).
+    #[serde(default)]
+    pub records: Vec<DnsRecord>,
 }
 
 impl Snapshot {
@@ -522,4 +525,437 @@ pub struct SubscriberState {
     pub error: Option<String>,
     /// Unix milliseconds of the ack.
     pub at_ms: u64,
+}
+
+// ---- added in phase 4: zone records GeoDNS serves (issue 5) ----
+
+/// Record types the coordinator stores for GeoDNS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DnsRecordType {
+    A,
+    Aaaa,
+    Cname,
+    Txt,
+    Caa,
+    Mx,
+}
+
+impl DnsRecordType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::A => "A",
+            Self::Aaaa => "AAAA",
+            Self::Cname => "CNAME",
+            Self::Txt => "TXT",
+            Self::Caa => "CAA",
+            Self::Mx => "MX",
+        }
+    }
+}
+
+impl std::str::FromStr for DnsRecordType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.to_ascii_uppercase().as_str() {
+            "A" => Self::A,
+            "AAAA" => Self::Aaaa,
+            "CNAME" => Self::Cname,
+            "TXT" => Self::Txt,
+            "CAA" => Self::Caa,
+            "MX" => Self::Mx,
+            _ => {
+                return Err(format!(
+                    "unsupported record type {s:?} (A, AAAA, CNAME, TXT, CAA, MX)"
+                ));
+            }
+        })
+    }
+}
+
+/// One RRset GeoDNS serves: every value of one type at one name. Identity: (name, type);
+/// writing it again replaces the set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsRecord {
+    /// Owner name, lower-case, without the trailing dot (`www.example.com`, or the zone apex).
+    pub name: String,
+    /// The zone GeoDNS answers for this name from (lower-case, no trailing dot); `name` is it
+    /// or lies under it. A zone other than GeoDNS's own `--zone` gets a synthesized SOA/NS.
+    pub zone: String,
+    #[serde(rename = "type")]
+    pub rtype: DnsRecordType,
+    /// Seconds; 0 means GeoDNS's `--ttl`.
+    #[serde(default)]
+    pub ttl: u32,
+    /// Presentation-format data, one record each: `192.0.2.1`, `2001:db8::1`,
+    /// `edge.meridian.test`, text, `10 mail.example.com`, `0 issue "letsencrypt.org"`.
+    pub values: Vec<String>,
+}
+
+impl DnsRecord {
+    /// The store key: `name/TYPE`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.name, self.rtype.as_str())
+    }
+
+    /// Checks and normalises every field (names lower-cased without trailing dot, values
+    /// trimmed); the error names the field at fault.
+    pub fn normalized(&self) -> Result<Self, (&'static str, String)> {
+        let name = dns_name(&self.name).map_err(|e| ("name", e))?;
+        let zone = dns_name(&self.zone).map_err(|e| ("zone", e))?;
+        if name != zone && !name.ends_with(&format!(".{zone}")) {
+            return Err(("name", format!("{name:?} is not in zone {zone:?}")));
+        }
+        if self.rtype == DnsRecordType::Cname && name == zone {
+            return Err((
+                "type",
+                format!("CNAME at the zone apex {zone:?} is not allowed (the apex has SOA and NS)"),
+            ));
+        }
+        if self.ttl > MAX_DNS_TTL {
+            return Err(("ttl", format!("ttl must be at most {MAX_DNS_TTL} seconds")));
+        }
+        if self.values.is_empty() {
+            return Err(("values", "at least one value is required".into()));
+        }
+        if self.values.len() > MAX_DNS_VALUES {
+            return Err((
+                "values",
+                format!("at most {MAX_DNS_VALUES} values per name and type"),
+            ));
+        }
+        if self.rtype == DnsRecordType::Cname && self.values.len() != 1 {
+            return Err(("values", "a CNAME has exactly one target".into()));
+        }
+        let mut values = Vec::with_capacity(self.values.len());
+        for v in &self.values {
+            let data = DnsRdata::parse(self.rtype, v).map_err(|e| ("values", e))?;
+            let v = data.to_string();
+            if !values.contains(&v) {
+                values.push(v);
+            }
+        }
+        Ok(Self {
+            name,
+            zone,
+            rtype: self.rtype,
+            ttl: self.ttl,
+            values,
+        })
+    }
+
+    /// Why `self` cannot join `existing` (a CNAME shares its name with no other data, RFC 1034
+    /// §3.6.2); the set with the same (name, type) is the one `self` replaces.
+    pub fn conflict(&self, existing: &[DnsRecord]) -> Option<String> {
+        let other = existing.iter().find(|r| {
+            r.name == self.name
+                && r.rtype != self.rtype
+                && (r.rtype == DnsRecordType::Cname || self.rtype == DnsRecordType::Cname)
+        })?;
+        Some(if self.rtype == DnsRecordType::Cname {
+            format!(
+                "CNAME at {:?}: the name already has {} data (a CNAME must be alone at its name)",
+                self.name,
+                other.rtype.as_str()
+            )
+        } else {
+            format!(
+                "{} at {:?}: the name is a CNAME (a CNAME must be alone at its name)",
+                self.rtype.as_str(),
+                self.name
+            )
+        })
+    }
+}
+
+/// Longest TTL a record may ask for (one week).
+pub const MAX_DNS_TTL: u32 = 604_800;
+/// Most values in one RRset.
+pub const MAX_DNS_VALUES: usize = 32;
+/// Longest TXT value (split into 255-byte strings on the wire).
+pub const MAX_TXT_LEN: usize = 2048;
+
+/// A DNS name in canonical form: lower-case, no trailing dot, labels of `a-z 0-9 - _`.
+pub fn dns_name(value: &str) -> Result<String, String> {
+    let n = value.trim().to_ascii_lowercase();
+    let n = n.strip_suffix('.').unwrap_or(&n);
+    if n.is_empty() || n.len() > 253 {
+        return Err(format!("{value:?}: a name must be 1 to 253 characters"));
+    }
+    for label in n.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("{value:?}: each label must be 1 to 63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "{value:?}: labels may contain only a-z, 0-9, '-' and '_'"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("{value:?}: labels may not start or end with '-'"));
+        }
+    }
+    Ok(n.to_owned())
+}
+
+/// One parsed record value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsRdata {
+    A(std::net::Ipv4Addr),
+    Aaaa(std::net::Ipv6Addr),
+    /// Canonical target name.
+    Cname(String),
+    Txt(String),
+    Caa {
+        flags: u8,
+        tag: String,
+        value: String,
+    },
+    Mx {
+        preference: u16,
+        exchange: String,
+    },
+}
+
+impl DnsRdata {
+    /// Parses a presentation-format value of type `t`.
+    pub fn parse(t: DnsRecordType, value: &str) -> Result<Self, String> {
+        let v = value.trim();
+        let bad = |what: &str| format!("{} value {value:?}: {what}", t.as_str());
+        Ok(match t {
+            DnsRecordType::A => Self::A(v.parse().map_err(|_| bad("not an IPv4 address"))?),
+            DnsRecordType::Aaaa => Self::Aaaa(v.parse().map_err(|_| bad("not an IPv6 address"))?),
+            DnsRecordType::Cname => Self::Cname(dns_name(v).map_err(|e| bad(&e))?),
+            DnsRecordType::Txt => {
+                let text = unquote(v);
+                if text.len() > MAX_TXT_LEN {
+                    return Err(bad(&format!("longer than {MAX_TXT_LEN} bytes")));
+                }
+                if text.chars().any(char::is_control) {
+                    return Err(bad("control characters are not allowed"));
+                }
+                Self::Txt(text.to_owned())
+            }
+            DnsRecordType::Mx => {
+                let (pref, host) = v
+                    .split_once(char::is_whitespace)
+                    .ok_or_else(|| bad("expected PREFERENCE EXCHANGE, e.g. 10 mail.example.com"))?;
+                Self::Mx {
+                    preference: pref
+                        .parse()
+                        .map_err(|_| bad("preference must be 0 to 65535"))?,
+                    exchange: dns_name(host.trim()).map_err(|e| bad(&e))?,
+                }
+            }
+            DnsRecordType::Caa => {
+                let mut it = v.splitn(3, char::is_whitespace);
+                let (Some(flags), Some(tag), Some(rest)) = (it.next(), it.next(), it.next()) else {
+                    return Err(bad(
+                        "expected FLAGS TAG VALUE, e.g. 0 issue \"letsencrypt.org\"",
+                    ));
+                };
+                let flags: u8 = flags.parse().map_err(|_| bad("flags must be 0 to 255"))?;
+                let tag = tag.to_ascii_lowercase();
+                if tag.is_empty()
+                    || tag.len() > 15
+                    || !tag
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                {
+                    return Err(bad("tag must be 1 to 15 letters or digits"));
+                }
+                if !matches!(tag.as_str(), "issue" | "issuewild" | "iodef") {
+                    return Err(bad("tag must be issue, issuewild or iodef"));
+                }
+                let value = unquote(rest.trim());
+                if value.len() > 255 || value.chars().any(|c| c.is_control() || c == '"') {
+                    return Err(bad("value must be at most 255 printable bytes"));
+                }
+                if tag == "iodef"
+                    && !(value.starts_with("mailto:")
+                        || value.starts_with("https://")
+                        || value.starts_with("http://"))
+                {
+                    return Err(bad("iodef value must be a mailto: or http(s): URL"));
+                }
+                if tag != "iodef" {
+                    let issuer = value.split(';').next().unwrap_or_default().trim();
+                    if !issuer.is_empty() {
+                        dns_name(issuer).map_err(|e| bad(&e))?;
+                    }
+                }
+                Self::Caa {
+                    flags,
+                    tag,
+                    value: value.to_owned(),
+                }
+            }
+        })
+    }
+}
+
+/// `"text"` → `text`; anything else as is.
+fn unquote(v: &str) -> &str {
+    v.strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(v)
+}
+
+impl std::fmt::Display for DnsRdata {
+    /// The canonical stored form (what [`DnsRdata::parse`] reads back).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::A(ip) => write!(f, "{ip}"),
+            Self::Aaaa(ip) => write!(f, "{ip}"),
+            Self::Cname(n) => f.write_str(n),
+            Self::Txt(t) => f.write_str(t),
+            Self::Caa { flags, tag, value } => write!(f, "{flags} {tag} \"{value}\""),
+            Self::Mx {
+                preference,
+                exchange,
+            } => write!(f, "{preference} {exchange}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod dns_record_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn rec(name: &str, zone: &str, t: DnsRecordType, values: &[&str]) -> DnsRecord {
+        DnsRecord {
+            name: name.into(),
+            zone: zone.into(),
+            rtype: t,
+            ttl: 0,
+            values: values.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn normalises_and_rejects() {
+        let r = rec(
+            "WWW.Example.com.",
+            "example.com",
+            DnsRecordType::Cname,
+            &["Edge.Meridian.Test."],
+        )
+        .normalized()
+        .unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.values[0].as_str()),
+            ("www.example.com", "edge.meridian.test")
+        );
+        let field = |r: DnsRecord| r.normalized().unwrap_err().0;
+        assert_eq!(
+            field(rec(
+                "example.com",
+                "example.com",
+                DnsRecordType::Cname,
+                &["x.test"]
+            )),
+            "type"
+        );
+        assert_eq!(
+            field(rec(
+                "www.other.com",
+                "example.com",
+                DnsRecordType::Txt,
+                &["x"]
+            )),
+            "name"
+        );
+        assert_eq!(
+            field(rec(
+                "a.example.com",
+                "example.com",
+                DnsRecordType::A,
+                &["::1"]
+            )),
+            "values"
+        );
+        assert_eq!(
+            field(rec(
+                "a.example.com",
+                "example.com",
+                DnsRecordType::Mx,
+                &["mail"]
+            )),
+            "values"
+        );
+        assert_eq!(
+            field(rec(
+                "a.example.com",
+                "example.com",
+                DnsRecordType::Caa,
+                &["0 bogus \"x\""]
+            )),
+            "values"
+        );
+        assert_eq!(
+            field(rec(
+                "a.example.com",
+                "example.com",
+                DnsRecordType::Cname,
+                &["a.b", "c.d"]
+            )),
+            "values"
+        );
+        assert_eq!(
+            field(rec(
+                "a..example.com",
+                "example.com",
+                DnsRecordType::A,
+                &["192.0.2.1"]
+            )),
+            "name"
+        );
+        let caa = rec(
+            "example.com",
+            "example.com",
+            DnsRecordType::Caa,
+            &["0 issue letsencrypt.org"],
+        )
+        .normalized()
+        .unwrap();
+        assert_eq!(caa.values, vec!["0 issue \"letsencrypt.org\"".to_owned()]);
+        let mx = rec(
+            "example.com",
+            "example.com",
+            DnsRecordType::Mx,
+            &[" 10   mail.example.com. "],
+        )
+        .normalized()
+        .unwrap();
+        assert_eq!(mx.values, vec!["10 mail.example.com".to_owned()]);
+    }
+
+    #[test]
+    fn cname_must_be_alone() {
+        let txt = rec("a.example.com", "example.com", DnsRecordType::Txt, &["x"]);
+        let cname = rec(
+            "a.example.com",
+            "example.com",
+            DnsRecordType::Cname,
+            &["b.example.com"],
+        );
+        assert!(cname.conflict(std::slice::from_ref(&txt)).is_some());
+        assert!(txt.conflict(std::slice::from_ref(&cname)).is_some());
+        assert!(
+            cname.conflict(std::slice::from_ref(&cname)).is_none(),
+            "replacing itself"
+        );
+        let mx = rec(
+            "a.example.com",
+            "example.com",
+            DnsRecordType::Mx,
+            &["1 m.example.com"],
+        );
+        assert!(mx.conflict(&[txt]).is_none());
+    }
 }

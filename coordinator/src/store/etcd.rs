@@ -1,7 +1,8 @@
 //! etcd backend: desired state shared by several coordinators.
 //!
 //! Key layout under a prefix `P` (default `/meridian`), one small JSON object per key:
-//! - `P/desired/{region,service,mount,agent_token}/<key>`: desired state;
+//! - `P/desired/{region,service,mount,agent_token,dns_record}/<key>`: desired state (a DNS
+//!   record's key is `name/TYPE`);
 //! - `P/desired/rev`: a marker every desired write puts in the same transaction, so its
 //!   `mod_revision` is the revision of the last desired change (deletes included), and every write
 //!   is a compare-and-swap on it: writes serialise like SQLite's, and checks that span objects
@@ -24,7 +25,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use coordinator_api::{
-    AdminState, AgentTokenRecord, ApiTokenInfo, AuditEntry, Mount, Region, Revision, Service,
+    AdminState, AgentTokenRecord, ApiTokenInfo, AuditEntry, DnsRecord, DnsRecordType, Mount,
+    Region, Revision, Service,
 };
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, SortOrder,
@@ -418,6 +420,12 @@ async fn read_desired(mut c: Client, keys: Keys) -> Result<Desired, StoreError> 
             "agent_token" => d
                 .agent_tokens
                 .push(serde_json::from_slice(v).map_err(json_err)?),
+            // A record a newer binary wrote (unknown type) is skipped.
+            "dns_record" => {
+                if let Ok(r) = serde_json::from_slice(v) {
+                    d.records.push(r);
+                }
+            }
             // Written by a newer binary: ignored, like unknown columns.
             _ => {}
         }
@@ -427,6 +435,8 @@ async fn read_desired(mut c: Client, keys: Keys) -> Result<Desired, StoreError> 
     d.mounts
         .sort_by(|a, b| (&a.host, &a.path_prefix).cmp(&(&b.host, &b.path_prefix)));
     d.agent_tokens.sort_by(|a, b| a.id.cmp(&b.id));
+    d.records
+        .sort_by(|a, b| (&a.name, a.rtype).cmp(&(&b.name, b.rtype)));
     Ok(d)
 }
 
@@ -836,6 +846,34 @@ impl Store for EtcdStore {
                 });
             }
             Ok(Plan::delete("agent_token", id, "agent_token.delete"))
+        })
+    }
+
+    fn put_dns_record(&mut self, r: &DnsRecord) -> Result<Revision, StoreError> {
+        self.write(|d| {
+            super::check_dns_record(&d.records, r)?;
+            Plan::put("dns_record", &r.key(), r, "dns_record.put")
+        })
+    }
+
+    fn list_dns_records(&self) -> Result<Vec<DnsRecord>, StoreError> {
+        Ok(self.read_desired()?.records)
+    }
+
+    fn delete_dns_record(
+        &mut self,
+        name: &str,
+        rtype: DnsRecordType,
+    ) -> Result<Revision, StoreError> {
+        let key = format!("{name}/{}", rtype.as_str());
+        self.write(|d| {
+            if !d.records.iter().any(|r| r.name == name && r.rtype == rtype) {
+                return Err(StoreError::NotFound {
+                    what: "dns record",
+                    key: key.clone(),
+                });
+            }
+            Ok(Plan::delete("dns_record", &key, "dns_record.delete"))
         })
     }
 

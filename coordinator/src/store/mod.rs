@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use coordinator_api::{
-    AdminState, AgentTokenRecord, ApiScope, ApiTokenInfo, AuditEntry, Mount, Region, Revision,
-    Service,
+    AdminState, AgentTokenRecord, ApiScope, ApiTokenInfo, AuditEntry, DnsRecord, DnsRecordType,
+    Mount, Region, Revision, Service,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -43,6 +43,13 @@ pub enum StoreError {
     },
     #[error("storage: {0}")]
     Backend(String),
+    /// The write contradicts other stored data (e.g. a CNAME beside other records); `field`
+    /// names the request field at fault.
+    #[error("{message}")]
+    Conflict {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -122,6 +129,8 @@ pub struct Desired {
     pub services: Vec<Service>,
     pub mounts: Vec<Mount>,
     pub agent_tokens: Vec<AgentTokenRecord>,
+    /// GeoDNS zone records, sorted by (name, type).
+    pub records: Vec<DnsRecord>,
 }
 
 /// One committed desired-state change, as the change feed delivers it.
@@ -179,6 +188,16 @@ pub trait Store: Send {
     fn create_agent_token(&mut self, t: &AgentTokenRecord) -> Result<Revision, StoreError>;
     fn list_agent_tokens(&self) -> Result<Vec<AgentTokenRecord>, StoreError>;
     fn revoke_agent_token(&mut self, id: &str) -> Result<Revision, StoreError>;
+
+    /// Creates or replaces the RRset `r.key()`. [`StoreError::Conflict`] when a CNAME would
+    /// share its name with other data. `r` must be normalised ([`DnsRecord::normalized`]).
+    fn put_dns_record(&mut self, r: &DnsRecord) -> Result<Revision, StoreError>;
+    fn list_dns_records(&self) -> Result<Vec<DnsRecord>, StoreError>;
+    fn delete_dns_record(
+        &mut self,
+        name: &str,
+        rtype: DnsRecordType,
+    ) -> Result<Revision, StoreError>;
 
     /// Sets an operator override on a region's health.
     fn set_region_admin_state(
@@ -349,3 +368,14 @@ impl StoreHandle {
 
 /// Pause before a change feed retries a failed read.
 const FEED_RETRY: Duration = Duration::from_millis(200);
+
+/// Both backends' check before a DNS record write: a CNAME is alone at its name.
+fn check_dns_record(existing: &[DnsRecord], r: &DnsRecord) -> Result<(), StoreError> {
+    match r.conflict(existing) {
+        Some(message) => Err(StoreError::Conflict {
+            field: "type",
+            message,
+        }),
+        None => Ok(()),
+    }
+}

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use coordinator_api::{
-    AdminState, AgentTokenRecord, ApiTokenInfo, AuditEntry, LbPolicy, Mount, Region, Revision,
-    Service,
+    AdminState, AgentTokenRecord, ApiTokenInfo, AuditEntry, DnsRecord, DnsRecordType, LbPolicy,
+    Mount, Region, Revision, Service,
 };
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::Serialize;
@@ -91,6 +91,17 @@ CREATE TABLE meta (
     r"
 ALTER TABLE services ADD COLUMN spec TEXT;
 ALTER TABLE mounts ADD COLUMN spec TEXT;
+",
+    // GeoDNS zone records: one row per RRset, the values as a JSON array.
+    r"
+CREATE TABLE dns_records (
+    name    TEXT NOT NULL,
+    rtype   TEXT NOT NULL,
+    zone    TEXT NOT NULL,
+    ttl     INTEGER NOT NULL,
+    vals    TEXT NOT NULL,
+    PRIMARY KEY (name, rtype)
+);
 ",
 ];
 
@@ -353,6 +364,40 @@ fn read_agent_tokens(c: &Connection) -> Result<Vec<AgentTokenRecord>, StoreError
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+fn read_dns_records(c: &Connection) -> Result<Vec<DnsRecord>, StoreError> {
+    let mut st = c.prepare_cached(
+        "SELECT name, rtype, zone, ttl, vals FROM dns_records ORDER BY name, rtype",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, String>(4)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (name, rtype, zone, ttl, vals) = row?;
+        // A type a newer binary wrote is skipped, like an unknown column.
+        let Ok(rtype) = rtype.parse::<DnsRecordType>() else {
+            continue;
+        };
+        out.push(DnsRecord {
+            name,
+            zone,
+            rtype,
+            ttl: u32::try_from(ttl).unwrap_or(0),
+            values: serde_json::from_str(&vals)
+                .map_err(|e| StoreError::Backend(format!("dns record values: {e}")))?,
+        });
+    }
+    // Sorted by the type's order, not its text.
+    out.sort_by(|a, b| (&a.name, a.rtype).cmp(&(&b.name, b.rtype)));
+    Ok(out)
+}
+
 fn read_revision(c: &Connection) -> Result<Revision, StoreError> {
     let rev: i64 = c.query_row("SELECT COALESCE(MAX(rev), 0) FROM changes", [], |r| {
         r.get(0)
@@ -374,6 +419,7 @@ impl Store for SqliteStore {
             services: read_services(&tx)?,
             mounts: read_mounts(&tx)?,
             agent_tokens: read_agent_tokens(&tx)?,
+            records: read_dns_records(&tx)?,
         };
         tx.commit()?;
         Ok(d)
@@ -585,6 +631,47 @@ impl Store for SqliteStore {
 
     fn set_actor(&mut self, actor: &str) {
         actor.clone_into(&mut self.actor);
+    }
+
+    fn put_dns_record(&mut self, r: &DnsRecord) -> Result<Revision, StoreError> {
+        let tx = write_tx(&mut self.conn)?;
+        super::check_dns_record(&read_dns_records(&tx)?, r)?;
+        let vals =
+            serde_json::to_string(&r.values).map_err(|e| StoreError::Backend(e.to_string()))?;
+        tx.execute(
+            "INSERT INTO dns_records (name, rtype, zone, ttl, vals) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (name, rtype) DO UPDATE SET zone = ?3, ttl = ?4, vals = ?5",
+            params![r.name, r.rtype.as_str(), r.zone, i64::from(r.ttl), vals],
+        )?;
+        let rev = log_change(&tx, &self.actor, "dns_record.put", &r.key(), Some(r))?;
+        tx.commit()?;
+        Ok(self.committed(rev))
+    }
+
+    fn list_dns_records(&self) -> Result<Vec<DnsRecord>, StoreError> {
+        read_dns_records(&self.conn)
+    }
+
+    fn delete_dns_record(
+        &mut self,
+        name: &str,
+        rtype: DnsRecordType,
+    ) -> Result<Revision, StoreError> {
+        let tx = write_tx(&mut self.conn)?;
+        let n = tx.execute(
+            "DELETE FROM dns_records WHERE name = ?1 AND rtype = ?2",
+            params![name, rtype.as_str()],
+        )?;
+        let key = format!("{name}/{}", rtype.as_str());
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "dns record",
+                key,
+            });
+        }
+        let rev = log_change::<()>(&tx, &self.actor, "dns_record.delete", &key, None)?;
+        tx.commit()?;
+        Ok(self.committed(rev))
     }
 
     fn set_region_admin_state(
