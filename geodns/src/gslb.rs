@@ -319,6 +319,14 @@ impl AnswerTable {
         }
     }
 
+    /// The class `client` falls in (`u64::MAX`: none) and the ECS scope of that decision: two
+    /// clients with equal values get equal answers from this table, which is what the answer
+    /// cache (`fastpath`) keys on.
+    pub fn client_class(&self, client: IpAddr) -> (u64, u8) {
+        let c = self.policy.classify(client.to_canonical());
+        (c.class_index.map_or(u64::MAX, |i| i as u64), c.scope)
+    }
+
     /// The answer for `client`; `None` only when the snapshot has no region at all.
     pub fn answer(&self, client: IpAddr) -> Option<Answer<'_>> {
         let c = self.policy.classify(client.to_canonical());

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod explain;
+pub mod fastpath;
 pub mod geoip;
 pub mod gslb;
 pub mod health;

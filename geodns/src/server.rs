@@ -6,7 +6,8 @@
 //! lets queries be answered inline from a precomputed table. hickory-proto still does all
 //! parsing and encoding.
 
-use std::net::SocketAddr;
+use std::io::IoSliceMut;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use coordinator_api::Snapshot;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -24,6 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::Error;
 use crate::config::Config;
+use crate::fastpath::AnswerCache;
 use crate::geoip;
 use crate::gslb::{AnswerTable, Policy};
 use crate::health::HealthTracker;
@@ -44,6 +47,12 @@ pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_QUERIES_PER_TCP_CONNECTION: usize = 1000;
 /// UDP receive tasks per socket (each answers inline, so this is the parallelism).
 const MAX_UDP_WORKERS: usize = 4;
+/// Datagrams received per system call.
+const UDP_BATCH: usize = quinn_udp::BATCH_SIZE;
+/// Largest receive buffer per datagram slot (receive offload joins datagrams up to this).
+const MAX_UDP_SLOT: usize = 64 * 1024;
+/// Largest segmented send.
+const MAX_GSO_BYTES: usize = 60 * 1024;
 /// Attempts to find a port free for both UDP and TCP when listening on port 0.
 const EPHEMERAL_BIND_ATTEMPTS: usize = 16;
 
@@ -84,9 +93,17 @@ struct QueryLog {
 }
 
 impl Stats {
-    fn record(&self, out: &Outcome, zone: &Zone, peer: SocketAddr, transport: Transport) {
+    fn record(
+        &self,
+        labels: Option<&Labels>,
+        malformed: bool,
+        truncated: bool,
+        zone: &Zone,
+        peer: SocketAddr,
+        transport: Transport,
+    ) {
         let n = self.queries.fetch_add(1, Ordering::Relaxed);
-        if let Some(l) = &out.labels {
+        if let Some(l) = labels {
             if let Some(m) = self.metrics.get() {
                 m.count(l);
             }
@@ -108,10 +125,10 @@ impl Stats {
                 });
             }
         }
-        if out.malformed {
+        if malformed {
             self.malformed.fetch_add(1, Ordering::Relaxed);
         }
-        if out.truncated {
+        if truncated {
             self.truncated.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -270,9 +287,18 @@ impl Server {
             ))
         });
         for sock in udp {
+            let io =
+                Arc::new(
+                    UdpSocketState::new((&*sock).into()).map_err(|source| Error::Bind {
+                        addr: sock.local_addr().unwrap_or(addrs[0]),
+                        proto: "udp (socket options)",
+                        source,
+                    })?,
+                );
             for _ in 0..workers {
                 tasks.spawn(udp_worker(
                     sock.clone(),
+                    io.clone(),
                     state.clone(),
                     stats.clone(),
                     rrl.clone(),
@@ -488,7 +514,14 @@ fn answer(
         respond(&zone, packet, peer.ip(), transport)
     })) {
         Ok(out) => {
-            stats.record(&out, &zone, peer, transport);
+            stats.record(
+                out.labels.as_ref(),
+                out.malformed,
+                out.truncated,
+                &zone,
+                peer,
+                transport,
+            );
             out
         }
         Err(_) => {
@@ -504,23 +537,49 @@ fn answer(
     }
 }
 
+/// One reply waiting in a batch's output buffer.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    to: SocketAddr,
+    /// Source address to send from (wildcard listeners answer from the address asked).
+    from: Option<IpAddr>,
+    start: usize,
+    len: usize,
+}
+
+/// Receives up to a batch of datagrams per system call (`recvmmsg`), answers them through this
+/// worker's [`AnswerCache`], and sends the replies grouped per client (one `sendmsg` with UDP
+/// segmentation offload for equal-sized replies to one address). Per-packet system calls were
+/// most of a query's cost.
 async fn udp_worker(
     sock: Arc<UdpSocket>,
+    io: Arc<UdpSocketState>,
     state: Arc<ArcSwap<Zone>>,
     stats: Arc<Stats>,
     rrl: Option<Arc<SharedLimiter>>,
     shutdown: CancellationToken,
 ) {
-    // One byte more than we accept, so oversized datagrams are seen as such and dropped.
-    let mut buf = vec![0u8; MAX_QUERY_LEN + 1];
+    let wildcard = sock.local_addr().is_ok_and(|a| a.ip().is_unspecified());
+    // With receive offload the kernel may join datagrams of one sender into one buffer.
+    let slot = (io.gro_segments().max(1) * (MAX_QUERY_LEN + 1)).min(MAX_UDP_SLOT);
+    let mut bufs = vec![0u8; slot * UDP_BATCH];
+    let mut metas = [RecvMeta::default(); UDP_BATCH];
+    let mut cache = AnswerCache::default();
+    let mut out = Vec::with_capacity(UDP_BATCH * 512);
+    let mut pending: Vec<Pending> = Vec::with_capacity(UDP_BATCH);
+    let mut gso = Vec::new();
     loop {
-        let received = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return,
-            r = sock.recv_from(&mut buf) => r,
+        let received = {
+            let mut iovs: Vec<IoSliceMut<'_>> =
+                bufs.chunks_mut(slot).map(IoSliceMut::new).collect();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                r = sock.async_io(Interest::READABLE, || io.recv((&*sock).into(), &mut iovs, &mut metas)) => r,
+            }
         };
-        let (n, peer) = match received {
-            Ok(x) => x,
+        let n = match received {
+            Ok(n) => n,
             Err(e) => {
                 stats.io_errors.fetch_add(1, Ordering::Relaxed);
                 debug!(error = %e, "udp receive failed");
@@ -534,30 +593,124 @@ async fn udp_worker(
                 continue;
             }
         };
-        if peer.port() == 0 {
-            stats.malformed.fetch_add(1, Ordering::Relaxed);
-            continue;
+        let zone = state.load_full();
+        let now = Instant::now();
+        out.clear();
+        pending.clear();
+        for (meta, buf) in metas.iter().zip(bufs.chunks(slot)).take(n) {
+            let data = buf.get(..meta.len).unwrap_or_default();
+            for packet in data.chunks(meta.stride.max(1)) {
+                let peer = meta.addr;
+                if peer.port() == 0 || packet.len() > MAX_QUERY_LEN {
+                    stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let start = out.len();
+                let decision = rrl
+                    .as_ref()
+                    .map_or(Decision::Send, |l| l.check(peer.ip(), now));
+                match decision {
+                    Decision::Send => {
+                        answer_cached(&mut cache, &zone, &stats, packet, peer, &mut out);
+                    }
+                    Decision::Slip => {
+                        stats.rrl_slipped.fetch_add(1, Ordering::Relaxed);
+                        if let Some(r) = truncated_reply(packet) {
+                            out.extend_from_slice(&r);
+                        }
+                    }
+                    Decision::Drop => {
+                        stats.rrl_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if out.len() > start {
+                    pending.push(Pending {
+                        to: peer,
+                        from: meta.dst_ip.filter(|_| wildcard),
+                        start,
+                        len: out.len() - start,
+                    });
+                }
+            }
         }
-        let packet = buf.get(..n).unwrap_or_default();
-        let decision = rrl
-            .as_ref()
-            .map_or(Decision::Send, |l| l.check(peer.ip(), Instant::now()));
-        let reply = match decision {
-            Decision::Send => answer(&state, &stats, packet, peer, Transport::Udp).reply,
-            Decision::Slip => {
-                stats.rrl_slipped.fetch_add(1, Ordering::Relaxed);
-                truncated_reply(packet)
+        send_grouped(&sock, &io, &out, &mut pending, &mut gso, &stats).await;
+    }
+}
+
+/// [`AnswerCache::answer`] with any panic contained to this packet (and the cache reset).
+fn answer_cached(
+    cache: &mut AnswerCache,
+    zone: &Arc<Zone>,
+    stats: &Stats,
+    packet: &[u8],
+    peer: SocketAddr,
+    out: &mut Vec<u8>,
+) {
+    let start = out.len();
+    match catch_unwind(AssertUnwindSafe(|| {
+        cache.answer(zone, packet, peer.ip(), out)
+    })) {
+        Ok(a) => stats.record(
+            a.labels.as_ref(),
+            a.malformed,
+            a.truncated,
+            zone,
+            peer,
+            Transport::Udp,
+        ),
+        Err(_) => {
+            out.truncate(start);
+            *cache = AnswerCache::default();
+            stats.panics.fetch_add(1, Ordering::Relaxed);
+            error!(%peer, len = packet.len(), "panic while answering a query; dropped");
+        }
+    }
+}
+
+/// Sends a batch's replies, joining equal-sized replies to one client into one segmented send.
+async fn send_grouped(
+    sock: &UdpSocket,
+    io: &UdpSocketState,
+    out: &[u8],
+    pending: &mut [Pending],
+    gso: &mut Vec<u8>,
+    stats: &Stats,
+) {
+    pending.sort_unstable_by_key(|p| (p.to, p.from, p.len));
+    let max_segments = io.max_gso_segments().max(1);
+    let mut rest = &*pending;
+    while let Some(first) = rest.first() {
+        let fits = (MAX_GSO_BYTES / first.len.max(1)).clamp(1, max_segments);
+        let run = rest
+            .iter()
+            .take(fits)
+            .take_while(|p| (p.to, p.from, p.len) == (first.to, first.from, first.len))
+            .count();
+        let (group, tail) = rest.split_at(run);
+        rest = tail;
+        let contents = if let [one] = group {
+            out.get(one.start..one.start + one.len).unwrap_or_default()
+        } else {
+            gso.clear();
+            for p in group {
+                gso.extend_from_slice(out.get(p.start..p.start + p.len).unwrap_or_default());
             }
-            Decision::Drop => {
-                stats.rrl_dropped.fetch_add(1, Ordering::Relaxed);
-                None
-            }
+            &gso[..]
         };
-        if let Some(reply) = reply
-            && let Err(e) = sock.send_to(&reply, peer).await
+        let transmit = Transmit {
+            destination: first.to,
+            ecn: None,
+            contents,
+            segment_size: (group.len() > 1).then_some(first.len),
+            src_ip: first.from,
+        };
+        // `try_send` reports only "would block"; other errors are logged and dropped by quinn-udp.
+        if let Err(e) = sock
+            .async_io(Interest::WRITABLE, || io.try_send((sock).into(), &transmit))
+            .await
         {
             stats.io_errors.fetch_add(1, Ordering::Relaxed);
-            debug!(%peer, error = %e, "udp send failed");
+            debug!(to = %first.to, error = %e, "udp send failed");
         }
     }
 }
