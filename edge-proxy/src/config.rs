@@ -22,6 +22,13 @@ pub struct Config {
     /// UDP address of the QUIC tunnel listener agents dial.
     #[arg(long)]
     pub tunnel_listen: SocketAddr,
+    /// TCP address of the tunnel's TLS fallback for agents whose UDP is blocked; default: the
+    /// tunnel listener's address (same port, TCP), skipped with a warning if that is taken.
+    #[arg(long, env = "MERIDIAN_TUNNEL_TCP_LISTEN")]
+    pub tunnel_tcp_listen: Option<SocketAddr>,
+    /// Do not listen for the tunnel's TCP fallback.
+    #[arg(long, conflicts_with = "tunnel_tcp_listen")]
+    pub no_tunnel_tcp: bool,
     /// Addresses GeoDNS hands out for this edge (repeatable); default: the listen addresses' IPs.
     #[arg(long = "public-ip")]
     pub public_ips: Vec<IpAddr>,
@@ -148,6 +155,8 @@ impl Config {
             http_listen: None,
             https_listen: None,
             tunnel_listen,
+            tunnel_tcp_listen: None,
+            no_tunnel_tcp: false,
             public_ips: Vec::new(),
             tls_cert: None,
             tls_key: None,

@@ -66,6 +66,7 @@ pub struct Edge {
     info: EdgeInfo,
 }
 
+    tunnel_tcp: Option<tunnel::TcpFallback>,
 impl std::fmt::Debug for Edge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Edge")
@@ -132,7 +133,7 @@ impl Edge {
             Some(addr) => Some(bind_tcp("admin", addr).await?),
             None => None,
         };
-        let endpoint = tunnel::bind_endpoint(
+        let (endpoint, mux) = tunnel::bind_endpoint(
             tls::tunnel_config(&identity)?,
             config.tunnel_listen,
             identity.key.secret_der(),
@@ -147,6 +148,12 @@ impl Edge {
             tunnel::bind_tcp_services(&config.tcp_services, config.tunnel_listen.ip()).await?;
 
         let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| {
+        let tunnel_tcp = match (config.no_tunnel_tcp, endpoint.local_addr()) {
+            (false, Ok(quic)) => {
+                tunnel::bind_tcp_fallback(config.tunnel_tcp_listen, quic, &identity, mux).await?
+            }
+            _ => None,
+        };
             l.local_addr()
                 .map_err(|source| Error::Bind { what, addr, source })
         };
@@ -199,6 +206,7 @@ impl Edge {
             info,
         })
     }
+            tunnel_tcp,
 
     /// Bound plain-HTTP address.
     pub fn http_addr(&self) -> Option<SocketAddr> {
@@ -250,6 +258,7 @@ impl Edge {
             info,
         } = self;
         info!(
+            tunnel_tcp,
             edge = %config.id,
             region = %config.region,
             http = ?http.as_ref().and_then(|l| l.local_addr().ok()),
@@ -259,6 +268,7 @@ impl Edge {
             tcp = ?tcp.iter().filter_map(|t| t.listener.local_addr().ok()).collect::<Vec<_>>(),
             "ready"
         );
+            tunnel_tcp = ?tunnel_tcp.as_ref().and_then(|t| t.local_addr()),
 
         let initial = snapshots.borrow().clone();
         // Anycast (opt-in): the announcer decides when the listeners stop, so on shutdown the
@@ -390,6 +400,13 @@ impl Edge {
             shared.clone(),
             serving.clone(),
             tracker.clone(),
+        if let Some(fb) = tunnel_tcp {
+            tracker.spawn(tunnel::serve_tcp_fallback(
+                fb,
+                serving.clone(),
+                tracker.clone(),
+            ));
+        }
         ));
         if let Some(client) = heartbeats {
             tracker.spawn(heartbeat::run(

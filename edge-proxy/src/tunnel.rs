@@ -16,6 +16,7 @@ use crate::admission::{self, Admitted};
 use crate::registry::AgentHandle;
 use crate::state::Shared;
 use crate::wire::{FrameReader, WireError, code, write_frame};
+use tunnel_proto::io::fallback::MuxSocket;
 
 /// Agent connections held at once; more are refused during the handshake.
 const MAX_AGENT_CONNECTIONS: usize = 10_000;
@@ -138,20 +139,150 @@ impl quinn::ConnectionIdGenerator for CidGenerator {
 
 /// Binds the tunnel's QUIC endpoint with a stateless-reset key derived from `secret` (the edge's
 /// TLS private key, so stable across restarts) and [`CidGenerator`], so a restarted edge resets
-/// an agent's stale connection on its first packet; see [`ResetKey`].
+/// an agent's stale connection on its first packet; see [`ResetKey`]. The UDP socket gets large
+/// kernel buffers (a warning names the sysctl when refused) and sits inside a [`MuxSocket`], so
+/// agents on the TCP fallback ([`serve_tcp_fallback`]) reach the same endpoint.
 pub(crate) fn bind_endpoint(
     server: quinn::ServerConfig,
     addr: SocketAddr,
     secret: &[u8],
-) -> std::io::Result<quinn::Endpoint> {
+) -> std::io::Result<(quinn::Endpoint, Arc<MuxSocket>)> {
     let mut config =
         quinn::EndpointConfig::new(Arc::new(ResetKey::derive(RESET_KEY_LABEL, secret)));
     config.min_reset_interval(MIN_RESET_INTERVAL);
     config.cid_generator(|| Box::new(CidGenerator));
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
-    let socket = std::net::UdpSocket::bind(addr)?;
-    quinn::Endpoint::new(config, Some(server), socket, runtime)
+    let (socket, buffers) = tunnel_proto::io::udp::bind(addr)?;
+    if let Some(sysctl) = buffers.shortfall() {
+        warn!(
+            recv = buffers.recv,
+            send = buffers.send,
+            wanted = tunnel_proto::io::udp::WANTED_BUFFER,
+            "the kernel granted smaller UDP buffers than asked for the tunnel; raise them with: sysctl -w {sysctl}"
+        );
+    }
+    let mux = MuxSocket::new(runtime.wrap_udp_socket(socket)?);
+    let endpoint =
+        quinn::Endpoint::new_with_abstract_socket(config, Some(server), mux.clone(), runtime)?;
+    Ok((endpoint, mux))
+}
+
+/// TLS handshakes on the TCP fallback listener in progress at once.
+const MAX_TCP_HANDSHAKES: usize = 256;
+
+/// The TCP+TLS fallback listener: agents whose UDP is blocked carry the same QUIC packets over
+/// it (see `tunnel_proto::io::fallback`).
+pub(crate) struct TcpFallback {
+    pub(crate) listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mux: Arc<MuxSocket>,
+}
+
+impl TcpFallback {
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+}
+
+/// Binds the TCP fallback listener: on `explicit` if given, else on the QUIC listener's address
+/// (same port, TCP), where a failure only disables the fallback with a warning.
+pub(crate) async fn bind_tcp_fallback(
+    explicit: Option<SocketAddr>,
+    quic_addr: SocketAddr,
+    identity: &crate::tls::Identity,
+    mux: Arc<MuxSocket>,
+) -> Result<Option<TcpFallback>, crate::Error> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| crate::Error::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+    .map_err(|e| crate::Error::Tls(format!("certificate/key: {e}")))?;
+    tls.alpn_protocols = vec![tunnel_proto::TCP_ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let addr = explicit.unwrap_or(quic_addr);
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(source) if explicit.is_some() => {
+            return Err(crate::Error::Bind {
+                what: "tunnel TCP fallback",
+                addr,
+                source,
+            });
+        }
+        Err(e) => {
+            warn!(%addr, error = %e, "cannot listen for the tunnel's TCP fallback on the QUIC port; agents behind UDP-blocking networks cannot connect (set --tunnel-tcp-listen)");
+            return Ok(None);
+        }
+    };
+    Ok(Some(TcpFallback {
+        listener,
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        mux,
+    }))
+}
+
+/// Accepts TCP+TLS fallback connections until `shutdown`; each becomes a pseudo-peer of the QUIC
+/// endpoint, so the agent's session is served by [`accept_loop`] like any other.
+pub(crate) async fn serve_tcp_fallback(
+    fb: TcpFallback,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let TcpFallback {
+        listener,
+        acceptor,
+        mux,
+    } = fb;
+    let connections = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
+    let handshakes = Arc::new(Semaphore::new(MAX_TCP_HANDSHAKES));
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(error = %e, "tunnel TCP fallback accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let (Ok(permit), Ok(handshake)) = (
+            connections.clone().try_acquire_owned(),
+            handshakes.clone().try_acquire_owned(),
+        ) else {
+            debug!(%peer, "tunnel TCP fallback connection limit reached; closing");
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let (acceptor, mux, shutdown) = (acceptor.clone(), mux.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(sock)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "tunnel TCP fallback TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "tunnel TCP fallback TLS handshake timed out");
+                    return;
+                }
+            };
+            drop(handshake);
+            let (fake, pump) = mux.add_stream(tls, peer);
+            info!(%peer, quic_peer = %fake, "agent connected over the TCP fallback");
+            tokio::select! {
+                r = pump => debug!(%peer, result = ?r, "tunnel TCP fallback connection ended"),
+                // The QUIC session on top drains first; this only cuts what is left.
+                _ = async { shutdown.cancelled().await; tokio::time::sleep(DRAIN_TIMEOUT + FAREWELL_TIMEOUT).await } => {}
+            }
+        });
+    }
 }
 
 /// A raw TCP service the edge listens for: `--tcp-service [IP:]PORT=SERVICE`. The coordinator

@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::conn::Via;
+
 /// Admin connections served at once; more wait in the kernel backlog.
 const MAX_CONNECTIONS: usize = 64;
 /// An admin client gets this long per connection.
@@ -28,6 +30,8 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Stats {
     /// Edge connections currently registered (Welcome received, not yet ended).
     pub(crate) registered: AtomicU64,
+    /// Of those, how many run on the TCP fallback (QUIC inside TLS over TCP).
+    pub(crate) registered_tcp: AtomicU64,
     pub(crate) registrations_total: AtomicU64,
     pub(crate) streams_active: AtomicU64,
     pub(crate) streams_total: AtomicU64,
@@ -42,10 +46,13 @@ impl Stats {
     }
 
     /// Counts a registered connection until the returned guard drops.
-    pub(crate) fn registered(self: &Arc<Self>) -> RegisteredGuard {
+    pub(crate) fn registered(self: &Arc<Self>, via: Via) -> RegisteredGuard {
         self.registrations_total.fetch_add(1, Ordering::Relaxed);
         self.registered.fetch_add(1, Ordering::Relaxed);
-        RegisteredGuard(self.clone())
+        if via == Via::Tcp {
+            self.registered_tcp.fetch_add(1, Ordering::Relaxed);
+        }
+        RegisteredGuard(self.clone(), via)
     }
 }
 
@@ -57,11 +64,14 @@ impl Drop for StreamGuard {
     }
 }
 
-pub(crate) struct RegisteredGuard(Arc<Stats>);
+pub(crate) struct RegisteredGuard(Arc<Stats>, Via);
 
 impl Drop for RegisteredGuard {
     fn drop(&mut self) {
         self.0.registered.fetch_sub(1, Ordering::Relaxed);
+        if self.1 == Via::Tcp {
+            self.0.registered_tcp.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -92,6 +102,25 @@ impl View {
             "Edge connections registered now.",
             s.registered.load(Ordering::Relaxed),
         );
+        let (all, tcp) = (
+            s.registered.load(Ordering::Relaxed),
+            s.registered_tcp.load(Ordering::Relaxed),
+        );
+        let name = "meridian_agent_edge_connections_by_transport";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Edge connections registered now, by transport (tcp: the TLS/TCP fallback for blocked UDP).\n# TYPE {name} gauge"
+        );
+        let _ = writeln!(
+            out,
+            "{name}{{service=\"{svc}\",transport=\"quic\"}} {}",
+            all.saturating_sub(tcp)
+        );
+        let _ = writeln!(out, "{name}{{service=\"{svc}\",transport=\"tcp\"}} {tcp}");
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name}{{service=\"{svc}\"}} {value}");
+        };
         metric(
             "meridian_agent_registrations_total",
             "counter",
@@ -206,8 +235,20 @@ mod tests {
             service: "shop".into(),
         };
         assert_eq!(view.respond("/ready").status(), 503);
-        let reg = view.stats.registered();
+        let reg = view.stats.registered(Via::Quic);
         assert_eq!(view.respond("/ready").status(), 200);
+        let tcp = view.stats.registered(Via::Tcp);
+        let m = view.metrics();
+        for line in [
+            "meridian_agent_edge_connections_by_transport{service=\"shop\",transport=\"quic\"} 1",
+            "meridian_agent_edge_connections_by_transport{service=\"shop\",transport=\"tcp\"} 1",
+        ] {
+            assert!(m.contains(line), "{m}");
+        }
+        drop(tcp);
+        assert!(view.metrics().contains(
+            "meridian_agent_edge_connections_by_transport{service=\"shop\",transport=\"tcp\"} 0"
+        ));
         tx.send_replace(false);
         assert_eq!(view.respond("/ready").status(), 503);
         tx.send_replace(true);

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Configuration of the tunnel agent.
 #[derive(Clone, Debug, clap::Args)]
@@ -56,6 +57,43 @@ pub struct Config {
     /// Serve `/ready` and `/metrics` on this TCP address (e.g. `127.0.0.1:9090`).
     #[arg(long, env = "MERIDIAN_AGENT_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// `auto`: QUIC, falling back to QUIC inside TLS over TCP (same port) when no QUIC handshake
+    /// completes within `--quic-timeout` (UDP blocked), and back to QUIC once a re-probe
+    /// succeeds. `quic` or `tcp` use only that transport.
+    #[arg(long, env = "MERIDIAN_AGENT_TRANSPORT", value_enum, default_value_t = Transport::Auto)]
+    pub transport: Transport,
+    /// How long a QUIC handshake may take before `auto` tries TCP, e.g. `3s`, `500ms`.
+    #[arg(long, env = "MERIDIAN_AGENT_QUIC_TIMEOUT", value_parser = parse_duration, default_value = "3s")]
+    pub quic_timeout: Duration,
+    /// While on the TCP fallback, try QUIC again this often (`auto` only).
+    #[arg(long, env = "MERIDIAN_AGENT_QUIC_REPROBE", value_parser = parse_duration, default_value = "30s")]
+    pub quic_reprobe: Duration,
+}
+
+/// Which transport the agent dials edges with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    Auto,
+    Quic,
+    Tcp,
+}
+
+/// Parses `250ms`, `3s`, `2m` or bare seconds.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 3s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?}: expected a duration like 500ms, 3s or 2m")),
+    }
 }
 
 impl Config {
@@ -80,6 +118,9 @@ impl Config {
             health_interval: 5,
             health_path: None,
             admin_listen: None,
+            transport: Transport::Auto,
+            quic_timeout: Duration::from_secs(3),
+            quic_reprobe: Duration::from_secs(30),
         }
     }
 }

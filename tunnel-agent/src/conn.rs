@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 use tunnel_proto::{EdgeEndpoint, Frame, VERSION};
 
+use crate::Transport;
 use crate::backoff::Backoff;
 use crate::heartbeat::Heartbeat;
 use crate::stream::{self, StreamCtx};
@@ -35,6 +36,13 @@ pub(crate) struct Shared {
     pub(crate) service: String,
     pub(crate) server_name: Option<String>,
     pub(crate) client_config: quinn::ClientConfig,
+    /// Outer TLS of the TCP fallback.
+    pub(crate) tcp_tls: Arc<rustls::ClientConfig>,
+    pub(crate) transport: Transport,
+    /// QUIC handshake time before `auto` falls back to TCP.
+    pub(crate) quic_timeout: Duration,
+    /// While on TCP, how often `auto` tries QUIC again.
+    pub(crate) quic_reprobe: Duration,
     pub(crate) targets: Mutex<Targets>,
     pub(crate) stream_ctx: Arc<StreamCtx>,
     /// Latest origin health (true until a probe says otherwise).
@@ -61,8 +69,9 @@ enum Outcome {
     /// Registered and served until the connection ended.
     Served {
         connected_at: Instant,
-        /// The edge answered with a QUIC stateless reset: it restarted and is listening again.
-        edge_restarted: bool,
+        /// Redial at once: the edge answered with a QUIC stateless reset (it restarted and is
+        /// listening again), or the slot is leaving the TCP fallback for QUIC.
+        reconnect_now: bool,
     },
     Failed,
     Shutdown,
@@ -72,15 +81,17 @@ async fn run_slot(shared: Arc<Shared>, slot: SlotId) {
     let mut backoff = Backoff::default();
     let mut rng = StdRng::from_os_rng();
     let mut endpoint: Option<quinn::Endpoint> = None;
+    // When the last QUIC handshake of this slot timed out (UDP blocked?).
+    let mut quic_failed_at: Option<Instant> = None;
     while !shared.shutdown.is_cancelled() {
         let addr = shared.targets().next_addr(slot);
         if let Some(addr) = addr {
-            match attempt(&shared, slot, addr, &mut endpoint).await {
+            match attempt(&shared, slot, addr, &mut endpoint, &mut quic_failed_at).await {
                 Outcome::Served {
                     connected_at,
-                    edge_restarted,
+                    reconnect_now,
                 } => {
-                    if edge_restarted {
+                    if reconnect_now {
                         backoff.on_edge_restart(Instant::now());
                     } else {
                         backoff.on_disconnect(connected_at, Instant::now());
@@ -120,9 +131,202 @@ fn endpoint_for(
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let e = quinn::Endpoint::client(bind)?;
+    let (socket, buffers) = tunnel_proto::io::udp::bind(bind)?;
+    if let Some(sysctl) = buffers.shortfall() {
+        warn!(
+            recv = buffers.recv,
+            send = buffers.send,
+            wanted = tunnel_proto::io::udp::WANTED_BUFFER,
+            "the kernel granted smaller UDP buffers than asked for the tunnel; raise them with: sysctl -w {sysctl}"
+        );
+    }
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    let e = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)?;
     *ep = Some(e.clone());
     Ok(e)
+}
+
+/// The transport a connection runs over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Via {
+    Quic,
+    /// QUIC packets inside TLS over TCP (`tunnel_proto::io::fallback`).
+    Tcp,
+}
+
+impl Via {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+enum DialError {
+    /// No handshake within the time allowed: with `auto`, a reason to try TCP.
+    TimedOut(Duration),
+    Failed(String),
+}
+
+impl std::fmt::Display for DialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TimedOut(d) => write!(f, "QUIC handshake timed out after {d:?}"),
+            Self::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+async fn dial_quic(
+    shared: &Shared,
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, DialError> {
+    let connecting = ep
+        .connect_with(shared.client_config.clone(), addr, server_name)
+        .map_err(|e| DialError::Failed(format!("QUIC connect: {e}")))?;
+    let timeout = match shared.transport {
+        Transport::Auto => shared.quic_timeout,
+        Transport::Quic | Transport::Tcp => HANDSHAKE_TIMEOUT,
+    };
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(quinn::ConnectionError::TimedOut)) | Err(_) => Err(DialError::TimedOut(timeout)),
+        Ok(Err(e)) => Err(DialError::Failed(format!("QUIC handshake: {e}"))),
+    }
+}
+
+/// Dials the edge's TCP fallback (same address, TCP), verifies its certificate like QUIC does,
+/// and runs a QUIC connection over it. The connection is closed as soon as the TCP connection
+/// ends, rather than after a heartbeat timeout.
+async fn dial_tcp(
+    shared: &Shared,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, DialError> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| DialError::Failed(format!("{what}: {e}"));
+    let dial = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| fail("TCP connect", &e))?;
+        let _ = tcp.set_nodelay(true);
+        let local = tcp
+            .local_addr()
+            .map_err(|e| fail("TCP local address", &e))?;
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+            .map_err(|e| fail("TLS server name", &e))?;
+        let tls = tokio_rustls::TlsConnector::from(shared.tcp_tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| fail("TLS over TCP", &e))?;
+        let (socket, pump) = tunnel_proto::io::fallback::StreamSocket::new(tls, local, addr);
+        let lost = CancellationToken::new();
+        let lost_tx = lost.clone();
+        tokio::spawn(async move {
+            if let Err(e) = pump.await {
+                debug!(error = %e, "TCP fallback connection ended");
+            }
+            lost_tx.cancel();
+        });
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| DialError::Failed("no async runtime for QUIC".into()))?;
+        let ep = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            runtime,
+        )
+        .map_err(|e| fail("QUIC endpoint over TCP", &e))?;
+        let conn = ep
+            .connect_with(shared.client_config.clone(), addr, server_name)
+            .map_err(|e| fail("QUIC connect over TCP", &e))?
+            .await
+            .map_err(|e| fail("QUIC handshake over TCP", &e))?;
+        let watched = conn.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = lost.cancelled() => watched.close(
+                    quinn::VarInt::from_u32(code::CANCELLED),
+                    b"TCP fallback connection closed",
+                ),
+                _ = watched.closed() => {}
+            }
+        });
+        Ok(conn)
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, dial)
+        .await
+        .unwrap_or_else(|_| {
+            Err(DialError::Failed(format!(
+                "TCP+TLS dial timed out after {HANDSHAKE_TIMEOUT:?}"
+            )))
+        })
+}
+
+/// Dials `addr` over the transport the slot's state and `--transport` call for.
+async fn dial(
+    shared: &Shared,
+    slot: SlotId,
+    addr: SocketAddr,
+    endpoint: &mut Option<quinn::Endpoint>,
+    quic_failed_at: &mut Option<Instant>,
+) -> Result<(quinn::Connection, Via), DialError> {
+    let server_name = shared
+        .server_name
+        .clone()
+        .unwrap_or_else(|| addr.ip().to_string());
+    let tcp_first = match shared.transport {
+        Transport::Tcp => true,
+        Transport::Quic => false,
+        // UDP failed recently: go straight to TCP until the next re-probe is due.
+        Transport::Auto => quic_failed_at.is_some_and(|t| t.elapsed() < shared.quic_reprobe),
+    };
+    if tcp_first {
+        return dial_tcp(shared, addr, &server_name)
+            .await
+            .map(|c| (c, Via::Tcp));
+    }
+    let ep = endpoint_for(endpoint, addr)
+        .map_err(|e| DialError::Failed(format!("binding a UDP socket: {e}")))?;
+    match dial_quic(shared, &ep, addr, &server_name).await {
+        Ok(c) => {
+            *quic_failed_at = None;
+            Ok((c, Via::Quic))
+        }
+        Err(DialError::TimedOut(after)) if shared.transport == Transport::Auto => {
+            *quic_failed_at = Some(Instant::now());
+            warn!(slot, edge = %addr, ?after, "no QUIC handshake: UDP may be blocked; trying QUIC over TLS/TCP");
+            dial_tcp(shared, addr, &server_name)
+                .await
+                .map(|c| (c, Via::Tcp))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// While a slot runs on the TCP fallback: resolves once a QUIC handshake to the same edge
+/// succeeds (probing every `--quic-reprobe`), so the slot can move back to QUIC.
+async fn quic_is_back(shared: &Shared, ep: Option<quinn::Endpoint>, addr: SocketAddr) {
+    let Some(ep) = ep else {
+        return std::future::pending().await;
+    };
+    let server_name = shared
+        .server_name
+        .clone()
+        .unwrap_or_else(|| addr.ip().to_string());
+    loop {
+        tokio::time::sleep(shared.quic_reprobe).await;
+        match dial_quic(shared, &ep, addr, &server_name).await {
+            Ok(probe) => {
+                probe.close(quinn::VarInt::from_u32(0), b"probe");
+                return;
+            }
+            Err(e) => debug!(edge = %addr, error = %e, "QUIC re-probe failed; staying on TCP"),
+        }
+    }
 }
 
 struct Welcome {
@@ -141,34 +345,13 @@ async fn attempt(
     slot: SlotId,
     addr: SocketAddr,
     endpoint: &mut Option<quinn::Endpoint>,
+    quic_failed_at: &mut Option<Instant>,
 ) -> Outcome {
-    let ep = match endpoint_for(endpoint, addr) {
-        Ok(ep) => ep,
-        Err(e) => {
-            warn!(slot, edge = %addr, error = %e, "binding a UDP socket failed");
-            return Outcome::Failed;
-        }
-    };
-    let server_name = shared
-        .server_name
-        .clone()
-        .unwrap_or_else(|| addr.ip().to_string());
-    let connecting = match ep.connect_with(shared.client_config.clone(), addr, &server_name) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(slot, edge = %addr, error = %e, "QUIC connect failed");
-            return Outcome::Failed;
-        }
-    };
-    let conn = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting) => match r {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                warn!(slot, edge = %addr, error = %e, "QUIC handshake failed");
-                return Outcome::Failed;
-            }
-            Err(_) => {
-                warn!(slot, edge = %addr, "QUIC handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+    let (conn, via) = tokio::select! {
+        r = dial(shared, slot, addr, endpoint, quic_failed_at) => match r {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(slot, edge = %addr, error = %e, "connecting to the edge failed");
                 return Outcome::Failed;
             }
         },
@@ -211,6 +394,7 @@ async fn attempt(
         edge_id = %welcome.edge_id,
         region = %welcome.region,
         other_edges = ?others,
+        transport = via.as_str(),
         "registered with edge"
     );
     let (new_slots, bad) =
@@ -226,12 +410,17 @@ async fn attempt(
         spawn_slot(shared, s);
     }
     let connected_at = Instant::now();
-    let registered = shared.stats.registered();
-    let edge_restarted = serve(shared, slot, addr, conn, ctl_send, ctl_recv).await;
+    let registered = shared.stats.registered(via);
+    // On the TCP fallback, `auto` keeps probing QUIC and moves back when it works.
+    let upgrade = match (via, shared.transport) {
+        (Via::Tcp, Transport::Auto) => endpoint_for(endpoint, addr).ok(),
+        _ => None,
+    };
+    let reconnect_now = serve(shared, slot, addr, conn, ctl_send, ctl_recv, upgrade).await;
     drop(registered);
     Outcome::Served {
         connected_at,
-        edge_restarted,
+        reconnect_now,
     }
 }
 
@@ -288,12 +477,15 @@ async fn register(
 
 enum Stop {
     Shutdown,
+    /// UDP works again: drain this TCP-fallback connection and redial over QUIC.
+    Upgrade,
     EdgeDrain(String),
     Lost(String),
 }
 
-/// Serves a registered connection until shutdown, an edge `Drain`/`GoAway`, or loss. Returns
-/// whether the loss was a stateless reset (the edge restarted and is back).
+/// Serves a registered connection until shutdown, an edge `Drain`/`GoAway`, loss, or (with
+/// `upgrade`, the slot's UDP endpoint, on the TCP fallback) a successful QUIC re-probe. Returns
+/// whether to redial at once: a stateless reset (the edge restarted and is back) or an upgrade.
 async fn serve(
     shared: &Arc<Shared>,
     slot: SlotId,
@@ -301,7 +493,11 @@ async fn serve(
     conn: quinn::Connection,
     mut ctl_send: quinn::SendStream,
     mut ctl: FrameReader,
+    upgrade: Option<quinn::Endpoint>,
 ) -> bool {
+    let probing = upgrade.is_some();
+    let quic_back = quic_is_back(shared, upgrade, addr);
+    tokio::pin!(quic_back);
     let streams = TaskTracker::new();
     let mut hb = Heartbeat::new(Instant::now());
     let mut health = shared.health.clone();
@@ -316,6 +512,7 @@ async fn serve(
         let deadline = tokio::time::Instant::from_std(hb.deadline());
         tokio::select! {
             _ = shared.shutdown.cancelled() => break Stop::Shutdown,
+            _ = &mut quic_back, if probing => break Stop::Upgrade,
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     let counted = shared.stats.stream();
@@ -383,6 +580,23 @@ async fn serve(
                 shared.stream_ctx.clone(),
             )
             .await;
+        }
+        Stop::Upgrade => {
+            info!(slot, edge = %addr, in_flight = streams.len(), "UDP works again: moving this connection from TCP back to QUIC");
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                write_frame(&mut ctl_send, &Frame::Drain),
+            )
+            .await;
+            // Like a shutdown drain, but in the background while the slot redials over QUIC.
+            shared.tasks.spawn(drain(
+                conn,
+                streams,
+                ctl_send,
+                Some(ctl),
+                shared.stream_ctx.clone(),
+            ));
+            return true;
         }
         Stop::EdgeDrain(why) => {
             info!(slot, edge = %addr, %why, in_flight = streams.len(), "edge is draining; reconnecting");

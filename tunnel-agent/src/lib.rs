@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-pub use config::Config;
+pub use config::{Config, Transport};
 pub use error::Error;
 
 /// Runs the agent until `shutdown` is cancelled, then drains every connection (sends `Drain`,
@@ -55,7 +55,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         path: config.ca.clone(),
         source,
     })?;
-    let client_config = quic::client_config(&ca)?;
+    let client_configs = quic::client_configs(&ca)?;
     let origin = if config.to.is_empty() {
         None
     } else {
@@ -87,7 +87,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         agent_id: agent_id.clone(),
         service: config.service.clone(),
         server_name: config.server_name.clone(),
-        client_config,
+        client_config: client_configs.quic,
+        tcp_tls: client_configs.tcp,
+        transport: config.transport,
+        quic_timeout: config.quic_timeout,
+        quic_reprobe: config.quic_reprobe,
         targets: Mutex::new(targets::Targets::new(config.edges.clone(), config.regions)),
         stream_ctx: stream_ctx.clone(),
         health: health_rx.clone(),
@@ -117,6 +121,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         tcp = ?config.tcp,
         edges = ?config.edges,
         regions = config.regions,
+        transport = ?config.transport,
         "ready"
     );
     if config.health_interval > 0 {

@@ -27,8 +27,16 @@ pub(crate) fn transport() -> TransportConfig {
     t
 }
 
-/// Builds the client config from PEM CA certificates (no insecure mode: a CA is required).
-pub(crate) fn client_config(ca_pem: &[u8]) -> Result<quinn::ClientConfig, Error> {
+/// TLS client configs for both transports, verifying the edge against the same CA.
+pub(crate) struct ClientConfigs {
+    /// QUIC (its own TLS 1.3 inside).
+    pub(crate) quic: quinn::ClientConfig,
+    /// The outer TLS of the TCP fallback (QUIC then runs inside it, verifying the edge again).
+    pub(crate) tcp: Arc<rustls::ClientConfig>,
+}
+
+/// Builds the client configs from PEM CA certificates (no insecure mode: a CA is required).
+pub(crate) fn client_configs(ca_pem: &[u8]) -> Result<ClientConfigs, Error> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
         let cert = cert.map_err(|e| Error::Config(format!("parsing --ca PEM: {e}")))?;
@@ -41,14 +49,19 @@ pub(crate) fn client_config(ca_pem: &[u8]) -> Result<quinn::ClientConfig, Error>
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![tunnel_proto::ALPN.to_vec()];
     // Registration must not be replayable.
     tls.enable_early_data = false;
+    let mut tcp = tls.clone();
+    tcp.alpn_protocols = vec![tunnel_proto::TCP_ALPN.to_vec()];
+    tls.alpn_protocols = vec![tunnel_proto::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| Error::Config(format!("QUIC TLS config: {e}")))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(transport()));
-    Ok(cfg)
+    Ok(ClientConfigs {
+        quic: cfg,
+        tcp: Arc::new(tcp),
+    })
 }
 
 #[cfg(test)]
@@ -57,7 +70,7 @@ mod tests {
 
     #[test]
     fn rejects_empty_ca() {
-        assert!(matches!(client_config(b""), Err(Error::Config(_))));
-        assert!(client_config(b"not pem").is_err());
+        assert!(matches!(client_configs(b""), Err(Error::Config(_))));
+        assert!(client_configs(b"not pem").is_err());
     }
 }

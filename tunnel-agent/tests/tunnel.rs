@@ -21,6 +21,8 @@ use tunnel_proto::{Decoder, Frame, RequestHead};
 struct Pki {
     ca_path: PathBuf,
     server: quinn::ServerConfig,
+    /// The edge's TLS for the TCP fallback listener.
+    tcp: Arc<rustls::ServerConfig>,
 }
 
 fn pki(name: &str) -> Pki {
@@ -52,11 +54,14 @@ fn pki(name: &str) -> Pki {
     .with_no_client_auth()
     .with_single_cert(vec![leaf.der().clone()], key)
     .unwrap();
+    let mut tcp = tls.clone();
+    tcp.alpn_protocols = vec![tunnel_proto::TCP_ALPN.to_vec()];
     tls.alpn_protocols = vec![tunnel_proto::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
     Pki {
         ca_path,
         server: quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+        tcp: Arc::new(tcp),
     }
 }
 
@@ -760,6 +765,173 @@ async fn drain_serves_streams_until_the_edge_answers_goaway() {
         matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(0)),
         "{closed:?}"
     );
+    tokio::time::timeout(Duration::from_secs(15), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(&pki.ca_path);
+}
+
+/// Accepts agent connections until one opens a control stream (skipping QUIC re-probes, which
+/// close right after their handshake), and registers it.
+async fn register_skipping_probes(
+    edge: &quinn::Endpoint,
+) -> (quinn::Connection, quinn::SendStream, Reader) {
+    loop {
+        let conn = tokio::time::timeout(Duration::from_secs(10), edge.accept())
+            .await
+            .unwrap()
+            .unwrap()
+            .await
+            .unwrap();
+        let Ok((mut send, recv)) = conn.accept_bi().await else {
+            continue;
+        };
+        let mut ctl = Reader::new(recv);
+        assert!(matches!(ctl.next().await, Some(Frame::Hello { .. })));
+        write(
+            &mut send,
+            &[Frame::Welcome {
+                edge_id: "edge-1".into(),
+                region: "eu".into(),
+                other_edges: vec![],
+            }],
+            false,
+        )
+        .await;
+        return (conn, send, ctl);
+    }
+}
+
+/// UDP blocked, then unblocked: the agent dials the "edge" at a gate address whose UDP port
+/// drops everything while closed (and relays to the real QUIC endpoint once open) and whose TCP
+/// port is the edge's TLS fallback listener feeding the same endpoint ([`MuxSocket`]). The agent
+/// registers over TCP and serves a request there; once the gate opens, its re-probe moves it
+/// back to QUIC (it sends `Drain` on the TCP connection) and requests work over UDP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_blocked_falls_back_to_tcp_and_returns_to_quic() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tunnel_proto::io::fallback::MuxSocket;
+
+    let pki = pki("fallback");
+    let runtime = quinn::default_runtime().unwrap();
+    let real = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let real_addr = real.local_addr().unwrap();
+    let mux = MuxSocket::new(runtime.wrap_udp_socket(real).unwrap());
+    let edge = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(pki.server.clone()),
+        mux.clone(),
+        runtime,
+    )
+    .unwrap();
+
+    // The gate: UDP relay to the real endpoint while open, black hole while closed.
+    let gate = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let gate_addr = gate.local_addr().unwrap();
+    let relay = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let open = Arc::new(AtomicBool::new(false));
+    let agent_udp = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    {
+        let (gate, relay, open, agent_udp) =
+            (gate.clone(), relay.clone(), open.clone(), agent_udp.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = gate.recv_from(&mut buf).await {
+                if open.load(Ordering::SeqCst) {
+                    *agent_udp.lock().unwrap() = Some(from);
+                    let _ = relay.send_to(&buf[..n], real_addr).await;
+                }
+            }
+        });
+    }
+    {
+        let (gate, relay, open, agent_udp) =
+            (gate.clone(), relay.clone(), open.clone(), agent_udp.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, _)) = relay.recv_from(&mut buf).await {
+                let to = *agent_udp.lock().unwrap();
+                if let (true, Some(to)) = (open.load(Ordering::SeqCst), to) {
+                    let _ = gate.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+    }
+    // The TCP fallback listener on the gate's port.
+    let tcp = tokio::net::TcpListener::bind(gate_addr).await.unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.tcp.clone());
+    {
+        let mux = mux.clone();
+        tokio::spawn(async move {
+            while let Ok((s, peer)) = tcp.accept().await {
+                let (acceptor, mux) = (acceptor.clone(), mux.clone());
+                tokio::spawn(async move {
+                    let tls = acceptor.accept(s).await.unwrap();
+                    let (_fake, pump) = mux.add_stream(tls, peer);
+                    let _ = pump.await;
+                });
+            }
+        });
+    }
+
+    let origin = origin().await;
+    let mut config = agent_config(gate_addr, &format!("http://{origin}"), &pki.ca_path);
+    config.quic_timeout = Duration::from_millis(300);
+    config.quic_reprobe = Duration::from_millis(500);
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(tunnel_agent::run(config, shutdown.clone()));
+
+    // UDP blocked: the agent arrives over TCP, and requests work there.
+    let (conn, _ctl_send, mut ctl) = register_skipping_probes(&edge).await;
+    assert!(
+        MuxSocket::is_tcp_peer(&conn.remote_address()),
+        "first connection should be the TCP fallback, came from {}",
+        conn.remote_address()
+    );
+    assert_eq!(mux.tcp_peers(), 1);
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    write(
+        &mut send,
+        &[head("GET", "/over-tcp", &[]), Frame::End],
+        true,
+    )
+    .await;
+    let (_, body, ended) = response(&mut Reader::new(recv)).await;
+    assert!(ended);
+    assert_eq!(String::from_utf8(body).unwrap(), "GET /over-tcp ");
+
+    // UDP works again: a re-probe succeeds, the TCP connection is drained, QUIC comes back.
+    open.store(true, Ordering::SeqCst);
+    let (quic, _send2, _ctl2) = register_skipping_probes(&edge).await;
+    assert!(
+        !MuxSocket::is_tcp_peer(&quic.remote_address()),
+        "after unblocking the agent should be back on UDP"
+    );
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ctl.next().await {
+                Some(Frame::Drain) => return true,
+                Some(_) => {}
+                None => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(drained, Ok(true), "the TCP connection is drained");
+    let (mut send, recv) = quic.open_bi().await.unwrap();
+    write(
+        &mut send,
+        &[head("GET", "/over-quic", &[]), Frame::End],
+        true,
+    )
+    .await;
+    let (_, body, ended) = response(&mut Reader::new(recv)).await;
+    assert!(ended);
+    assert_eq!(String::from_utf8(body).unwrap(), "GET /over-quic ");
+
+    shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(15), agent)
         .await
         .unwrap()
