@@ -117,6 +117,45 @@ pub struct Config {
     /// spanning at least this many milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub health_rise_ms: u64,
+
+    /// Ties a geo name to a service, `NAME=SERVICE` (repeatable): for that name a region also
+    /// counts as down while none of its live edges holds an agent of the service.
+    #[arg(long = "geo-service", value_name = "NAME=SERVICE")]
+    pub geo_services: Vec<GeoService>,
+
+    /// TTL of geo answers while the client's preferred region is down or every region of its
+    /// list is (fail open), so it moves back soon after recovery; also caps the SOA/negative
+    /// TTL while any region is down.
+    #[arg(long, default_value_t = 5)]
+    pub degraded_ttl: u32,
+}
+
+/// One `--geo-service` flag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GeoService {
+    /// As given to `--geo-name` (relative or fully qualified).
+    pub name: String,
+    pub service: String,
+}
+
+impl FromStr for GeoService {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, service) = s
+            .split_once('=')
+            .ok_or_else(|| format!("invalid --geo-service {s:?}: expected NAME=SERVICE"))?;
+        let (name, service) = (name.trim(), service.trim());
+        if name.is_empty() || service.is_empty() {
+            return Err(format!(
+                "invalid --geo-service {s:?}: name and service must not be empty"
+            ));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            service: service.to_owned(),
+        })
+    }
 }
 
 impl Config {
@@ -147,6 +186,8 @@ impl Config {
             geoip_continent_field: "continent.code".into(),
             geoip_latitude_field: "location.latitude".into(),
             geoip_longitude_field: "location.longitude".into(),
+            geo_services: Vec::new(),
+            degraded_ttl: 5,
         }
     }
 
@@ -334,6 +375,17 @@ mod tests {
         assert_eq!(cli.config.field_paths(), d.field_paths());
         assert_eq!(cli.config.health_fall_ms, d.health_fall_ms);
         assert_eq!(cli.config.geoip_reload_secs, d.geoip_reload_secs);
+        assert_eq!(cli.config.degraded_ttl, d.degraded_ttl);
+        assert_eq!(cli.config.geo_services, d.geo_services);
+        let cli = Cli::parse_from(["geodns", "--geo-service", "api = api-svc"]);
+        assert_eq!(
+            cli.config.geo_services,
+            vec![GeoService {
+                name: "api".into(),
+                service: "api-svc".into()
+            }]
+        );
+        assert!("api".parse::<GeoService>().is_err());
         let cli = Cli::parse_from([
             "geodns",
             "--listen",

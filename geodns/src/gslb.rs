@@ -17,8 +17,10 @@ use crate::geoip::{GeoDb, Location};
 use crate::health::{HealthTracker, Verdict};
 use crate::prefix::PrefixTree;
 
-/// TTL ceiling while any region is down, so clients move back quickly once it recovers.
-pub const DEGRADED_TTL: u32 = 10;
+/// Default TTL ceiling (`--degraded-ttl`) of answers that did not go to the client's preferred
+/// region (it is down, or everything is and we fail open), so clients move back quickly once it
+/// recovers. Also caps the SOA and negative TTL while any region is down.
+pub const DEGRADED_TTL: u32 = 5;
 
 /// Client-to-region policy from the configuration and the GeoIP database; independent of any
 /// snapshot. Rebuilt (off the query path) when the database file changes.
@@ -34,6 +36,8 @@ pub struct Policy {
     nearest_limit_km: Option<f64>,
     default_region: Option<String>,
     ttl: u32,
+    /// See [`DEGRADED_TTL`].
+    degraded_ttl: u32,
     db: Option<GeoDb>,
 }
 
@@ -120,8 +124,16 @@ impl Policy {
             nearest_limit_km: nearest_limit_km.filter(|k| k.is_finite() && *k > 0.0),
             default_region,
             ttl,
+            degraded_ttl: DEGRADED_TTL,
             db,
         }
+    }
+
+    /// Sets the TTL of degraded answers (see [`DEGRADED_TTL`]); at least 1 s.
+    #[must_use]
+    pub fn with_degraded_ttl(mut self, ttl: u32) -> Self {
+        self.degraded_ttl = ttl.max(1);
+        self
     }
 
     /// Which class a client falls in and the ECS scope of that decision.
@@ -169,6 +181,8 @@ struct Pick {
     region: usize,
     /// No region of the list was live: answer with every edge of the first one.
     fail_open: bool,
+    /// Not the client's first choice (it is down) or failing open: answer with the short TTL.
+    degraded: bool,
 }
 
 /// Immutable answers for one (policy, snapshot) pair.
@@ -235,6 +249,17 @@ impl AnswerTable {
         snapshot: &Snapshot,
         health: &HealthTracker,
     ) -> Self {
+        Self::build_for_service(policy, snapshot, health, None)
+    }
+
+    /// Like [`Self::build_with_health`] for a name tied to `service`: a region also counts as
+    /// down while none of its live edges holds an agent of that service (with hysteresis).
+    pub fn build_for_service(
+        policy: Arc<Policy>,
+        snapshot: &Snapshot,
+        health: &HealthTracker,
+        service: Option<&str>,
+    ) -> Self {
         let mut by_name: BTreeMap<&str, RegionAnswer> = BTreeMap::new();
         for r in &snapshot.regions {
             let coords = match (r.latitude, r.longitude) {
@@ -271,7 +296,7 @@ impl AnswerTable {
         let mut regions: Vec<RegionAnswer> = by_name.into_values().collect();
         for (i, r) in regions.iter_mut().enumerate() {
             r.index = i;
-            r.verdict = health.verdict(&r.name);
+            r.verdict = health.verdict_for(&r.name, service);
             r.live = r.verdict.serves();
             for v in [&mut r.alive_v4, &mut r.all_v4] {
                 v.sort_unstable();
@@ -304,7 +329,7 @@ impl AnswerTable {
 
         let degraded = regions.iter().any(|r| !r.live);
         let ttl = if degraded {
-            policy.ttl.min(DEGRADED_TTL)
+            policy.ttl.min(policy.degraded_ttl)
         } else {
             policy.ttl
         };
@@ -336,15 +361,20 @@ impl AnswerTable {
             None => self.default_pick,
         }?;
         let region = self.regions.get(pick.region)?;
+        let ttl = if pick.degraded {
+            self.policy.ttl.min(self.policy.degraded_ttl)
+        } else {
+            self.policy.ttl
+        };
         Some(Answer {
             region,
             fail_open: pick.fail_open,
             scope,
-            ttl: self.ttl,
+            ttl,
         })
     }
 
-    /// TTL for every record served from this table (shortened while degraded).
+    /// TTL of the SOA and negative answers: shortened while any region of this table is down.
     pub fn ttl(&self) -> u32 {
         self.ttl
     }
@@ -612,11 +642,13 @@ fn pick(regions: &[RegionAnswer], order: &[usize]) -> Option<Pick> {
         return Some(Pick {
             region,
             fail_open: false,
+            degraded: order.first() != Some(&region),
         });
     }
     order.first().map(|&region| Pick {
         region,
         fail_open: true,
+        degraded: true,
     })
 }
 
@@ -784,13 +816,45 @@ mod tests {
     }
 
     #[test]
-    fn ttl_shortened_while_any_region_is_down() {
+    fn ttl_shortened_for_clients_whose_first_choice_is_down() {
         let t = AnswerTable::build(dev_policy(&[]), &dev_snapshot([true, true, false]));
+        // SOA and negative answers: short while anything is down.
         assert_eq!(t.ttl(), DEGRADED_TTL);
-        assert_eq!(t.answer(ip("192.0.2.1")).unwrap().ttl, DEGRADED_TTL);
-        let policy = Arc::new(Policy::new(&[], None, 5));
+        // Amsterdam's clients get their first choice: full TTL.
+        assert_eq!(t.answer(ip("192.0.2.1")).unwrap().ttl, 30);
+        // Singapore's clients are sent elsewhere: short TTL, so they return soon after recovery.
+        let a = t.answer(ip("203.0.113.1")).unwrap();
+        assert_eq!((a.region.name.as_str(), a.ttl), ("ams", DEGRADED_TTL));
+        // Configurable, and never above --ttl.
+        let policy =
+            Arc::new(Policy::new(&dev_nets(), Some("ams".into()), 30).with_degraded_ttl(2));
         let t = AnswerTable::build(policy, &dev_snapshot([true, true, false]));
-        assert_eq!(t.ttl(), 5);
+        assert_eq!(t.answer(ip("203.0.113.1")).unwrap().ttl, 2);
+        let policy = Arc::new(Policy::new(&dev_nets(), None, 3).with_degraded_ttl(10));
+        let t = AnswerTable::build(policy, &dev_snapshot([true, true, false]));
+        assert_eq!((t.ttl(), t.answer(ip("203.0.113.1")).unwrap().ttl), (3, 3));
+        // Fail open is degraded too.
+        let t = AnswerTable::build(dev_policy(&[]), &dev_snapshot([false; 3]));
+        let a = t.answer(ip("192.0.2.1")).unwrap();
+        assert!(a.fail_open);
+        assert_eq!(a.ttl, DEGRADED_TTL);
+        // Nothing down: full TTL everywhere.
+        let t = AnswerTable::build(dev_policy(&[]), &dev_snapshot([true; 3]));
+        assert_eq!(
+            (t.ttl(), t.answer(ip("203.0.113.1")).unwrap().ttl),
+            (30, 30)
+        );
+    }
+
+    fn dev_nets() -> Vec<NetRule> {
+        [
+            "192.0.2.0/24=ams",
+            "198.51.100.0/24=iad",
+            "203.0.113.0/24=sin",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect()
     }
 
     #[test]

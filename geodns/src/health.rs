@@ -68,6 +68,9 @@ struct RegionState {
 pub struct HealthTracker {
     cfg: Hysteresis,
     regions: BTreeMap<String, RegionState>,
+    /// Service → region → whether a live edge there holds an agent of the service, with the
+    /// same hysteresis: names tied to a service skip regions that cannot serve it.
+    services: BTreeMap<String, BTreeMap<String, RegionState>>,
 }
 
 /// Why a region has the verdict it has (for `explain` and logs).
@@ -95,6 +98,7 @@ impl HealthTracker {
         Self {
             cfg,
             regions: BTreeMap::new(),
+            services: BTreeMap::new(),
         }
     }
 
@@ -114,8 +118,55 @@ impl HealthTracker {
                 .or_insert((false, AdminState::Auto))
                 .0 |= e.alive;
         }
-        let before: Vec<(String, Verdict)> =
-            self.verdicts().map(|(n, v)| (n.to_owned(), v)).collect();
+        // Every service the snapshot names or an agent serves, in every region.
+        let mut per_service: BTreeMap<&str, BTreeMap<&str, bool>> = BTreeMap::new();
+        for s in &snapshot.services {
+            per_service.entry(&s.name).or_default();
+        }
+        for e in &snapshot.edges {
+            for a in &e.agents {
+                per_service.entry(&a.service).or_default();
+            }
+        }
+        for regions in per_service.values_mut() {
+            for name in observed.keys() {
+                regions.insert(name, false);
+            }
+        }
+        for e in snapshot.edges.iter().filter(|e| e.alive) {
+            for a in &e.agents {
+                if let Some(live) = per_service
+                    .get_mut(a.service.as_str())
+                    .and_then(|m| m.get_mut(e.info.region.as_str()))
+                {
+                    *live = true;
+                }
+            }
+        }
+        let before = self.all_verdicts();
+        self.services
+            .retain(|name, _| per_service.contains_key(name.as_str()));
+        for (service, regions) in per_service {
+            let states = self.services.entry(service.to_owned()).or_default();
+            states.retain(|name, _| regions.contains_key(name.as_str()));
+            for (region, live) in regions {
+                match states.get_mut(region) {
+                    None => {
+                        states.insert(
+                            region.to_owned(),
+                            RegionState {
+                                up: live,
+                                run: 0,
+                                run_since: None,
+                                ever_live: live,
+                                admin: AdminState::Auto,
+                            },
+                        );
+                    }
+                    Some(st) => st.step(live, now, &self.cfg),
+                }
+            }
+        }
         self.regions
             .retain(|name, _| observed.contains_key(name.as_str()));
         for (name, (live, admin)) in observed {
@@ -138,9 +189,34 @@ impl HealthTracker {
                 }
             }
         }
-        let after: Vec<(String, Verdict)> =
-            self.verdicts().map(|(n, v)| (n.to_owned(), v)).collect();
-        before != after
+        before != self.all_verdicts()
+    }
+
+    /// Region and per-service verdicts, to tell whether an observation changed anything.
+    fn all_verdicts(&self) -> Vec<(String, Option<String>, Verdict)> {
+        let regions = self.verdicts().map(|(n, v)| (n.to_owned(), None, v));
+        let services = self.services.iter().flat_map(|(s, m)| {
+            m.iter()
+                .map(move |(r, st)| (r.clone(), Some(s.clone()), st.verdict()))
+        });
+        regions.chain(services).collect()
+    }
+
+    /// The verdict for `region` for a name tied to `service` (`None`: any service). The region's
+    /// own verdict wins when it is an operator override or does not serve; otherwise the
+    /// service's observation there decides. A service never seen is treated as up (fail open).
+    pub fn verdict_for(&self, region: &str, service: Option<&str>) -> Verdict {
+        let own = self.verdict(region);
+        let Some(service) = service else {
+            return own;
+        };
+        if matches!(own, Verdict::AdminUp | Verdict::AdminDown) || !own.serves() {
+            return own;
+        }
+        self.services
+            .get(service)
+            .and_then(|m| m.get(region))
+            .map_or(own, RegionState::verdict)
     }
 
     /// The verdict for `region`; regions never observed are treated as up (fail open).
@@ -332,6 +408,63 @@ mod tests {
         assert!(t.verdict("ams").serves());
         t.observe(&snap(false, AdminState::Auto), t0 + 11 * S);
         assert_eq!(t.verdict("ams"), Verdict::Down, "observed down meanwhile");
+    }
+
+    /// `ams` and `iad` both live; `web`'s agents at `ams` as given, `api`'s at both.
+    fn snap_with_agents(ams_web: bool) -> Snapshot {
+        let mut s = snap(true, AdminState::Auto);
+        let agent = |service: &str| coordinator_api::AgentConn {
+            agent_id: format!("{service}-agent"),
+            service: service.into(),
+            token_id: "t".into(),
+            remote_addr: String::new(),
+            connected_at_ms: 0,
+        };
+        s.edges[0].agents = if ams_web {
+            vec![agent("web"), agent("api")]
+        } else {
+            vec![agent("api")]
+        };
+        s.edges[1].agents = vec![agent("web"), agent("api")];
+        s
+    }
+
+    #[test]
+    fn per_service_verdicts_with_hysteresis() {
+        let mut t = HealthTracker::new(Hysteresis::default());
+        let t0 = Instant::now();
+        t.observe(&snap_with_agents(true), t0);
+        assert_eq!(t.verdict_for("ams", Some("web")), Verdict::Up);
+        // web's only agent at ams leaves: falling, then down after the fall window.
+        assert!(t.observe(&snap_with_agents(false), t0 + S));
+        assert_eq!(t.verdict_for("ams", Some("web")), Verdict::Falling);
+        t.observe(&snap_with_agents(false), t0 + 3 * S);
+        assert_eq!(t.verdict_for("ams", Some("web")), Verdict::Down);
+        // The region itself and other services there are unaffected.
+        assert_eq!(t.verdict("ams"), Verdict::Up);
+        assert_eq!(t.verdict_for("ams", None), Verdict::Up);
+        assert_eq!(t.verdict_for("ams", Some("api")), Verdict::Up);
+        assert_eq!(t.verdict_for("iad", Some("web")), Verdict::Up);
+        // Unknown services follow the region.
+        assert_eq!(t.verdict_for("ams", Some("other")), Verdict::Up);
+        // Back: rising until the rise window passed.
+        t.observe(&snap_with_agents(true), t0 + 4 * S);
+        assert_eq!(t.verdict_for("ams", Some("web")), Verdict::Rising);
+        t.observe(&snap_with_agents(true), t0 + 10 * S);
+        t.observe(&snap_with_agents(true), t0 + 15 * S);
+        assert_eq!(t.verdict_for("ams", Some("web")), Verdict::Up);
+        // An operator override of the region wins over the service's observation.
+        let mut s = snap_with_agents(false);
+        s.regions[0].admin_state = AdminState::Up;
+        t.observe(&s, t0 + 16 * S);
+        t.observe(&s, t0 + 20 * S);
+        assert_eq!(t.verdict_for("ams", Some("web")), Verdict::AdminUp);
+        // A dead edge's agents do not count.
+        let mut t = HealthTracker::new(Hysteresis::default());
+        let mut s = snap_with_agents(true);
+        s.edges[0].alive = false;
+        t.observe(&s, t0);
+        assert_eq!(t.verdict_for("ams", Some("web")), Verdict::Down);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
@@ -217,10 +217,13 @@ fn build_response(
     }
     let qname = query.name();
     let cfg = &zone.config;
-    if query.query_class() != DNSClass::IN || !cfg.origin.zone_of(qname) {
+    if query.query_class() != DNSClass::IN {
         return Err(ResponseCode::Refused);
     }
     let lname = qname.to_lowercase();
+    let Some(mut in_zone) = zone.zone_of(&lname) else {
+        return Err(ResponseCode::Refused);
+    };
     let geo_names = cfg.geo_names.len();
     labels.name = if lname == cfg.origin {
         geo_names + NAME_APEX
@@ -232,9 +235,9 @@ fn build_response(
             .position(|n| *n == lname)
             .unwrap_or(geo_names + NAME_OTHER)
     };
-    let Some(table) = &zone.table else {
+    if zone.table.is_none() {
         return Err(ResponseCode::ServFail);
-    };
+    }
 
     let client = client_of(request, src);
     let mut scope = 0u8;
@@ -242,42 +245,33 @@ fn build_response(
     r.metadata.authoritative = true;
     let qtype = query.query_type();
 
-    if lname == cfg.origin {
-        match qtype {
-            RecordType::SOA => {
-                r.add_answer(zone.soa.clone());
+    // Follow CNAMEs through the zones we serve (RFC 1034 §4.3.2): a customer name CNAME'd
+    // into the edge zone gets the chain plus the geo answer of its end. A target outside our
+    // zones ends the chain; the resolver follows it.
+    let mut owner = qname.clone();
+    let mut lowner = lname;
+    for hop in 0..=MAX_CNAME_CHAIN {
+        match lookup(zone, in_zone, &owner, &lowner, qtype, client.addr, &mut r) {
+            Step::Done { region, geo_scope } => {
+                if let Some(region) = region {
+                    labels.region = Some(region);
+                }
+                scope = scope.max(geo_scope);
+                break;
             }
-            RecordType::NS => {
-                r.add_answer(zone.ns.clone());
-                r.add_additional(zone.glue.clone());
-            }
-            RecordType::ANY => {
-                // RFC 8482: one RRset is a complete answer to ANY; no amplification.
-                r.add_answer(zone.soa.clone());
-            }
-            _ => {
-                r.add_authority(zone.soa.clone());
+            Step::Chase(target) => {
+                let Some(z) = zone.zone_of(&target) else {
+                    break;
+                };
+                if hop == MAX_CNAME_CHAIN {
+                    // A loop or an absurd chain: what we have so far, like BIND.
+                    break;
+                }
+                in_zone = z;
+                owner = target.clone();
+                lowner = target;
             }
         }
-    } else if lname == cfg.ns_name {
-        if qtype == zone.glue.record_type() || qtype == RecordType::ANY {
-            r.add_answer(zone.glue.clone());
-        } else {
-            r.add_authority(zone.soa.clone());
-        }
-    } else if cfg.geo_names.contains(&lname) {
-        labels.region = add_geo_answers(&mut r, zone, table, query, client.addr, &mut scope);
-    } else if cfg
-        .geo_names
-        .iter()
-        .chain([&cfg.ns_name])
-        .any(|n| lname.zone_of(n))
-    {
-        // An empty non-terminal (e.g. `b` of `a.b.<zone>`): exists, holds no data.
-        r.add_authority(zone.soa.clone());
-    } else {
-        r.metadata.response_code = ResponseCode::NXDomain;
-        r.add_authority(zone.soa.clone());
     }
 
     if request.edns.is_some() {
@@ -293,46 +287,178 @@ fn build_response(
     Ok(r)
 }
 
+/// Longest CNAME chain we follow inside our zones.
+const MAX_CNAME_CHAIN: usize = 8;
+
+/// What looking up one name did.
+enum Step {
+    /// The answer (or negative answer) for this name is in the message.
+    Done {
+        /// Region a geo answer steered to (metrics).
+        region: Option<usize>,
+        /// ECS scope of a geo answer (0 when the answer does not depend on the client).
+        geo_scope: u8,
+    },
+    /// This name is a CNAME to that (lower-case) name; its record is in the message.
+    Chase(Name),
+}
+
+/// Answers `qtype` at `owner` (as asked; `lowner` lower-case) from zone `z`, adding records to
+/// `r`: data, a CNAME to chase, NODATA or NXDOMAIN (rcode set, SOA in authority).
+fn lookup(
+    zone: &Zone,
+    z: crate::zone::ZoneRef<'_>,
+    owner: &Name,
+    lowner: &Name,
+    qtype: RecordType,
+    client: IpAddr,
+    r: &mut Message,
+) -> Step {
+    let cfg = &zone.config;
+    let done = Step::Done {
+        region: None,
+        geo_scope: 0,
+    };
+    let nodata = |r: &mut Message| {
+        r.add_authority(z.soa.clone());
+        Step::Done {
+            region: None,
+            geo_scope: 0,
+        }
+    };
+    let named = |rec: &Record| {
+        let mut rec = rec.clone();
+        rec.name = owner.clone();
+        rec
+    };
+    let records = zone.data.names.get(lowner);
+    // Records (TXT, MX, CAA, ...) at this name for `qtype`, if any.
+    let add_set = |r: &mut Message, t: RecordType| -> bool {
+        let Some(set) = records.and_then(|d| d.set(t)) else {
+            return false;
+        };
+        for rec in set {
+            r.add_answer(named(rec));
+        }
+        true
+    };
+
+    if lowner == z.apex {
+        match qtype {
+            RecordType::SOA => {
+                r.add_answer(named(z.soa));
+            }
+            RecordType::NS => {
+                r.add_answer(named(z.ns));
+                r.add_additional(zone.glue.clone());
+            }
+            // RFC 8482: one RRset is a complete answer to ANY; no amplification.
+            RecordType::ANY => {
+                r.add_answer(named(z.soa));
+            }
+            t => {
+                if !add_set(r, t) {
+                    return nodata(r);
+                }
+            }
+        }
+        return done;
+    }
+    if z.own && *lowner == cfg.ns_name {
+        if qtype == zone.glue.record_type() || qtype == RecordType::ANY {
+            r.add_answer(named(&zone.glue));
+            return done;
+        }
+        return nodata(r);
+    }
+    if z.own
+        && let Some(i) = cfg.geo_names.iter().position(|n| n == lowner)
+    {
+        if matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY) {
+            let mut scope = 0;
+            let region = zone
+                .geo_table(i)
+                .and_then(|t| add_geo_answers(r, t, owner, qtype, client, &mut scope));
+            if r.answers.is_empty() || !r.answers.iter().any(|a| a.name == *owner) {
+                r.add_authority(z.soa.clone());
+            }
+            return Step::Done {
+                region,
+                geo_scope: scope,
+            };
+        }
+        if !add_set(r, qtype) {
+            return nodata(r);
+        }
+        return done;
+    }
+    if let Some(d) = records {
+        if let Some(cname) = &d.cname {
+            r.add_answer(named(cname));
+            if qtype == RecordType::CNAME || qtype == RecordType::ANY {
+                return done;
+            }
+            return match &cname.data {
+                RData::CNAME(target) => Step::Chase(target.0.to_lowercase()),
+                _ => done,
+            };
+        }
+        let found = if qtype == RecordType::ANY {
+            d.sets.first().is_some_and(|(t, _)| add_set(r, *t))
+        } else {
+            add_set(r, qtype)
+        };
+        if !found {
+            return nodata(r);
+        }
+        return done;
+    }
+    let exists_below = zone.data.ents.contains(lowner)
+        || (z.own
+            && cfg
+                .geo_names
+                .iter()
+                .chain([&cfg.ns_name])
+                .any(|n| lowner.zone_of(n)));
+    if exists_below {
+        // An empty non-terminal (e.g. `b` of `a.b.<zone>`): exists, holds no data.
+        return nodata(r);
+    }
+    r.metadata.response_code = ResponseCode::NXDomain;
+    r.add_authority(z.soa.clone());
+    done
+}
+
 fn add_geo_answers(
     r: &mut Message,
-    zone: &Zone,
     table: &crate::gslb::AnswerTable,
-    query: &Query,
+    owner: &Name,
+    qtype: RecordType,
     client: IpAddr,
     scope: &mut u8,
 ) -> Option<usize> {
-    let qtype = query.query_type();
-    let owner: &Name = query.name();
-    let wanted = matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY);
-    let mut region = None;
-    if let Some(answer) = table.answer(client).filter(|_| wanted) {
-        *scope = answer.scope;
-        region = Some(answer.region.index);
-        // RFC 8482: ANY gets one RRset (A, or AAAA for an IPv6-only region).
-        let wants_v4 =
-            qtype == RecordType::A || (qtype == RecordType::ANY && !answer.v4().is_empty());
-        let wants_v6 =
-            qtype == RecordType::AAAA || (qtype == RecordType::ANY && answer.v4().is_empty());
-        let ttl = answer.ttl;
-        if wants_v4 {
-            for ip in answer.v4() {
-                r.add_answer(Record::from_rdata(owner.clone(), ttl, RData::A(A(*ip))));
-            }
-        }
-        if wants_v6 {
-            for ip in answer.v6() {
-                r.add_answer(Record::from_rdata(
-                    owner.clone(),
-                    ttl,
-                    RData::AAAA(AAAA(*ip)),
-                ));
-            }
+    let answer = table.answer(client)?;
+    *scope = answer.scope;
+    // RFC 8482: ANY gets one RRset (A, or AAAA for an IPv6-only region).
+    let wants_v4 = qtype == RecordType::A || (qtype == RecordType::ANY && !answer.v4().is_empty());
+    let wants_v6 =
+        qtype == RecordType::AAAA || (qtype == RecordType::ANY && answer.v4().is_empty());
+    let ttl = answer.ttl;
+    if wants_v4 {
+        for ip in answer.v4() {
+            r.add_answer(Record::from_rdata(owner.clone(), ttl, RData::A(A(*ip))));
         }
     }
-    if r.answers.is_empty() {
-        r.add_authority(zone.soa.clone());
+    if wants_v6 {
+        for ip in answer.v6() {
+            r.add_answer(Record::from_rdata(
+                owner.clone(),
+                ttl,
+                RData::AAAA(AAAA(*ip)),
+            ));
+        }
     }
-    region
+    Some(answer.region.index)
 }
 
 /// Encodes `msg`; if it exceeds `max_len`, sends the header and question with TC set instead,
@@ -360,6 +486,7 @@ mod tests {
     use std::sync::Arc;
 
     use coordinator_api::{EdgeInfo, EdgeStatus, Region, Snapshot};
+    use hickory_proto::op::Query;
 
     use super::*;
     use crate::config::Config;

@@ -476,19 +476,30 @@ fn apply(
     health: &HealthTracker,
     stats: &Stats,
 ) {
-    let table = AnswerTable::build_with_health(policy.clone(), snap, health);
+    let mut zone = Zone::build(zone_config.clone(), policy, snap, health);
     let verdicts: Vec<String> = health
         .verdicts()
         .map(|(n, v)| format!("{n}={v:?}"))
+        .collect();
+    let service_verdicts: Vec<String> = zone_config
+        .geo_services
+        .iter()
+        .flatten()
+        .flat_map(|s| {
+            health
+                .verdicts()
+                .map(move |(n, _)| format!("{s}@{n}={:?}", health.verdict_for(n, Some(s))))
+        })
         .collect();
     info!(
         revision = snap.revision,
         observed_version = snap.observed_version,
         ?verdicts,
-        ttl = table.ttl(),
+        ?service_verdicts,
+        records = snap.records.len(),
+        ttl = zone.table.as_ref().map_or(0, AnswerTable::ttl),
         "answer table updated"
     );
-    let mut zone = Zone::new(zone_config.clone(), Some(table));
     if let Some(m) = stats.metrics.get()
         && let Some(t) = &zone.table
     {

@@ -1,15 +1,18 @@
 //! The zone we are authoritative for: its names, static records and the current answer table.
 
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
-use hickory_proto::rr::{Name, RData, Record};
+use coordinator_api::{DnsRdata, DnsRecord, DnsRecordType, Snapshot};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, NS, SOA, TXT};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecoder, Restrict};
 
 use crate::config::Config;
 use crate::geoip::GeoDb;
 use crate::gslb::{AnswerTable, Policy};
-use crate::health::Hysteresis;
+use crate::health::{HealthTracker, Hysteresis};
 
 /// SOA timers (seconds). Secondaries are not supported, so refresh/retry/expire only need to be
 /// sane; `minimum` (negative-caching TTL) follows the answer TTL.
@@ -30,6 +33,8 @@ pub struct ZoneConfig {
     pub ttl: u32,
     pub policy: Arc<Policy>,
     pub hysteresis: Hysteresis,
+    /// Per entry of `geo_names`: the service it is tied to (`--geo-service`), if any.
+    pub geo_services: Vec<Option<String>>,
     /// The flags this was built from (to rebuild the policy when the database changes).
     pub source: Config,
 }
@@ -86,6 +91,21 @@ impl ZoneConfig {
                 return Err(ZoneConfigError("at least one --listen is required".into()));
             }
         };
+        let mut geo_services = vec![None; geo_names.len()];
+        for gs in &config.geo_services {
+            let name = Name::parse(gs.name.trim(), Some(&origin))
+                .map_err(|e| bad("--geo-service", &gs.name, &e))?
+                .to_lowercase();
+            let Some(i) = geo_names.iter().position(|n| *n == name) else {
+                return Err(ZoneConfigError(format!(
+                    "--geo-service {:?}: {name} is not a --geo-name",
+                    gs.name
+                )));
+            };
+            if let Some(slot) = geo_services.get_mut(i) {
+                *slot = Some(gs.service.clone());
+            }
+        }
         let policy = Arc::new(build_policy(config)?);
         Ok(Self {
             origin,
@@ -95,6 +115,7 @@ impl ZoneConfig {
             ns_ip,
             ttl: config.ttl,
             policy,
+            geo_services,
             hysteresis: Hysteresis {
                 fall_after: std::time::Duration::from_millis(config.health_fall_ms),
                 rise_after: std::time::Duration::from_millis(config.health_rise_ms),
@@ -121,7 +142,8 @@ pub fn build_policy(config: &Config) -> Result<Policy, ZoneConfigError> {
         config.default_region.clone(),
         config.ttl,
         db,
-    ))
+    )
+    .with_degraded_ttl(config.degraded_ttl))
 }
 
 /// One immutable view of the zone, rebuilt on each snapshot and swapped atomically.
@@ -136,6 +158,12 @@ pub struct Zone {
     pub glue: Record,
     /// Per region of `table` (same order): answers steered there, for metrics.
     pub region_counters: Vec<Arc<std::sync::atomic::AtomicU64>>,
+    /// Tables of the services geo names are tied to (same policy and regions as `table`, other
+    /// health), and per geo name the index of its table here (`None`: `table`).
+    pub service_tables: Vec<AnswerTable>,
+    pub geo_tables: Vec<Option<usize>>,
+    /// Records from the coordinator, and the extra zones they bring.
+    pub data: ZoneData,
 }
 
 impl Zone {
@@ -176,6 +204,246 @@ impl Zone {
             ns,
             glue,
             region_counters: Vec::new(),
+            service_tables: Vec::new(),
+            geo_tables: Vec::new(),
+            data: ZoneData::default(),
         }
     }
+
+    /// The whole zone for `snap`: the geo table, one table per service a geo name is tied to,
+    /// and the coordinator's records. `health` has been fed `snap`.
+    pub fn build(
+        config: Arc<ZoneConfig>,
+        policy: &Arc<Policy>,
+        snap: &Snapshot,
+        health: &HealthTracker,
+    ) -> Self {
+        let table = AnswerTable::build_with_health(policy.clone(), snap, health);
+        let mut services: Vec<&str> = Vec::new();
+        let geo_tables = config
+            .geo_services
+            .iter()
+            .map(|s| {
+                let s = s.as_deref()?;
+                Some(services.iter().position(|x| *x == s).unwrap_or_else(|| {
+                    services.push(s);
+                    services.len() - 1
+                }))
+            })
+            .collect();
+        let service_tables = services
+            .iter()
+            .map(|s| AnswerTable::build_for_service(policy.clone(), snap, health, Some(s)))
+            .collect();
+        let mut zone = Self::new(config, Some(table));
+        zone.service_tables = service_tables;
+        zone.geo_tables = geo_tables;
+        zone.data = ZoneData::build(&zone, &snap.records);
+        zone
+    }
+
+    /// The answer table for geo name number `i`.
+    pub fn geo_table(&self, i: usize) -> Option<&AnswerTable> {
+        match self.geo_tables.get(i).copied().flatten() {
+            Some(t) => self.service_tables.get(t),
+            None => self.table.as_ref(),
+        }
+    }
+
+    /// The zone `name` (lower-case) falls in: ours or one a record brought, the longest apex.
+    pub fn zone_of(&self, name: &Name) -> Option<ZoneRef<'_>> {
+        let extra = self
+            .data
+            .zones
+            .iter()
+            .filter(|z| z.apex.zone_of(name))
+            .max_by_key(|z| z.apex.num_labels());
+        let own = self.config.origin.zone_of(name);
+        match extra {
+            Some(z) if !own || z.apex.num_labels() > self.config.origin.num_labels() => {
+                Some(ZoneRef {
+                    apex: &z.apex,
+                    soa: &z.soa,
+                    ns: &z.ns,
+                    own: false,
+                })
+            }
+            _ if own => Some(ZoneRef {
+                apex: &self.config.origin,
+                soa: &self.soa,
+                ns: &self.ns,
+                own: true,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// One zone we answer for, as found by [`Zone::zone_of`].
+#[derive(Clone, Copy, Debug)]
+pub struct ZoneRef<'a> {
+    pub apex: &'a Name,
+    pub soa: &'a Record,
+    pub ns: &'a Record,
+    /// `--zone` itself (geo names, `ns1`), rather than a zone only records brought.
+    pub own: bool,
+}
+
+/// A zone the coordinator's records brought: its synthesized SOA and NS (our own server).
+#[derive(Debug)]
+pub struct ExtraZone {
+    pub apex: Name,
+    pub soa: Record,
+    pub ns: Record,
+}
+
+/// The record sets at one name.
+#[derive(Debug, Default)]
+pub struct NameData {
+    /// Alone at its name when present (the coordinator refuses anything beside it).
+    pub cname: Option<Record>,
+    pub sets: Vec<(RecordType, Vec<Record>)>,
+}
+
+impl NameData {
+    pub fn set(&self, t: RecordType) -> Option<&[Record]> {
+        self.sets
+            .iter()
+            .find(|(rt, _)| *rt == t)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// The coordinator's records, ready to copy into answers.
+#[derive(Debug, Default)]
+pub struct ZoneData {
+    pub zones: Vec<ExtraZone>,
+    /// By lower-case owner name.
+    pub names: HashMap<Name, NameData>,
+    /// Names that exist only because something lies beneath them (empty non-terminals): NODATA,
+    /// not NXDOMAIN.
+    pub ents: HashSet<Name>,
+}
+
+impl ZoneData {
+    /// Converts `records`. A record that clashes with built-in data (`ns1`, a geo name's
+    /// addresses or a CNAME at a geo name, SOA/NS at an apex) or whose value does not convert
+    /// is skipped with a warning: the coordinator validates, this only guards.
+    pub fn build(zone: &Zone, records: &[DnsRecord]) -> Self {
+        let cfg = &zone.config;
+        let mut data = Self::default();
+        let ttl_of = |r: &DnsRecord| if r.ttl == 0 { cfg.ttl } else { r.ttl };
+        for r in records {
+            let (Ok(owner), Ok(apex)) = (
+                Name::from_ascii(format!("{}.", r.name)).map(|n| n.to_lowercase()),
+                Name::from_ascii(format!("{}.", r.zone)).map(|n| n.to_lowercase()),
+            ) else {
+                tracing::warn!(name = %r.name, zone = %r.zone, "skipping a record with a bad name");
+                continue;
+            };
+            if !apex.zone_of(&owner) {
+                continue;
+            }
+            let geo = cfg.geo_names.contains(&owner);
+            let builtin = owner == cfg.ns_name
+                || (geo
+                    && matches!(
+                        r.rtype,
+                        DnsRecordType::A | DnsRecordType::Aaaa | DnsRecordType::Cname
+                    ))
+                || (r.rtype == DnsRecordType::Cname && (owner == cfg.origin || owner == apex));
+            if builtin {
+                tracing::warn!(name = %r.name, rtype = r.rtype.as_str(), "record clashes with built-in data; skipped");
+                continue;
+            }
+            if apex != cfg.origin
+                && !cfg.origin.zone_of(&apex)
+                && !data.zones.iter().any(|z| z.apex == apex)
+            {
+                data.zones.push(extra_zone(zone, apex.clone()));
+            }
+            let rdatas: Vec<RData> = r
+                .values
+                .iter()
+                .filter_map(|v| {
+                    let d = DnsRdata::parse(r.rtype, v)
+                        .ok()
+                        .and_then(|d| to_rdata(&d));
+                    if d.is_none() {
+                        tracing::warn!(name = %r.name, value = %v, "skipping a record value that does not convert");
+                    }
+                    d
+                })
+                .collect();
+            if rdatas.is_empty() {
+                continue;
+            }
+            let ttl = ttl_of(r);
+            let entry = data.names.entry(owner.clone()).or_default();
+            let recs: Vec<Record> = rdatas
+                .into_iter()
+                .map(|d| Record::from_rdata(owner.clone(), ttl, d))
+                .collect();
+            if r.rtype == DnsRecordType::Cname {
+                if entry.sets.is_empty() {
+                    entry.cname = recs.into_iter().next();
+                }
+            } else if entry.cname.is_none() {
+                let t = recs.first().map_or(RecordType::NULL, Record::record_type);
+                entry.sets.push((t, recs));
+            }
+            // Every ancestor strictly between the owner and the apex exists.
+            let mut n = owner.base_name();
+            while apex.zone_of(&n) && n != apex {
+                data.ents.insert(n.clone());
+                n = n.base_name();
+            }
+        }
+        data
+    }
+}
+
+fn extra_zone(zone: &Zone, apex: Name) -> ExtraZone {
+    let mut soa = zone.soa.clone();
+    soa.name = apex.clone();
+    let mut ns = zone.ns.clone();
+    ns.name = apex.clone();
+    ExtraZone { apex, soa, ns }
+}
+
+/// Longest TXT character-string.
+const TXT_CHUNK: usize = 255;
+
+fn to_rdata(d: &DnsRdata) -> Option<RData> {
+    let name = |n: &str| Name::from_ascii(format!("{n}.")).ok();
+    Some(match d {
+        DnsRdata::A(ip) => RData::A(A(*ip)),
+        DnsRdata::Aaaa(ip) => RData::AAAA(AAAA(*ip)),
+        DnsRdata::Cname(n) => RData::CNAME(CNAME(name(n)?)),
+        DnsRdata::Mx {
+            preference,
+            exchange,
+        } => RData::MX(MX::new(*preference, name(exchange)?)),
+        DnsRdata::Txt(t) => {
+            let chunks: Vec<&[u8]> = if t.is_empty() {
+                vec![&[]]
+            } else {
+                t.as_bytes().chunks(TXT_CHUNK).collect()
+            };
+            RData::TXT(TXT::from_bytes(chunks))
+        }
+        DnsRdata::Caa { flags, tag, value } => {
+            // Through the wire format: hickory validates the value the way a client would.
+            let mut wire = vec![*flags, u8::try_from(tag.len()).ok()?];
+            wire.extend_from_slice(tag.as_bytes());
+            wire.extend_from_slice(value.as_bytes());
+            let len = u16::try_from(wire.len()).ok()?;
+            RData::read(
+                &mut BinDecoder::new(&wire),
+                RecordType::CAA,
+                Restrict::new(len),
+            )
+            .ok()?
+        }
+    })
 }

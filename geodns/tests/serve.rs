@@ -288,7 +288,7 @@ async fn follows_snapshot_changes() {
     loop {
         let r = udp(s.addr, &q).await;
         if ips(&r) == vec![IpAddr::from([127, 0, 0, 11])] {
-            assert_eq!(r.answers[0].ttl, 10);
+            assert_eq!(r.answers[0].ttl, 5);
             break;
         }
         assert!(
@@ -449,8 +449,23 @@ async fn failover_and_recovery_with_hysteresis_and_admin_override() {
         took >= Duration::from_millis(250),
         "failed over after {took:?}"
     );
-    assert_eq!(r.answers[0].ttl, 10, "short TTL while a region is down");
+    assert_eq!(
+        r.answers[0].ttl, 5,
+        "short TTL (--degraded-ttl) while the client's preferred region is down"
+    );
     assert_eq!(scope(&r), Some(24));
+    // Amsterdam's own clients get their first choice: the full TTL.
+    let home = udp(
+        s.addr,
+        &query("edge.meridian.test.", RecordType::A, Some("192.0.2.7/24")),
+    )
+    .await;
+    assert_eq!(ips(&home), vec![IpAddr::from(ams)]);
+    assert_eq!(home.answers[0].ttl, 30);
+    // Negative answers (SOA minimum) are short while anything is down.
+    let neg = udp(s.addr, &query("nope.meridian.test.", RecordType::A, None)).await;
+    assert_eq!(neg.response_code, ResponseCode::NXDomain);
+    assert_eq!(neg.authorities[0].ttl, 5);
 
     // iad comes back: still ams until the rise window has passed.
     snap.revision = 5;
@@ -493,7 +508,7 @@ async fn failover_and_recovery_with_hysteresis_and_admin_override() {
     wait_for_revision(s.addr, 8).await;
     let r = udp(s.addr, &q).await;
     assert_eq!(ips(&r), vec![IpAddr::from(iad)], "fail open");
-    assert_eq!(r.answers[0].ttl, 10);
+    assert_eq!(r.answers[0].ttl, 5, "fail open answers carry the short TTL");
 
     s.shutdown.cancel();
     tokio::time::timeout(TIMEOUT, s.task)

@@ -647,7 +647,7 @@ impl DnsRecord {
 
     /// Why `self` cannot join `existing` (a CNAME shares its name with no other data, RFC 1034
     /// §3.6.2); the set with the same (name, type) is the one `self` replaces.
-    pub fn conflict(&self, existing: &[DnsRecord]) -> Option<String> {
+    pub fn conflict(&self, existing: &[Self]) -> Option<String> {
         let other = existing.iter().find(|r| {
             r.name == self.name
                 && r.rtype != self.rtype
