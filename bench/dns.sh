@@ -169,29 +169,46 @@ run_one() { # name → qps on stdout
     if command -v dig >/dev/null 2>&1; then # same answer from every server, or the race is moot
         echo "  $1 answers $(dig +short -p "$port" @127.0.0.1 edge.meridian.test A +subnet=198.51.100.0/24 | xargs)" >&2
     fi
+    local t0 t1
+    t0=$(cpu_ticks "$SERVER_PID")
     out=$(taskset -c "$CLIENT_CORE" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries" -l "$SECS" \
         -c "$CLIENTS" -q "$OUTSTANDING" "${ECS_ARGS[@]}" 2>&1)
+    t1=$(cpu_ticks "$SERVER_PID")
     kill "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
     grep -q "Queries lost: *0 " <<<"$out" || echo "  ($1: $(grep 'Queries lost' <<<"$out" | xargs))" >&2
-    awk '/Queries per second:/ {print $4}' <<<"$out"
+    # qps, and the server's CPU time per answered query in µs: the second number does not depend
+    # on whether the (shared, noisy) client core kept the server busy.
+    awk -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" '
+        /Queries completed:/ {n = $3}
+        /Queries per second:/ {q = $4}
+        END {printf "%s %.3f\n", q, (n > 0 ? t * 1e6 / hz / n : 0)}' <<<"$out"
+}
+
+cpu_ticks() { # pid → utime + stime of the whole process, in clock ticks
+    awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
 }
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 # Every server must answer iad (127.0.0.12) for 198.51.100.0/24; each run prints its answer.
-declare -A QPS
+declare -A QPS CPU
 for r in $(seq "$ROUNDS"); do
     for s in meridian gdnsd knot; do
-        q=$(run_one "$s")
-        echo "round $r $s qps=$q" >&2
+        read -r q c < <(run_one "$s")
+        echo "round $r $s qps=$q cpu_us_per_query=$c" >&2
         QPS[$s]+="$q "
+        CPU[$s]+="$c "
     done
 done
 
-m=$(tr ' ' '\n' <<<"${QPS[meridian]}" | grep . | median)
-g=$(tr ' ' '\n' <<<"${QPS[gdnsd]}" | grep . | median)
-k=$(tr ' ' '\n' <<<"${QPS[knot]}" | grep . | median)
+med() { tr ' ' '\n' <<<"$1" | grep . | median; }
+m=$(med "${QPS[meridian]}") g=$(med "${QPS[gdnsd]}") k=$(med "${QPS[knot]}")
+mc=$(med "${CPU[meridian]}") gc=$(med "${CPU[gdnsd]}") kc=$(med "${CPU[knot]}")
 echo "median qps meridian=$m gdnsd=$g knot=$k (rounds=$ROUNDS secs=$SECS core=$SERVER_CORE ecs=$ECS)"
+echo "median cpu_us_per_query meridian=$mc gdnsd=$gc knot=$kc"
 echo "ratio qps_vs_gdnsd=$(awk -v a="$m" -v b="$g" 'BEGIN {printf "%.2f", a/b}')"
 echo "ratio qps_vs_knot=$(awk -v a="$m" -v b="$k" 'BEGIN {printf "%.2f", a/b}')"
+# Meridian's CPU per query over the peer's: below 1 is better.
+echo "ratio cpu_per_query_vs_gdnsd=$(awk -v a="$mc" -v b="$gc" 'BEGIN {printf "%.2f", a/b}')"
+echo "ratio cpu_per_query_vs_knot=$(awk -v a="$mc" -v b="$kc" 'BEGIN {printf "%.2f", a/b}')"
