@@ -833,10 +833,13 @@ impl EncodedSnapshot {
 /// computation at most, never across `.await`.
 #[derive(Debug, Default)]
 struct EncodedDeltas {
-    lines: std::sync::Mutex<std::collections::VecDeque<(Arc<Snapshot>, Arc<Snapshot>, Bytes)>>,
+    lines: std::sync::Mutex<std::collections::VecDeque<DeltaLine>>,
     /// [`delta::digest`] of the latest snapshot, for resumes (many at once after a restart).
     digest: std::sync::Mutex<Option<(Arc<Snapshot>, String)>>,
 }
+
+/// A cached delta line: (from, to, encoded line).
+type DeltaLine = (Arc<Snapshot>, Arc<Snapshot>, Bytes);
 
 /// Delta lines remembered per [`EncodedDeltas`].
 const DELTA_CACHE: usize = 4;

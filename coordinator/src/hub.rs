@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use coordinator_api::{
     AdminState, AgentView, EdgeHeartbeat, EdgeStatus, Region, RegionHealth, ServiceAgents, Snapshot,
 };
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::warn;
 
 use crate::observed::{Observed, ObservedError};
@@ -19,6 +19,18 @@ use crate::store::{Desired, StoreError, StoreHandle};
 struct State {
     desired: Arc<Desired>,
     observed: Observed,
+    /// Observed state is shared with other coordinators (etcd): the GSLB view is the leader's.
+    shared: bool,
+    /// Whether this coordinator leads (always, when not shared).
+    leader: bool,
+    /// The leader's last published GSLB view (followers serve it instead of their own).
+    gslb: Option<Vec<RegionHealth>>,
+    /// The leader's view is no longer published (it died): serve the last one, frozen, as stale.
+    gslb_stale: bool,
+    /// Bumped when the served GSLB view changes for a reason `observed` does not count (a
+    /// published view, a leadership change), so subscribers hear of it: observed_version is the
+    /// sum of both counters.
+    gslb_version: u64,
 }
 
 #[derive(Debug)]
@@ -28,6 +40,9 @@ pub(crate) struct Hub {
     state: Mutex<State>,
     tx: watch::Sender<Arc<Snapshot>>,
     started: Instant,
+    /// Heartbeats received since the last [`Hub::take_shared`], latest per edge (shared stores).
+    to_share: Mutex<BTreeMap<String, EdgeHeartbeat>>,
+    share_ready: Notify,
 }
 
 impl Hub {
@@ -43,9 +58,15 @@ impl Hub {
                 Err(e) => warn!(error = %e, "ignoring unreadable saved observed state"),
             }
         }
+        let shared = store.call(|s| Ok(s.shared_observed().is_some())).await?;
         let state = State {
             desired: Arc::new(desired),
             observed,
+            shared,
+            leader: !shared,
+            gslb: None,
+            gslb_stale: false,
+            gslb_version: 0,
         };
         let (tx, _) = watch::channel(Arc::new(build(&state)));
         Ok(Arc::new(Self {
@@ -53,6 +74,8 @@ impl Hub {
             state: Mutex::new(state),
             tx,
             started,
+            to_share: Mutex::default(),
+            share_ready: Notify::new(),
         }))
     }
 
@@ -89,10 +112,75 @@ impl Hub {
         now_ms: u64,
     ) -> Result<(), ObservedError> {
         let mut st = self.lock();
+        let shared = st.shared.then(|| hb.clone());
         if st.observed.heartbeat(hb, now, now_ms)? {
             self.publish(&st);
         }
+        drop(st);
+        if let Some(mut hb) = shared {
+            sort_agents(&mut hb);
+            let mut q = self.to_share.lock().unwrap_or_else(PoisonError::into_inner);
+            q.insert(hb.info.id.clone(), hb);
+            drop(q);
+            self.share_ready.notify_one();
+        }
         Ok(())
+    }
+
+    /// Heartbeats to write to the shared store: waits for at least one, then takes them all.
+    pub(crate) async fn take_shared(&self) -> Vec<EdgeHeartbeat> {
+        loop {
+            let batch =
+                std::mem::take(&mut *self.to_share.lock().unwrap_or_else(PoisonError::into_inner));
+            if !batch.is_empty() {
+                return batch.into_values().collect();
+            }
+            self.share_ready.notified().await;
+        }
+    }
+
+    /// Edges other coordinators heard from (the shared view holds them while their leases live):
+    /// each counts as a heartbeat now. Edges this coordinator hears itself are refreshed both ways.
+    pub(crate) fn remote_edges(&self, edges: Vec<EdgeHeartbeat>, now: Instant, now_ms: u64) {
+        let mut st = self.lock();
+        let mut changed = false;
+        for hb in edges {
+            // Refused only beyond MAX_EDGES, which the local heartbeat path reports.
+            changed |= st.observed.heartbeat(hb, now, now_ms).unwrap_or(false);
+        }
+        if changed {
+            self.publish(&st);
+        }
+    }
+
+    /// Leadership changed: a leader serves (and publishes) its own GSLB view, a follower the
+    /// leader's.
+    pub(crate) fn set_leader(&self, leader: bool) {
+        let mut st = self.lock();
+        if st.leader != leader {
+            st.leader = leader;
+            st.gslb_version += 1;
+            self.publish(&st);
+        }
+    }
+
+    /// The leader's published view as the shared store has it; `None` once it is gone (the
+    /// leader died): the last view stays, marked stale, instead of turning everything down.
+    pub(crate) fn set_published_gslb(&self, view: Option<Vec<RegionHealth>>) {
+        let mut st = self.lock();
+        if st.published(view) {
+            self.publish(&st);
+        }
+    }
+
+    /// The GSLB view computed from this coordinator's own observation (what a leader publishes).
+    pub(crate) fn own_region_health(&self) -> Vec<RegionHealth> {
+        let st = self.lock();
+        region_health(
+            &st.desired.regions,
+            &st.observed.edges(),
+            st.observed.stale(),
+        )
     }
 
     /// Re-evaluates edge liveness at `now`, publishing only if something changed.
@@ -132,22 +220,59 @@ impl Hub {
     }
 }
 
+impl State {
+    /// Records the leader's published view (`None`: no longer published); returns whether what
+    /// this coordinator serves changed. A view that disappears stays, frozen and marked stale.
+    fn published(&mut self, view: Option<Vec<RegionHealth>>) -> bool {
+        let stale = view.is_none() && (self.gslb.is_some() || self.gslb_stale);
+        let gslb = view.or_else(|| self.gslb.clone());
+        if gslb == self.gslb && stale == self.gslb_stale {
+            return false;
+        }
+        self.gslb = gslb;
+        self.gslb_stale = stale;
+        // A leader serves its own view; only a follower's subscribers see this one.
+        if self.leader {
+            return false;
+        }
+        self.gslb_version += 1;
+        true
+    }
+}
+
 /// `edges[].last_seen_ms` in a snapshot is as of the last observed change; `GET /v1/edges`
 /// has the live value. That keeps heartbeats from pushing a snapshot every second.
 fn build(st: &State) -> Snapshot {
     let d = &st.desired;
     let edges = st.observed.edges();
+    let health = match &st.gslb {
+        Some(view) if st.shared && !st.leader => view
+            .iter()
+            .map(|r| RegionHealth {
+                stale: r.stale || st.gslb_stale,
+                ..r.clone()
+            })
+            .collect(),
+        _ => region_health(&d.regions, &edges, st.observed.stale()),
+    };
     Snapshot {
         revision: d.revision,
-        observed_version: st.observed.version(),
+        observed_version: st.observed.version() + st.gslb_version,
         regions: d.regions.clone(),
         services: d.services.clone(),
         mounts: d.mounts.clone(),
         agent_tokens: d.agent_tokens.clone(),
         records: d.records.clone(),
-        region_health: region_health(&d.regions, &edges, st.observed.stale()),
+        region_health: health,
         edges,
     }
+}
+
+/// Agents in the order [`Observed`] keeps them, so an unchanged heartbeat compares equal.
+fn sort_agents(hb: &mut EdgeHeartbeat) {
+    hb.agents.sort_by(|a, b| {
+        (&a.agent_id, &a.token_id, &a.remote_addr).cmp(&(&b.agent_id, &b.token_id, &b.remote_addr))
+    });
 }
 
 /// The GSLB view: per region, live edges and the agents (per service) on them, with the
@@ -243,6 +368,59 @@ mod tests {
             longitude: None,
             admin_state,
         }
+    }
+
+    fn state(shared: bool, leader: bool) -> State {
+        State {
+            desired: Arc::new(Desired {
+                regions: vec![region("ams", AdminState::Auto)],
+                ..Desired::default()
+            }),
+            observed: Observed::default(),
+            shared,
+            leader,
+            gslb: None,
+            gslb_stale: false,
+            gslb_version: 0,
+        }
+    }
+
+    fn view(healthy: bool) -> Vec<RegionHealth> {
+        vec![RegionHealth {
+            region: "ams".into(),
+            edges_alive: u32::from(healthy),
+            edges_total: 1,
+            services: vec![],
+            healthy,
+            stale: false,
+        }]
+    }
+
+    #[test]
+    fn a_follower_serves_the_leaders_view_and_freezes_it_when_the_leader_goes() {
+        // This follower sees no edge at all: on its own it would call ams down.
+        let mut st = state(true, false);
+        assert!(!build(&st).region_health[0].healthy);
+        let v0 = build(&st).observed_version;
+        assert!(st.published(Some(view(true))));
+        let snap = build(&st);
+        assert_eq!(snap.region_health, view(true));
+        assert!(snap.observed_version > v0, "subscribers must hear of it");
+        assert!(!st.published(Some(view(true))), "unchanged");
+        // The leader died: its view stays, marked stale, not turned into "down".
+        assert!(st.published(None));
+        let frozen = build(&st).region_health;
+        assert!(frozen[0].healthy && frozen[0].stale);
+        assert!(!st.published(None));
+        // A new leader publishes: fresh again.
+        assert!(st.published(Some(view(false))));
+        assert_eq!(build(&st).region_health, view(false));
+        // A leader serves its own computation whatever is published.
+        let mut leader = state(true, true);
+        assert!(!leader.published(Some(view(true))));
+        assert!(!build(&leader).region_health[0].healthy);
+        // Without a shared store nothing is published and the own view is served.
+        assert!(!build(&state(false, true)).region_health[0].stale);
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         source,
     })?;
     let node = format!("{addr}/{}", std::process::id());
-    let store = bootstrap::open_store(&config, node).await?;
+    let store = bootstrap::open_store(&config, node.clone()).await?;
     bootstrap::tokens(&store, &config).await?;
     let hub = hub::Hub::new(store).await?;
     info!(addr = %addr, data_dir = %config.data_dir.display(), store = hub.store().backend(), "ready");
@@ -60,7 +60,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         compact_every: Duration::from_millis(config.compact_every_ms),
         ..Tuning::default()
     };
-    serve_with(listener, hub, shutdown, tuning).await?;
+    let sharing = tokio::spawn(share_observed(hub.clone(), shutdown.child_token(), node));
+    let res = serve_with(listener, hub, shutdown.clone(), tuning).await;
+    shutdown.cancel();
+    let _ = sharing.await;
+    res?;
     info!("coordinator stopped");
     Ok(())
 }
@@ -117,6 +121,112 @@ async fn serve_with(
     let _ = follower.await;
     let _ = compactor.await;
     res
+}
+
+/// Coalescing window of heartbeat writes to a shared store.
+const SHARE_EVERY: Duration = Duration::from_millis(100);
+/// How often a leader checks that the published GSLB view is its current one.
+const GSLB_CHECK: Duration = Duration::from_millis(500);
+
+/// With a shared store (etcd): writes the heartbeats this coordinator receives, follows what
+/// the others wrote, and, while leading, publishes the GSLB view; so coordinators behind one
+/// load balancer serve the same view. Does nothing with an embedded store.
+async fn share_observed(hub: Arc<hub::Hub>, stop: CancellationToken, node: String) {
+    let (view, leader) = match hub
+        .store()
+        .call(|s| Ok((s.shared_observed(), s.leadership())))
+        .await
+    {
+        Ok((Some(v), l)) => (v, l),
+        Ok((None, _)) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow shared observed state");
+            return;
+        }
+    };
+    tokio::join!(
+        write_shared(hub.clone(), stop.clone()),
+        follow_shared(hub.clone(), stop.clone(), view.clone()),
+        publish_gslb(hub, stop, view, leader, node),
+    );
+}
+
+/// Writes received heartbeats to the shared store, coalesced per [`SHARE_EVERY`].
+async fn write_shared(hub: Arc<hub::Hub>, stop: CancellationToken) {
+    loop {
+        let batch = tokio::select! {
+            () = stop.cancelled() => return,
+            b = hub.take_shared() => b,
+        };
+        if let Err(e) = hub.store().call(move |s| s.share_edges(batch)).await {
+            tracing::warn!(error = %e, "could not share heartbeats");
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(SHARE_EVERY) => {}
+        }
+    }
+}
+
+/// Feeds the edges other coordinators hear from into the hub (each liveness tick, so an edge
+/// stays alive while its key does) and the leader's published GSLB view.
+async fn follow_shared(
+    hub: Arc<hub::Hub>,
+    stop: CancellationToken,
+    mut view: tokio::sync::watch::Receiver<Arc<store::SharedObserved>>,
+) {
+    let mut every = tokio::time::interval(LIVENESS_TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+            r = view.changed() => if r.is_err() { return },
+        }
+        let v = view.borrow_and_update().clone();
+        let edges = v.edges.values().map(|e| e.heartbeat.clone()).collect();
+        hub.remote_edges(edges, Instant::now(), clock::unix_ms());
+        hub.set_published_gslb(v.gslb.as_ref().map(|g| g.regions.clone()));
+    }
+}
+
+/// While leading: publishes this coordinator's GSLB view whenever the shared one differs.
+async fn publish_gslb(
+    hub: Arc<hub::Hub>,
+    stop: CancellationToken,
+    view: tokio::sync::watch::Receiver<Arc<store::SharedObserved>>,
+    mut leader: tokio::sync::watch::Receiver<bool>,
+    node: String,
+) {
+    let mut snaps = hub.subscribe();
+    let mut every = tokio::time::interval(GSLB_CHECK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+            r = snaps.changed() => if r.is_err() { return },
+            r = leader.changed() => if r.is_err() { return },
+        }
+        snaps.borrow_and_update();
+        let leading = *leader.borrow_and_update();
+        hub.set_leader(leading);
+        if !leading {
+            continue;
+        }
+        let own = hub.own_region_health();
+        let published = view.borrow().gslb.as_ref().map(|g| g.regions.clone());
+        if published.as_ref() == Some(&own) {
+            continue;
+        }
+        let g = store::PublishedGslb {
+            leader: node.clone(),
+            regions: own,
+        };
+        if let Err(e) = hub.store().call(move |s| s.publish_gslb(&g)).await {
+            tracing::warn!(error = %e, "could not publish the GSLB view");
+        }
+    }
 }
 
 /// Compacts the change log on its own ([`compaction::Compactor`] decides how far), only while

@@ -10,6 +10,8 @@
 //! - `P/api_token/{sha,id}/…` and `P/api_token/rev`: API credentials (not desired state);
 //! - `P/audit/<ms>-<rand>`: audit entries, written in the change's transaction; id = mod revision;
 //! - `P/observed/edges`: the last observed edge set (written by the leader only);
+//! - `P/observed/edge/<id>` and `P/observed/gslb`: observed state shared live between
+//!   coordinators, under leases (see [`super::shared`]);
 //! - `P/leader`: the leadership key, attached to this coordinator's lease.
 //!
 //! The revision is etcd's own: a change's revision is the `mod_revision` of its transaction.
@@ -72,6 +74,9 @@ pub struct EtcdStore {
     lease: Arc<AtomicI64>,
     /// Stops the follower and election tasks (and revokes the lease) when the store is dropped.
     stop: CancellationToken,
+    /// Observed state shared with the other coordinators ([`super::shared`]).
+    shared_keys: super::shared::SharedKeys,
+    shared: watch::Receiver<Arc<super::SharedObserved>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -266,6 +271,14 @@ impl EtcdStore {
             lease.clone(),
             stop.clone(),
         ));
+        let shared_keys = super::shared::SharedKeys::new(&keys.root);
+        let (shared_tx, shared) = watch::channel(Arc::default());
+        tokio::spawn(super::shared::follow(
+            client.clone(),
+            shared_keys.clone(),
+            shared_tx,
+            stop.clone(),
+        ));
         Ok(Self {
             rt: Handle::current(),
             client,
@@ -275,6 +288,8 @@ impl EtcdStore {
             leader,
             lease,
             stop,
+            shared_keys,
+            shared,
         })
     }
 
@@ -1133,5 +1148,27 @@ impl Store for EtcdStore {
 
     fn backend(&self) -> &'static str {
         "etcd"
+    }
+
+    fn shared_observed(&self) -> Option<watch::Receiver<Arc<super::SharedObserved>>> {
+        Some(self.shared.clone())
+    }
+
+    fn share_edges(
+        &mut self,
+        edges: Vec<coordinator_api::EdgeHeartbeat>,
+    ) -> Result<(), StoreError> {
+        let keys = self.shared_keys.clone();
+        let view = self.shared.borrow().clone();
+        self.run(|c| async move { super::shared::write_edges(c, &keys, edges, view).await })
+    }
+
+    fn publish_gslb(&mut self, view: &super::PublishedGslb) -> Result<(), StoreError> {
+        let keys = self.shared_keys.clone();
+        let lease = self.lease.load(Ordering::Relaxed);
+        if !*self.leader.borrow() {
+            return Err(StoreError::Backend("not the leader".into()));
+        }
+        self.run(|c| async move { super::shared::publish_gslb(c, &keys, view, lease).await })
     }
 }

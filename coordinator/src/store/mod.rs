@@ -8,6 +8,7 @@
 //! change feed per subscriber, re-snapshotting when the history it needs was compacted.
 
 mod etcd;
+pub mod shared;
 mod sqlite;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,7 +20,9 @@ use coordinator_api::{
 };
 use tokio::sync::{mpsc, watch};
 
+use coordinator_api::EdgeHeartbeat;
 pub use etcd::{EtcdOptions, EtcdStore};
+pub use shared::{PublishedGslb, SharedObserved};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +242,20 @@ pub trait Store: Send {
     fn leadership(&self) -> watch::Receiver<bool>;
     /// Short backend name for status pages (`sqlite`, `etcd`).
     fn backend(&self) -> &'static str;
+
+    /// Observed state shared with the other coordinators of a shared backend (etcd); `None` for
+    /// an embedded store, whose coordinator is the only one.
+    fn shared_observed(&self) -> Option<watch::Receiver<Arc<SharedObserved>>> {
+        None
+    }
+    /// Shares heartbeats this coordinator received (see [`shared`]); a no-op when embedded.
+    fn share_edges(&mut self, _edges: Vec<EdgeHeartbeat>) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Publishes the leader's GSLB view to the other coordinators; a no-op when embedded.
+    fn publish_gslb(&mut self, _view: &PublishedGslb) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Shared access to a [`Store`] from async code.
