@@ -30,6 +30,10 @@ pub(crate) trait Backends {
     fn latency(&self, i: usize) -> Option<Duration>;
     /// Stable identity (the agent id), for consistent hashing.
     fn id(&self, i: usize) -> &str;
+    /// Share under weighted round robin (agents weigh 1).
+    fn weight(&self, _i: usize) -> u32 {
+        1
+    }
 }
 
 /// The policy a registry lookup applies to its candidate list.
@@ -38,6 +42,7 @@ pub(crate) enum Choice<'a> {
     /// P2C over (in-flight + 1) × EWMA latency (the default).
     P2c,
     RoundRobin(&'a RoundRobin),
+    WeightedRoundRobin(&'a std::sync::Mutex<SmoothWeighted>),
     LeastConnections,
     /// Consistent hashing of the request's key; `None` (no key in this request) falls back to P2C.
     Hash(Option<&'a [u8]>, &'a RingCache),
@@ -55,18 +60,35 @@ impl Choice<'_> {
                 p2c_ewma(n, |i| b.in_flight(i), |i| b.latency(i), rng)
             }
             Choice::RoundRobin(rr) => rr.pick(n),
+            Choice::WeightedRoundRobin(wrr) => {
+                let weights: Vec<u32> = (0..n).map(|i| b.weight(i)).collect();
+                // Held for one pass over the weights; a poisoned state is still valid numbers.
+                wrr.lock().unwrap_or_else(|e| e.into_inner()).pick(&weights)
+            }
             Choice::LeastConnections => least_connections(n, |i| b.in_flight(i), rng),
             Choice::Hash(Some(key), cache) => cache.ring(b).pick(key),
         }
     }
 }
 
-/// Per-service balancing state, rebuilt with each snapshot.
+/// Per-service balancing state and backend settings, rebuilt with each snapshot (and kept as is
+/// while the service's definition is unchanged).
 #[derive(Debug, Default)]
 pub(crate) struct ServiceBalance {
     pub(crate) policy: coordinator_api::LbPolicy,
     pub(crate) rr: RoundRobin,
+    pub(crate) wrr: std::sync::Mutex<SmoothWeighted>,
     pub(crate) ring: RingCache,
+    /// Direct origins, balanced together with the service's agents.
+    pub(crate) origins: std::sync::Arc<[std::sync::Arc<crate::upstream::OriginHandle>]>,
+    /// Cookie name for stickiness.
+    pub(crate) sticky: Option<String>,
+    pub(crate) breaker: Option<crate::breaker::Config>,
+    /// In-flight limits per backend.
+    pub(crate) soft_limit: Option<usize>,
+    pub(crate) hard_limit: Option<usize>,
+    /// The definition this was built from.
+    spec: coordinator_api::Service,
 }
 
 impl ServiceBalance {
@@ -76,9 +98,37 @@ impl ServiceBalance {
         match &self.policy {
             LbPolicy::P2c => Choice::P2c,
             // Weighted round robin until origins carry weights (all agents weigh 1).
-            LbPolicy::RoundRobin | LbPolicy::WeightedRoundRobin => Choice::RoundRobin(&self.rr),
+            LbPolicy::RoundRobin => Choice::RoundRobin(&self.rr),
+            LbPolicy::WeightedRoundRobin => Choice::WeightedRoundRobin(&self.wrr),
             LbPolicy::LeastConnections => Choice::LeastConnections,
             LbPolicy::Hash(_) => Choice::Hash(key, &self.ring),
+        }
+    }
+
+    /// Whether requests need the general backend choice (origins, limits, breaker, stickiness)
+    /// rather than the allocation-free agent-only path.
+    pub(crate) fn general(&self) -> bool {
+        !self.origins.is_empty()
+            || self.sticky.is_some()
+            || self.breaker.is_some()
+            || self.soft_limit.is_some()
+            || self.hard_limit.is_some()
+    }
+
+    fn new(
+        s: &coordinator_api::Service,
+        origins: std::sync::Arc<[std::sync::Arc<crate::upstream::OriginHandle>]>,
+    ) -> Self {
+        let limit = |v: Option<u32>| v.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        Self {
+            policy: s.lb_policy.clone(),
+            origins,
+            sticky: s.sticky.as_ref().map(|c| c.name.clone()),
+            breaker: s.circuit_breaker.as_ref().map(Into::into),
+            soft_limit: limit(s.concurrency.as_ref().and_then(|c| c.soft)),
+            hard_limit: limit(s.concurrency.as_ref().and_then(|c| c.hard)),
+            spec: s.clone(),
+            ..Self::default()
         }
     }
 
@@ -128,17 +178,28 @@ pub(crate) fn hash_key(
 /// Balancing state of every service in the current snapshot.
 pub(crate) type Policies = std::collections::HashMap<String, std::sync::Arc<ServiceBalance>>;
 
-/// Builds [`Policies`] from a snapshot's services.
-pub(crate) fn policies(services: &[coordinator_api::Service]) -> Policies {
+/// Builds [`Policies`] from a snapshot's services. A service whose definition is unchanged keeps
+/// its state (round-robin position, ring, origin handles); a changed one keeps the handles of
+/// its unchanged origins. Origin clients come from the process-wide `pool`.
+pub(crate) fn policies(
+    services: &[coordinator_api::Service],
+    previous: &Policies,
+    pool: &crate::upstream::Pool,
+) -> Policies {
     services
         .iter()
         .map(|s| {
+            let prev = previous.get(&s.name);
+            if let Some(p) = prev
+                && p.spec == *s
+            {
+                return (s.name.clone(), p.clone());
+            }
+            let origins =
+                crate::upstream::build_origins(pool, s, prev.map_or(&[][..], |p| &p.origins[..]));
             (
                 s.name.clone(),
-                std::sync::Arc::new(ServiceBalance {
-                    policy: s.lb_policy.clone(),
-                    ..ServiceBalance::default()
-                }),
+                std::sync::Arc::new(ServiceBalance::new(s, origins)),
             )
         })
         .collect()
@@ -260,7 +321,6 @@ impl RoundRobin {
     }
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// Smooth weighted round robin (nginx): over any window of `sum(weights)` picks each candidate is
 /// chosen exactly `weight` times, interleaved rather than in bursts.
 #[derive(Debug, Default)]
@@ -268,7 +328,6 @@ pub(crate) struct SmoothWeighted {
     current: Vec<i64>,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl SmoothWeighted {
     /// `weights[i] == 0` never wins while another candidate has weight. The state resizes when the
     /// candidate list changes length.
@@ -352,7 +411,6 @@ impl Ring {
     }
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// HMAC-SHA256 (RFC 2104); sha2 is already a dependency and the construction is eight lines.
 fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
     let mut k = [0u8; 64];
@@ -370,7 +428,6 @@ fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
     outer.finalize().into()
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// Sticky-session cookie value naming a backend: `<backend>.<mac>`, so clients cannot steer
 /// themselves onto a backend of their choosing.
 pub(crate) fn sticky_cookie(secret: &[u8], backend: &str) -> String {
@@ -378,7 +435,6 @@ pub(crate) fn sticky_cookie(secret: &[u8], backend: &str) -> String {
     format!("{backend}.{}", hex::encode(&mac[..16]))
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// The backend a sticky cookie names, if its signature is valid. The caller falls back to the
 /// service's policy when that backend is gone.
 pub(crate) fn verify_sticky<'a>(secret: &[u8], value: &'a str) -> Option<&'a str> {

@@ -153,10 +153,41 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     let choice = balance.map_or(crate::balance::Choice::P2c, |b| {
         b.choice(hash_key.as_deref())
     });
+    // Services with origins, limits, a breaker or stickiness take the general choice.
+    let general = balance.map(|b| &**b).filter(|b| b.general());
+    let sticky = match (&head, general) {
+        (Frame::RequestHead(h), Some(sb)) => crate::backend::sticky_tag(
+            &h.headers,
+            sb.sticky.as_deref(),
+            &shared.upstreams.sticky_secret,
+        ),
+        _ => None,
+    };
+    let mut tried: Vec<u64> = Vec::new();
+    let mut unavailable = None;
     let mut last_failure = None;
     loop {
         attempt += 1;
-        let Some(lease) = pick_avoiding_outliers(shared, &service, exclude, choice) else {
+        let picked = match general {
+            Some(sb) => {
+                match crate::backend::pick(shared, &service, sb, &tried, choice, sticky.as_deref())
+                {
+                    Ok(p) => Some(p),
+                    Err(why) => {
+                        unavailable = Some(why);
+                        None
+                    }
+                }
+            }
+            None => pick_avoiding_outliers(shared, &service, exclude, choice)
+                .map(crate::backend::Picked::Agent),
+        };
+        let Some(picked) = picked else {
+            if let Some(crate::backend::Unavailable::AtLimit(n)) = unavailable
+                && last_failure.is_none()
+            {
+                return crate::backend::at_limit(&service, n);
+            }
             // Nothing (more) to try here: the nearest region with an agent may serve it.
             let Frame::RequestHead(head) = &head else {
                 return no_agent(&service);
@@ -169,23 +200,62 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
             {
                 return resp;
             }
-            return last_failure.map_or_else(|| no_agent(&service), |f: Failed| f.response);
+            return last_failure.map_or_else(
+                || match unavailable {
+                    Some(crate::backend::Unavailable::Unhealthy) => {
+                        crate::backend::unhealthy(&service)
+                    }
+                    _ => no_agent(&service),
+                },
+                |f: Failed| f.response,
+            );
         };
-        let agent = lease.agent().key;
-        let result = attempt_once(
-            shared,
-            &service,
-            lease,
-            &prelude,
-            &mut body,
-            &mut upgrade,
-            idempotent,
-        )
-        .await;
+        let chosen = picked.chosen();
+        let agent = chosen.key();
+        let result = match (picked, &head) {
+            (crate::backend::Picked::Agent(lease), _) => {
+                attempt_once(
+                    shared,
+                    &service,
+                    lease,
+                    &prelude,
+                    &mut body,
+                    &mut upgrade,
+                    idempotent,
+                )
+                .await
+            }
+            (crate::backend::Picked::Origin(lease), Frame::RequestHead(h)) => {
+                crate::upstream::attempt(
+                    lease,
+                    &service,
+                    h,
+                    &mut body,
+                    shared.limits.max_request_body,
+                    &mut upgrade,
+                    idempotent,
+                )
+                .await
+                .map_err(|e| Failed {
+                    failure: e.failure,
+                    agent,
+                    response: e.response,
+                })
+            }
+            (crate::backend::Picked::Origin(_), _) => {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, "request head missing");
+            }
+        };
         let ok = result.as_ref().is_ok_and(|r| !r.status().is_server_error());
         record_outcome(shared, &service, agent, ok);
+        chosen.report(general, ok);
         let failed = match result {
-            Ok(resp) => return resp,
+            Ok(mut resp) => {
+                if let Some(sb) = general {
+                    crate::backend::stick(&mut resp, sb, &chosen, sticky.as_deref(), shared);
+                }
+                return resp;
+            }
             Err(f) => f,
         };
         let replayable = body.is_some() || body_empty;
@@ -195,6 +265,7 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
         {
             debug!(service, attempt, failure = ?failed.failure, "retrying on another agent connection");
             exclude = Some(failed.agent);
+            tried.push(failed.agent);
             shared
                 .metrics
                 .retries
@@ -337,12 +408,12 @@ fn record_outcome(shared: &Shared, service: &str, agent: u64, ok: bool) {
     }
     let d = detectors.entry(service.to_owned()).or_default();
     d.on_result(agent, ok, now, || {
-        shared
-            .agents
-            .agent_conns()
-            .iter()
-            .filter(|a| a.service == service)
-            .count()
+        shared.agents.list(service).map_or(0, |l| l.len())
+            + shared
+                .policies
+                .load()
+                .get(service)
+                .map_or(0, |b| b.origins.len())
     });
 }
 

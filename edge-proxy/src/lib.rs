@@ -10,12 +10,15 @@ mod access_log;
 mod admin;
 mod admission;
 pub mod announce;
+mod backend;
 mod balance;
+mod breaker;
 mod config;
 mod error;
 mod forward;
 mod h1guard;
 mod headers;
+mod health;
 mod heartbeat;
 mod metrics;
 mod outlier;
@@ -28,6 +31,7 @@ mod server;
 mod state;
 mod tls;
 mod tunnel;
+mod upstream;
 mod wire;
 
 use std::net::{IpAddr, SocketAddr};
@@ -304,6 +308,11 @@ impl Edge {
             }
             _ => None,
         };
+        let upstreams = upstream::Upstreams::new(config.node_token.as_deref());
+        let initial_policies = initial
+            .as_deref()
+            .map(|s| balance::policies(&s.services, &Default::default(), &upstreams.pool))
+            .unwrap_or_default();
         let shared = Arc::new(Shared {
             ip_limit: rate(config.rate_limit_ip, config.rate_limit_ip_burst)
                 .map(|r| ratelimit::Limiter::new(r, 100_000)),
@@ -329,12 +338,8 @@ impl Edge {
                     .map(|s| RouteTable::from_mounts(&s.mounts))
                     .unwrap_or_default(),
             ),
-            policies: ArcSwap::from_pointee(
-                initial
-                    .as_deref()
-                    .map(|s| balance::policies(&s.services))
-                    .unwrap_or_default(),
-            ),
+            policies: ArcSwap::from_pointee(initial_policies),
+            upstreams,
             agents: Registry::default(),
             snapshots: snapshots.clone(),
             retry_budget: Default::default(),
@@ -527,16 +532,9 @@ async fn update_routes(
             shared
                 .routes
                 .store(Arc::new(RouteTable::from_mounts(&snap.mounts)));
-            // Keep a service's balancing state (round-robin position) when its policy is unchanged.
+            // Unchanged services keep their balancing state and origin handles.
             let old = shared.policies.load();
-            let mut next = balance::policies(&snap.services);
-            for (name, sb) in next.iter_mut() {
-                if let Some(prev) = old.get(name)
-                    && prev.policy == sb.policy
-                {
-                    *sb = prev.clone();
-                }
-            }
+            let next = balance::policies(&snap.services, &old, &shared.upstreams.pool);
             shared.policies.store(Arc::new(next));
             tracing::debug!(
                 revision = snap.revision,

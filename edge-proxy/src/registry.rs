@@ -32,6 +32,10 @@ pub(crate) struct AgentHandle {
     origin_healthy: AtomicBool,
     /// Time to response head, smoothed: P2C's cost steers away from slow agents before they queue.
     latency: Mutex<balance::Ewma>,
+    /// Opaque name of the agent in sticky cookies (a digest of its id, equal on every edge).
+    pub(crate) tag: String,
+    /// Circuit breaker, for services that configure one.
+    breaker: Mutex<crate::breaker::Breaker>,
 }
 
 impl AgentHandle {
@@ -40,6 +44,8 @@ impl AgentHandle {
         Arc::new(Self {
             key: NEXT.fetch_add(1, Ordering::Relaxed),
             conn,
+            tag: crate::upstream::backend_tag(&info.agent_id),
+            breaker: Mutex::default(),
             info,
             in_flight: AtomicUsize::new(0),
             origin_healthy: AtomicBool::new(true),
@@ -57,7 +63,7 @@ impl AgentHandle {
             .observe(d, now);
     }
 
-    fn latency(&self) -> Option<std::time::Duration> {
+    pub(crate) fn latency(&self) -> Option<std::time::Duration> {
         self.latency
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -68,11 +74,16 @@ impl AgentHandle {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Held for a state update, never across `.await`; a poisoned breaker is still a valid state.
+    pub(crate) fn breaker(&self) -> std::sync::MutexGuard<'_, crate::breaker::Breaker> {
+        self.breaker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub(crate) fn set_origin_healthy(&self, healthy: bool) {
         self.origin_healthy.store(healthy, Ordering::Relaxed);
     }
 
-    fn origin_healthy(&self) -> bool {
+    pub(crate) fn origin_healthy(&self) -> bool {
         self.origin_healthy.load(Ordering::Relaxed)
     }
 
@@ -213,6 +224,11 @@ impl Registry {
             choice.pick(&pool[..], &mut rng).map(|i| pool[i])
         }?;
         Some(chosen.lease())
+    }
+
+    /// The connections serving `service` (one snapshot of the list).
+    pub(crate) fn list(&self, service: &str) -> Option<Arc<[Arc<AgentHandle>]>> {
+        self.by_service.load().get(service).cloned()
     }
 
     /// Whether `service` has a connection whose origin reports healthy (the anycast policy).

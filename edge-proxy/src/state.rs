@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     pub(crate) routes: ArcSwap<RouteTable>,
     /// Balancing policy and state per service, swapped with each snapshot.
     pub(crate) policies: ArcSwap<crate::balance::Policies>,
+    /// Direct origins: the process-wide upstream pool and the sticky-cookie secret.
+    pub(crate) upstreams: crate::upstream::Upstreams,
     pub(crate) agents: Registry,
     pub(crate) snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pub(crate) retry_budget: Mutex<RetryBudget>,
