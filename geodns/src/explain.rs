@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use coordinator_api::Snapshot;
 use hickory_proto::op::{Edns, Message, Query};
@@ -11,7 +12,7 @@ use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
 use hickory_proto::rr::{Name, RecordType};
 
 use crate::config::Config;
-use crate::gslb::AnswerTable;
+use crate::health::HealthTracker;
 use crate::respond::{Transport, respond};
 use crate::zone::{Zone, ZoneConfig};
 use crate::{Error, SNAPSHOT_CACHE_FILE};
@@ -92,12 +93,15 @@ pub fn explain_with(
     ip: IpAddr,
     name: Option<&str>,
 ) -> String {
-    let table = AnswerTable::build(zone_config.policy.clone(), snap);
+    let mut health = HealthTracker::new(zone_config.hysteresis);
+    health.observe(snap, Instant::now());
+    let policy = zone_config.policy.clone();
+    let zone = Zone::build(zone_config.clone(), &policy, snap, &health);
     let mut out = format!(
-        "snapshot: revision {} from {from} (health as observed now; no hysteresis history)\n",
-        snap.revision
+        "snapshot: revision {} from {from} (health as observed now; no hysteresis history), {} zone record sets\n",
+        snap.revision,
+        snap.records.len()
     );
-    out.push_str(&table.explain(ip));
     let qname = match name {
         Some(n) if n.ends_with('.') => Name::from_ascii(n),
         Some(n) => Name::parse(n, Some(&zone_config.origin)),
@@ -114,7 +118,22 @@ pub fn explain_with(
             return out;
         }
     };
-    let zone = Zone::new(zone_config, Some(table));
+    // The table of the name asked (a geo name tied to a service has its own health), else the
+    // zone's: a customer name CNAME'd into the zone shows the walk of the geo table.
+    let lname = qname.to_lowercase();
+    let geo = zone_config.geo_names.iter().position(|n| *n == lname);
+    if let Some(service) = geo
+        .and_then(|i| zone_config.geo_services.get(i))
+        .cloned()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "service: {service} (a region without a live agent of it counts as down)\n"
+        ));
+    }
+    if let Some(table) = geo.and_then(|i| zone.geo_table(i)).or(zone.table.as_ref()) {
+        out.push_str(&table.explain(ip));
+    }
     let prefix = if ip.to_canonical().is_ipv4() { 32 } else { 128 };
     for qtype in [RecordType::A, RecordType::AAAA] {
         let mut q = Message::query();
@@ -209,6 +228,61 @@ mod tests {
         assert!(
             out.contains("nope.meridian.test. A: Non-Existent Domain"),
             "{out}"
+        );
+    }
+
+    #[test]
+    fn explains_records_and_service_names() {
+        let mut c = Config::with_defaults();
+        c.nets = vec!["198.51.100.0/24=iad,ams".parse().unwrap()];
+        c.geo_names = vec!["edge".into(), "api".into()];
+        c.geo_services = vec!["api=api".parse().unwrap()];
+        let zc = Arc::new(ZoneConfig::from_config(&c).unwrap());
+        let edge = |region: &str, ip: &str, agents: Vec<coordinator_api::AgentConn>| EdgeStatus {
+            info: EdgeInfo {
+                id: format!("{region}-1"),
+                region: region.into(),
+                public_ips: vec![ip.parse().unwrap()],
+                http_addr: None,
+                https_addr: None,
+                tunnel_addr: None,
+                anycast: None,
+            },
+            alive: true,
+            last_seen_ms: 0,
+            agents,
+        };
+        let api_agent = coordinator_api::AgentConn {
+            agent_id: "a".into(),
+            service: "api".into(),
+            token_id: "t".into(),
+            remote_addr: String::new(),
+            connected_at_ms: 0,
+        };
+        let snap = Snapshot {
+            revision: 9,
+            edges: vec![
+                edge("iad", "127.0.0.12", Vec::new()),
+                edge("ams", "127.0.0.11", vec![api_agent]),
+            ],
+            records: vec![coordinator_api::DnsRecord {
+                name: "www.customer.example".into(),
+                zone: "customer.example".into(),
+                rtype: coordinator_api::DnsRecordType::Cname,
+                ttl: 0,
+                values: vec!["edge.meridian.test".into()],
+            }],
+            ..Snapshot::default()
+        };
+        let ip = "198.51.100.7".parse().unwrap();
+        let out = explain_with(zc.clone(), &snap, "test", ip, Some("api"));
+        assert!(out.contains("service: api"), "{out}");
+        assert!(out.contains("answer: ams"), "iad has no api agent: {out}");
+        let out = explain_with(zc, &snap, "test", ip, Some("www.customer.example."));
+        assert!(out.contains("answer: iad"), "{out}");
+        assert!(
+            out.contains("www.customer.example. A: No Error ecs-scope=/24 [edge.meridian.test. 30, 127.0.0.12 30]"),
+            "CNAME then the target's geo answer: {out}"
         );
     }
 }
