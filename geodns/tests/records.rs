@@ -546,3 +546,69 @@ async fn a_name_tied_to_a_service_skips_regions_without_its_agents() {
     assert!(start.elapsed() >= Duration::from_millis(500));
     s.stop().await;
 }
+
+/// IPv6 end to end: a client on an IPv6 socket asking AAAA, by its source address and by an
+/// IPv6 ECS prefix, over UDP and TCP; a customer CNAME to the geo name answers AAAA too.
+#[tokio::test]
+async fn ipv6_clients_get_aaaa_over_ipv6() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback");
+        return;
+    }
+    let mut cfg = config();
+    cfg.listen = vec!["[::1]:0".parse().unwrap()];
+    cfg.nets.push("2001:db8:aa::/48=iad".parse().unwrap());
+    let mut snap = snapshot();
+    for (e, v6) in snap.edges.iter_mut().zip(["2001:db8::11", "2001:db8::12"]) {
+        e.info.public_ips.push(v6.parse().unwrap());
+    }
+    let s = start(cfg, snap).await;
+    let udp6 = |q: Message| async move {
+        let sock = UdpSocket::bind("[::1]:0").await.unwrap();
+        sock.send_to(&q.to_vec().unwrap(), s.addr).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (n, _) = tokio::time::timeout(TIMEOUT, sock.recv_from(&mut buf))
+            .await
+            .expect("udp reply")
+            .unwrap();
+        Message::from_vec(&buf[..n]).unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    // No ECS: the source ::1 matches no rule → the default region, ams.
+    let r = loop {
+        let r = udp6(query("edge.meridian.test.", RecordType::AAAA, None)).await;
+        if !r.answers.is_empty() {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(ips(&r), vec!["2001:db8::11".parse::<IpAddr>().unwrap()]);
+    // An IPv6 ECS prefix inside the iad rule: iad, scope /48, source echoed.
+    let q = query(
+        "edge.meridian.test.",
+        RecordType::AAAA,
+        Some("2001:db8:aa:1::/56"),
+    );
+    for r in [udp6(q.clone()).await, tcp(s.addr, &q).await] {
+        assert_eq!(ips(&r), vec!["2001:db8::12".parse::<IpAddr>().unwrap()]);
+        assert_eq!(scope(&r), Some(48));
+        let Some(EdnsOption::Subnet(cs)) = r.edns.as_ref().unwrap().option(EdnsCode::Subnet) else {
+            panic!("no ECS echo")
+        };
+        assert_eq!(cs.source_prefix(), 56);
+    }
+    // AAAA through a customer CNAME.
+    let r = udp6(query(
+        "www.customer.example.",
+        RecordType::AAAA,
+        Some("2001:db8:aa:1::/56"),
+    ))
+    .await;
+    assert_eq!(cname_targets(&r).len(), 1);
+    assert_eq!(ips(&r), vec!["2001:db8::12".parse::<IpAddr>().unwrap()]);
+    // A v4-only question from a v6 client still gets A.
+    let r = udp6(query("edge.meridian.test.", RecordType::A, None)).await;
+    assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 11])]);
+    s.stop().await;
+}
