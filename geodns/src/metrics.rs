@@ -12,7 +12,9 @@ use hickory_proto::rr::RecordType;
 use crate::server::Stats;
 
 /// Query types counted by name; the rest are `other`.
-const QTYPES: [&str; 6] = ["A", "AAAA", "ANY", "SOA", "NS", "other"];
+const QTYPES: [&str; 10] = [
+    "A", "AAAA", "ANY", "SOA", "NS", "CNAME", "TXT", "MX", "CAA", "other",
+];
 const RCODES: [&str; 7] = [
     "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other",
 ];
@@ -43,7 +45,11 @@ pub fn qtype_index(t: RecordType) -> usize {
         RecordType::ANY => 2,
         RecordType::SOA => 3,
         RecordType::NS => 4,
-        _ => 5,
+        RecordType::CNAME => 5,
+        RecordType::TXT => 6,
+        RecordType::MX => 7,
+        RecordType::CAA => 8,
+        _ => 9,
     }
 }
 
@@ -204,8 +210,28 @@ mod tests {
             rcode: rcode_index(ResponseCode::Refused),
             region: None,
         });
+        // Record types zone records answer are counted by name.
+        m.count(&Labels {
+            name: m.category(1, NAME_OTHER),
+            qtype: qtype_index(RecordType::CAA),
+            rcode: rcode_index(ResponseCode::NoError),
+            region: None,
+        });
+        for t in [
+            RecordType::CNAME,
+            RecordType::TXT,
+            RecordType::MX,
+            RecordType::CAA,
+        ] {
+            assert_eq!(qtype_label(qtype_index(t)), t.to_string());
+        }
+        assert_eq!(qtype_label(qtype_index(RecordType::PTR)), "other");
         m.region_counter("ams").fetch_add(3, Ordering::Relaxed);
         let text = m.render(&Stats::default());
+        assert!(
+            text.contains("geodns_queries_total{name=\"@other\",type=\"CAA\",rcode=\"NOERROR\"} 1"),
+            "{text}"
+        );
         assert!(text.contains(
             "geodns_queries_total{name=\"edge.meridian.test.\",type=\"AAAA\",rcode=\"NOERROR\"} 2"
         ));
