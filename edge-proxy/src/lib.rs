@@ -20,6 +20,7 @@ mod h1guard;
 mod headers;
 mod health;
 mod heartbeat;
+mod listen;
 mod metrics;
 mod outlier;
 mod peers;
@@ -66,11 +67,11 @@ pub struct Edge {
     https: Option<(TcpListener, TlsAcceptor)>,
     admin: Option<TcpListener>,
     endpoint: quinn::Endpoint,
+    tunnel_tcp: Option<tunnel::TcpFallback>,
     tcp: Vec<tunnel::TcpServiceListener>,
     info: EdgeInfo,
 }
 
-    tunnel_tcp: Option<tunnel::TcpFallback>,
 impl std::fmt::Debug for Edge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Edge")
@@ -80,9 +81,7 @@ impl std::fmt::Debug for Edge {
 }
 
 async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { what, addr, source })
+    listen::tcp(addr).map_err(|source| Error::Bind { what, addr, source })
 }
 
 /// The address to advertise for a bound socket: a wildcard bind is advertised with a public IP.
@@ -122,6 +121,9 @@ impl Edge {
         };
         let identity = tls::Identity::load(cert, key)?;
 
+        if config.http_listen.is_some() || config.https_listen.is_some() {
+            listen::warn_unless_migrating();
+        }
         let http = match config.http_listen {
             Some(addr) => Some(bind_tcp("HTTP", addr).await?),
             None => None,
@@ -148,16 +150,16 @@ impl Edge {
             source,
         })?;
 
-        let tcp =
-            tunnel::bind_tcp_services(&config.tcp_services, config.tunnel_listen.ip()).await?;
-
-        let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| {
         let tunnel_tcp = match (config.no_tunnel_tcp, endpoint.local_addr()) {
             (false, Ok(quic)) => {
                 tunnel::bind_tcp_fallback(config.tunnel_tcp_listen, quic, &identity, mux).await?
             }
             _ => None,
         };
+        let tcp =
+            tunnel::bind_tcp_services(&config.tcp_services, config.tunnel_listen.ip()).await?;
+
+        let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| {
             l.local_addr()
                 .map_err(|source| Error::Bind { what, addr, source })
         };
@@ -206,11 +208,11 @@ impl Edge {
             https,
             admin,
             endpoint,
+            tunnel_tcp,
             tcp,
             info,
         })
     }
-            tunnel_tcp,
 
     /// Bound plain-HTTP address.
     pub fn http_addr(&self) -> Option<SocketAddr> {
@@ -258,21 +260,21 @@ impl Edge {
             https,
             admin,
             endpoint,
+            tunnel_tcp,
             tcp,
             info,
         } = self;
         info!(
-            tunnel_tcp,
             edge = %config.id,
             region = %config.region,
             http = ?http.as_ref().and_then(|l| l.local_addr().ok()),
             https = ?https.as_ref().and_then(|(l, _)| l.local_addr().ok()),
             tunnel = ?endpoint.local_addr().ok(),
+            tunnel_tcp = ?tunnel_tcp.as_ref().and_then(|t| t.local_addr()),
             admin = ?admin.as_ref().and_then(|l| l.local_addr().ok()),
             tcp = ?tcp.iter().filter_map(|t| t.listener.local_addr().ok()).collect::<Vec<_>>(),
             "ready"
         );
-            tunnel_tcp = ?tunnel_tcp.as_ref().and_then(|t| t.local_addr()),
 
         let initial = snapshots.borrow().clone();
         // Anycast (opt-in): the announcer decides when the listeners stop, so on shutdown the
@@ -400,11 +402,6 @@ impl Edge {
                 tracker.clone(),
             ));
         }
-        tracker.spawn(tunnel::accept_loop(
-            endpoint.clone(),
-            shared.clone(),
-            serving.clone(),
-            tracker.clone(),
         if let Some(fb) = tunnel_tcp {
             tracker.spawn(tunnel::serve_tcp_fallback(
                 fb,
@@ -412,6 +409,11 @@ impl Edge {
                 tracker.clone(),
             ));
         }
+        tracker.spawn(tunnel::accept_loop(
+            endpoint.clone(),
+            shared.clone(),
+            serving.clone(),
+            tracker.clone(),
         ));
         if let Some(client) = heartbeats {
             tracker.spawn(heartbeat::run(

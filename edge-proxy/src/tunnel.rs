@@ -204,7 +204,7 @@ pub(crate) async fn bind_tcp_fallback(
     tls.alpn_protocols = vec![tunnel_proto::TCP_ALPN.to_vec()];
     tls.max_early_data_size = 0;
     let addr = explicit.unwrap_or(quic_addr);
-    let listener = match tokio::net::TcpListener::bind(addr).await {
+    let listener = match crate::listen::tcp(addr) {
         Ok(l) => l,
         Err(source) if explicit.is_some() => {
             return Err(crate::Error::Bind {
@@ -330,13 +330,11 @@ pub(crate) async fn bind_tcp_services(
     let mut out = Vec::with_capacity(services.len());
     for s in services {
         let addr = SocketAddr::new(s.ip.unwrap_or(default_ip), s.port);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| crate::Error::Bind {
-                what: "TCP service",
-                addr,
-                source,
-            })?;
+        let listener = crate::listen::tcp(addr).map_err(|source| crate::Error::Bind {
+            what: "TCP service",
+            addr,
+            source,
+        })?;
         out.push(TcpServiceListener {
             listener,
             service: s.service.clone(),

@@ -39,6 +39,11 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, Buffers)>
         // Same as std: an IPv6 wildcard also takes IPv4 (mapped) where the OS allows.
         let _ = socket.set_only_v6(false);
     }
+    if addr.port() != 0 {
+        // A restarted edge binds its tunnel port while the old process drains (see the edge's
+        // `listen` module); an agent's port-0 socket has nothing to share.
+        socket.set_reuse_port(true)?;
+    }
     let _ = socket.set_recv_buffer_size(WANTED_BUFFER);
     let _ = socket.set_send_buffer_size(WANTED_BUFFER);
     socket.bind(&addr.into())?;
