@@ -77,6 +77,31 @@ enum Cmd {
         /// Service the benchmark mounts point at (must exist).
         #[arg(long, default_value = "demo")]
         service: String,
+        /// Streams get a whole snapshot per change instead of a delta.
+        #[arg(long)]
+        snapshots: bool,
+    },
+    /// Benchmark: make CHANGES mount adds and time each from the API call until every edge
+    /// answers 200 for the new host over plain HTTP (p50/p99 ms). Each edge is polled by its
+    /// own task every millisecond, without process starts or TLS handshakes in the sample.
+    /// Used by bench/propagation.sh.
+    #[command(hide = true)]
+    BenchEdges {
+        #[arg(long, default_value_t = 100)]
+        changes: usize,
+        /// The edges' plain-HTTP listeners.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "127.0.0.11:8080,127.0.0.12:8080,127.0.0.13:8080"
+        )]
+        edges: Vec<std::net::SocketAddr>,
+        /// Service the benchmark mounts point at (must exist).
+        #[arg(long, default_value = "demo")]
+        service: String,
+        /// Path requested at each edge (the service must answer it with 200).
+        #[arg(long, default_value = "/headers")]
+        path: String,
     },
     /// GeoDNS zone records: `dns record add|list|rm`.
     #[command(subcommand)]
@@ -775,7 +800,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             subscribers,
             changes,
             service,
-        } => bench_watch(&c, subscribers, changes, &service).await,
+            snapshots,
+        } => bench_watch(&c, subscribers, changes, &service, !snapshots).await,
+        Cmd::BenchEdges {
+            changes,
+            edges,
+            service,
+            path,
+        } => bench_edges(&c, changes, &edges, &service, &path).await,
         Cmd::Audit { after, limit } => {
             let rows = c.list_audit(after, limit).await?;
             out.table(
@@ -856,7 +888,94 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Opens `n` watch streams; for each of `changes` mount adds, measures the time until every
 /// stream delivered a snapshot at (or past) the write's revision.
-async fn bench_watch(c: &Client, n: usize, changes: usize, service: &str) -> anyhow::Result<()> {
+async fn bench_edges(
+    c: &Client,
+    changes: usize,
+    edges: &[std::net::SocketAddr],
+    service: &str,
+    path: &str,
+) -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    if changes == 0 || edges.is_empty() {
+        bail!("--changes and --edges must not be empty");
+    }
+    let mut ms = Vec::with_capacity(changes);
+    for k in 0..changes {
+        let host = format!("benche-{}-{k}.meridian.test", std::process::id());
+        let mount: Mount = serde_json::from_value(serde_json::json!({
+            "host": host, "path_prefix": "/", "service": service,
+        }))?;
+        let t0 = Instant::now();
+        c.add_mount(&mount).await?;
+        let mut pollers = Vec::with_capacity(edges.len());
+        for &edge in edges {
+            let (host, path) = (host.clone(), path.to_owned());
+            pollers.push(tokio::spawn(async move {
+                while t0.elapsed() < Duration::from_secs(10) {
+                    if http_status(edge, &host, &path).await == Some(200) {
+                        return Some(t0.elapsed());
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                None
+            }));
+        }
+        let mut last = Duration::ZERO;
+        for (p, edge) in pollers.into_iter().zip(edges) {
+            match p.await? {
+                Some(d) => last = last.max(d),
+                None => bail!("edge {edge} never served {host} within 10 s"),
+            }
+        }
+        ms.push(last.as_secs_f64() * 1000.0);
+        c.delete_mount(&host, "/").await?;
+    }
+    ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
+    println!(
+        "edges={} changes={changes} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}",
+        edges.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+    Ok(())
+}
+
+/// Status code of `GET path` with `Host: host` at `addr` over plain HTTP/1.1 (`None` on any
+/// failure or after 2 s).
+async fn http_status(addr: std::net::SocketAddr, host: &str, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.set_nodelay(true).ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 32];
+        let mut n = 0;
+        while n < 12 {
+            let k = s.read(&mut buf[n..]).await.ok()?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        // "HTTP/1.1 200 ..."
+        std::str::from_utf8(buf.get(9..12)?).ok()?.parse().ok()
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), probe)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn bench_watch(
+    c: &Client,
+    n: usize,
+    changes: usize,
+    service: &str,
+    deltas: bool,
+) -> anyhow::Result<()> {
     use futures_util::StreamExt;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -866,13 +985,21 @@ async fn bench_watch(c: &Client, n: usize, changes: usize, service: &str) -> any
     let seen: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let mut events = c.watch().await.context("open watch stream")?;
+        let mut events = if deltas {
+            c.watch_deltas(None).await.map(StreamExt::boxed)
+        } else {
+            c.watch_from(None).await.map(StreamExt::boxed)
+        }
+        .context("open watch stream")?;
         let seen = seen.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(Ok(ev)) = events.next().await {
-                if let coordinator_api::WatchEvent::Snapshot(s) = ev {
-                    seen[i].fetch_max(s.revision, Ordering::Relaxed);
-                }
+                let rev = match ev {
+                    coordinator_api::WatchEvent::Snapshot(s) => s.revision,
+                    coordinator_api::WatchEvent::Delta(d) => d.revision,
+                    _ => continue,
+                };
+                seen[i].fetch_max(rev, Ordering::Relaxed);
             }
         }));
     }
@@ -905,7 +1032,8 @@ async fn bench_watch(c: &Client, n: usize, changes: usize, service: &str) -> any
     ms.sort_by(f64::total_cmp);
     let pct = |p: f64| ms[((ms.len() as f64 - 1.0) * p).round() as usize];
     println!(
-        "subscribers={n} changes={changes} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}",
+        "subscribers={n} changes={changes} lines={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}",
+        if deltas { "deltas" } else { "snapshots" },
         pct(0.5),
         pct(0.99),
         pct(1.0)
