@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use coordinator_api::{Client, EdgeHeartbeat, EdgeInfo, Region};
+use coordinator_api::{
+    Client, ClientError, DnsRecord, DnsRecordType, EdgeHeartbeat, EdgeInfo, Region,
+};
 use hickory_proto::rr::{RData, RecordType};
 use meridian_tests::clients::{answer_ips, dns_query, dns_tcp, dns_udp, echoed_subnet, rcode};
 use meridian_tests::dev::{Proc, eventually};
@@ -198,6 +200,67 @@ async fn records_from_ctl_are_served_with_cname_chasing_into_the_edge_zone() {
         ],
     );
     assert!(!ok && out.contains("PREFERENCE"), "{out}");
+    // The API names the field at fault, with 400 for bad input and 409 for a conflict.
+    let bad = |name: &str, zone: &str, rtype: DnsRecordType, value: &str| DnsRecord {
+        name: name.into(),
+        zone: zone.into(),
+        rtype,
+        ttl: 0,
+        values: vec![value.into()],
+    };
+    for (r, status, field) in [
+        (
+            bad(
+                "customer.example",
+                "customer.example",
+                DnsRecordType::Cname,
+                "x.example.net",
+            ),
+            400,
+            "type",
+        ),
+        (
+            bad(
+                "www.other.example",
+                "customer.example",
+                DnsRecordType::Txt,
+                "x",
+            ),
+            400,
+            "name",
+        ),
+        (
+            bad(
+                "a.customer.example",
+                "customer.example",
+                DnsRecordType::A,
+                "2001:db8::1",
+            ),
+            400,
+            "values",
+        ),
+        (
+            bad(
+                "www.customer.example",
+                "customer.example",
+                DnsRecordType::Txt,
+                "x",
+            ),
+            409,
+            "type",
+        ),
+    ] {
+        match admin.put_dns_record(&r).await {
+            Err(ClientError::Http(s, e)) => {
+                assert_eq!(
+                    (s, e.field.as_deref()),
+                    (status, Some(field)),
+                    "{r:?}: {e:?}"
+                );
+            }
+            other => panic!("{r:?} accepted or failed oddly: {other:?}"),
+        }
+    }
     let (ok, out) = ctl(&url, &["--json", "dns", "record", "list"]);
     assert!(ok, "{out}");
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
