@@ -365,6 +365,8 @@ enum MountCmd {
         service: String,
         #[arg(long)]
         strip_prefix: bool,
+        #[command(flatten)]
+        route: MountFlags,
     },
     #[command(alias = "rm")]
     Remove {
