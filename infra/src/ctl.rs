@@ -365,8 +365,6 @@ enum MountCmd {
         service: String,
         #[arg(long)]
         strip_prefix: bool,
-        #[command(flatten)]
-        route: MountFlags,
     },
     #[command(alias = "rm")]
     Remove {
@@ -1145,6 +1143,63 @@ mod tests {
         assert!(parse_scope("root").is_err());
         assert_eq!(serde_plain(&LbPolicy::RoundRobin), "round_robin");
         assert_eq!(serde_plain(&AdminState::Down), "down");
+    }
+
+    #[test]
+    fn dns_record_commands_parse() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: Args,
+        }
+        let t = T::try_parse_from([
+            "x",
+            "dns",
+            "record",
+            "add",
+            "www.example.com",
+            "cname",
+            "edge.meridian.test",
+            "--zone",
+            "example.com",
+        ])
+        .unwrap();
+        assert!(matches!(
+            t.a.command,
+            Cmd::Dns(DnsCmd::Record(DnsRecordCmd::Add {
+                rtype: DnsRecordType::Cname,
+                ref zone,
+                ref values,
+                ..
+            })) if zone.as_deref() == Some("example.com") && values.len() == 1
+        ));
+        assert!(
+            T::try_parse_from(["x", "dns", "record", "add", "a.example.com", "SRV", "x"]).is_err()
+        );
+        assert!(T::try_parse_from(["x", "dns", "record", "add", "a.example.com", "TXT"]).is_err());
+        let t =
+            T::try_parse_from(["x", "dns", "record", "rm", "example.com", "TXT", "hi"]).unwrap();
+        assert!(matches!(
+            t.a.command,
+            Cmd::Dns(DnsCmd::Record(DnsRecordCmd::Rm { ref value, .. })) if value.as_deref() == Some("hi")
+        ));
+        let existing = vec![DnsRecord {
+            name: "example.com".into(),
+            zone: "example.com".into(),
+            rtype: DnsRecordType::Txt,
+            ttl: 0,
+            values: vec!["x".into()],
+        }];
+        assert_eq!(
+            zone_for("www.example.com", &existing).as_deref(),
+            Some("example.com")
+        );
+        assert_eq!(
+            zone_for("example.com", &existing).as_deref(),
+            Some("example.com")
+        );
+        assert_eq!(zone_for("badexample.com", &existing), None);
     }
 
     #[test]
