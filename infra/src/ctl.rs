@@ -621,31 +621,6 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             c.delete_dns_record(&name, rtype).await?;
             out.done(&format!("removed {name} {}", rtype.as_str()))
         }
-        Cmd::Mount(MountCmd::Update {
-            target,
-            service,
-            strip_prefix,
-            route,
-        }) => {
-            let (host, path_prefix) = split_target(&target);
-            let prefix = if path_prefix.len() > 1 {
-                path_prefix.trim_end_matches('/')
-            } else {
-                path_prefix.as_str()
-            };
-            let Some(mut m) = c
-                .list_mounts()
-                .await?
-                .into_iter()
-                .find(|m| m.host == host.to_ascii_lowercase() && m.path_prefix == prefix)
-            else {
-                bail!("no mount {host}{path_prefix}");
-            };
-            m.service = service;
-            m.strip_prefix = strip_prefix;
-            route.apply(&mut m);
-            out.one(&c.update_mount(&m).await?)
-        }
         Cmd::Mount(MountCmd::Remove { target }) => {
             let (host, prefix) = split_target(&target);
             c.delete_mount(&host, &prefix).await?;
