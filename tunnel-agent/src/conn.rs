@@ -307,9 +307,13 @@ async fn dial(
     }
 }
 
-/// While a slot runs on the TCP fallback: resolves once a QUIC handshake to the same edge
-/// succeeds (probing every `--quic-reprobe`), so the slot can move back to QUIC.
-async fn quic_is_back(shared: &Shared, ep: Option<quinn::Endpoint>, addr: SocketAddr) {
+/// While a slot runs on the TCP fallback: resolves with a QUIC connection to the same edge once
+/// a handshake succeeds (probing every `--quic-reprobe`), so the slot can move back to QUIC.
+async fn quic_is_back(
+    shared: &Shared,
+    ep: Option<quinn::Endpoint>,
+    addr: SocketAddr,
+) -> quinn::Connection {
     let Some(ep) = ep else {
         return std::future::pending().await;
     };
@@ -320,10 +324,7 @@ async fn quic_is_back(shared: &Shared, ep: Option<quinn::Endpoint>, addr: Socket
     loop {
         tokio::time::sleep(shared.quic_reprobe).await;
         match dial_quic(shared, &ep, addr, &server_name).await {
-            Ok(probe) => {
-                probe.close(quinn::VarInt::from_u32(0), b"probe");
-                return;
-            }
+            Ok(conn) => return conn,
             Err(e) => debug!(edge = %addr, error = %e, "QUIC re-probe failed; staying on TCP"),
         }
     }
@@ -340,6 +341,36 @@ enum RegisterError {
     Failed(String),
 }
 
+/// A TCP-fallback connection being replaced by QUIC: drained (`Drain`, in-flight and already
+/// routed streams served, then closed) only once the QUIC connection is registered, so the edge
+/// always has a connection to route to and the switch fails no request.
+struct Retiring {
+    conn: quinn::Connection,
+    streams: TaskTracker,
+    ctl_send: quinn::SendStream,
+    ctl: FrameReader,
+}
+
+impl Retiring {
+    fn start(self, shared: &Arc<Shared>) {
+        let Self {
+            conn,
+            streams,
+            mut ctl_send,
+            ctl,
+        } = self;
+        let ctx = shared.stream_ctx.clone();
+        shared.tasks.spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                write_frame(&mut ctl_send, &Frame::Drain),
+            )
+            .await;
+            drain(conn, streams, ctl_send, Some(ctl), ctx).await;
+        });
+    }
+}
+
 async fn attempt(
     shared: &Arc<Shared>,
     slot: SlotId,
@@ -347,80 +378,102 @@ async fn attempt(
     endpoint: &mut Option<quinn::Endpoint>,
     quic_failed_at: &mut Option<Instant>,
 ) -> Outcome {
-    let (conn, via) = tokio::select! {
-        r = dial(shared, slot, addr, endpoint, quic_failed_at) => match r {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(slot, edge = %addr, error = %e, "connecting to the edge failed");
+    // A QUIC connection a re-probe already established, and the TCP one it replaces.
+    let mut upgraded: Option<(quinn::Connection, Retiring)> = None;
+    loop {
+        let (conn, via, retiring) = match upgraded.take() {
+            Some((conn, retiring)) => {
+                *quic_failed_at = None;
+                (conn, Via::Quic, Some(retiring))
+            }
+            None => tokio::select! {
+                r = dial(shared, slot, addr, endpoint, quic_failed_at) => match r {
+                    Ok((conn, via)) => (conn, via, None),
+                    Err(e) => {
+                        warn!(slot, edge = %addr, error = %e, "connecting to the edge failed");
+                        return Outcome::Failed;
+                    }
+                },
+                _ = shared.shutdown.cancelled() => return Outcome::Shutdown,
+            },
+        };
+        let registered = tokio::select! {
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, register(shared, &conn)) => match r {
+                Ok(r) => r,
+                Err(_) => Err(RegisterError::Failed(format!("no Welcome within {HANDSHAKE_TIMEOUT:?}"))),
+            },
+            _ = shared.shutdown.cancelled() => {
+                conn.close(quinn::VarInt::from_u32(0), b"shutdown");
+                if let Some(r) = retiring {
+                    r.start(shared);
+                }
+                return Outcome::Shutdown;
+            }
+        };
+        // Registered or not, the old connection goes now.
+        if let Some(r) = retiring {
+            r.start(shared);
+        }
+        let (ctl_send, ctl_recv, welcome) = match registered {
+            Ok(r) => r,
+            Err(RegisterError::Rejected(reason)) => {
+                error!(slot, edge = %addr, %reason, "edge rejected this agent; retrying with backoff");
+                conn.close(quinn::VarInt::from_u32(0), b"rejected");
                 return Outcome::Failed;
             }
-        },
-        _ = shared.shutdown.cancelled() => return Outcome::Shutdown,
-    };
-    let registered = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, register(shared, &conn)) => match r {
-            Ok(r) => r,
-            Err(_) => Err(RegisterError::Failed(format!("no Welcome within {HANDSHAKE_TIMEOUT:?}"))),
-        },
-        _ = shared.shutdown.cancelled() => {
-            conn.close(quinn::VarInt::from_u32(0), b"shutdown");
-            return Outcome::Shutdown;
+            Err(RegisterError::Failed(why)) => {
+                warn!(slot, edge = %addr, error = %why, "registration failed");
+                conn.close(
+                    quinn::VarInt::from_u32(code::PROTOCOL),
+                    b"registration failed",
+                );
+                return Outcome::Failed;
+            }
+        };
+        let others: Vec<String> = welcome
+            .other_edges
+            .iter()
+            .map(|e| format!("{}@{}={}", e.edge_id, e.region, e.addr))
+            .collect();
+        info!(
+            slot,
+            edge = %addr,
+            edge_id = %welcome.edge_id,
+            region = %welcome.region,
+            other_edges = ?others,
+            transport = via.as_str(),
+            "registered with edge"
+        );
+        let (new_slots, bad) =
+            shared
+                .targets()
+                .on_welcome(slot, addr, &welcome.region, &welcome.other_edges);
+        if bad > 0 {
+            warn!(slot, edge = %addr, bad, "Welcome listed edges with unparsable addresses");
         }
-    };
-    let (ctl_send, ctl_recv, welcome) = match registered {
-        Ok(r) => r,
-        Err(RegisterError::Rejected(reason)) => {
-            error!(slot, edge = %addr, %reason, "edge rejected this agent; retrying with backoff");
-            conn.close(quinn::VarInt::from_u32(0), b"rejected");
-            return Outcome::Failed;
+        for s in new_slots {
+            let region = shared.targets().slot_region(s).map(str::to_owned);
+            info!(slot = s, ?region, "connecting to another region");
+            spawn_slot(shared, s);
         }
-        Err(RegisterError::Failed(why)) => {
-            warn!(slot, edge = %addr, error = %why, "registration failed");
-            conn.close(
-                quinn::VarInt::from_u32(code::PROTOCOL),
-                b"registration failed",
-            );
-            return Outcome::Failed;
+        let connected_at = Instant::now();
+        let registered = shared.stats.registered(via);
+        // On the TCP fallback, `auto` keeps probing QUIC and moves back when it works.
+        let probe_from = match (via, shared.transport) {
+            (Via::Tcp, Transport::Auto) => endpoint_for(endpoint, addr).ok(),
+            _ => None,
+        };
+        let end = serve(shared, slot, addr, conn, ctl_send, ctl_recv, probe_from).await;
+        drop(registered);
+        match end {
+            Ended::Upgrade(quic, retiring) => upgraded = Some((quic, retiring)),
+            Ended::Done { reconnect_now } => {
+                return Outcome::Served {
+                    connected_at,
+                    reconnect_now,
+                };
+            }
         }
-    };
-    let others: Vec<String> = welcome
-        .other_edges
-        .iter()
-        .map(|e| format!("{}@{}={}", e.edge_id, e.region, e.addr))
-        .collect();
-    info!(
-        slot,
-        edge = %addr,
-        edge_id = %welcome.edge_id,
-        region = %welcome.region,
-        other_edges = ?others,
-        transport = via.as_str(),
-        "registered with edge"
-    );
-    let (new_slots, bad) =
-        shared
-            .targets()
-            .on_welcome(slot, addr, &welcome.region, &welcome.other_edges);
-    if bad > 0 {
-        warn!(slot, edge = %addr, bad, "Welcome listed edges with unparsable addresses");
-    }
-    for s in new_slots {
-        let region = shared.targets().slot_region(s).map(str::to_owned);
-        info!(slot = s, ?region, "connecting to another region");
-        spawn_slot(shared, s);
-    }
-    let connected_at = Instant::now();
-    let registered = shared.stats.registered(via);
-    // On the TCP fallback, `auto` keeps probing QUIC and moves back when it works.
-    let upgrade = match (via, shared.transport) {
-        (Via::Tcp, Transport::Auto) => endpoint_for(endpoint, addr).ok(),
-        _ => None,
-    };
-    let reconnect_now = serve(shared, slot, addr, conn, ctl_send, ctl_recv, upgrade).await;
-    drop(registered);
-    Outcome::Served {
-        connected_at,
-        reconnect_now,
     }
 }
 
@@ -477,15 +530,22 @@ async fn register(
 
 enum Stop {
     Shutdown,
-    /// UDP works again: drain this TCP-fallback connection and redial over QUIC.
-    Upgrade,
+    /// UDP works again: register this QUIC connection, then drain the TCP-fallback one.
+    Upgrade(quinn::Connection),
     EdgeDrain(String),
     Lost(String),
 }
 
+/// How [`serve`] ended.
+enum Ended {
+    /// `reconnect_now`: a stateless reset (the edge restarted and is back).
+    Done { reconnect_now: bool },
+    /// A QUIC re-probe succeeded while on the TCP fallback.
+    Upgrade(quinn::Connection, Retiring),
+}
+
 /// Serves a registered connection until shutdown, an edge `Drain`/`GoAway`, loss, or (with
-/// `upgrade`, the slot's UDP endpoint, on the TCP fallback) a successful QUIC re-probe. Returns
-/// whether to redial at once: a stateless reset (the edge restarted and is back) or an upgrade.
+/// `upgrade`, the slot's UDP endpoint, on the TCP fallback) a successful QUIC re-probe.
 async fn serve(
     shared: &Arc<Shared>,
     slot: SlotId,
@@ -494,7 +554,7 @@ async fn serve(
     mut ctl_send: quinn::SendStream,
     mut ctl: FrameReader,
     upgrade: Option<quinn::Endpoint>,
-) -> bool {
+) -> Ended {
     let probing = upgrade.is_some();
     let quic_back = quic_is_back(shared, upgrade, addr);
     tokio::pin!(quic_back);
@@ -512,7 +572,7 @@ async fn serve(
         let deadline = tokio::time::Instant::from_std(hb.deadline());
         tokio::select! {
             _ = shared.shutdown.cancelled() => break Stop::Shutdown,
-            _ = &mut quic_back, if probing => break Stop::Upgrade,
+            quic = &mut quic_back, if probing => break Stop::Upgrade(quic),
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     let counted = shared.stats.stream();
@@ -581,22 +641,18 @@ async fn serve(
             )
             .await;
         }
-        Stop::Upgrade => {
+        Stop::Upgrade(quic) => {
             info!(slot, edge = %addr, in_flight = streams.len(), "UDP works again: moving this connection from TCP back to QUIC");
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                write_frame(&mut ctl_send, &Frame::Drain),
-            )
-            .await;
-            // Like a shutdown drain, but in the background while the slot redials over QUIC.
-            shared.tasks.spawn(drain(
-                conn,
-                streams,
-                ctl_send,
-                Some(ctl),
-                shared.stream_ctx.clone(),
-            ));
-            return true;
+            // Streams the edge opens meanwhile wait in QUIC until the drain accepts them.
+            return Ended::Upgrade(
+                quic,
+                Retiring {
+                    conn,
+                    streams,
+                    ctl_send,
+                    ctl,
+                },
+            );
         }
         Stop::EdgeDrain(why) => {
             info!(slot, edge = %addr, %why, in_flight = streams.len(), "edge is draining; reconnecting");
@@ -612,13 +668,17 @@ async fn serve(
         Stop::Lost(why) => {
             if matches!(conn.close_reason(), Some(quinn::ConnectionError::Reset)) {
                 info!(slot, edge = %addr, "edge restarted (stateless reset); reconnecting at once");
-                return true;
+                return Ended::Done {
+                    reconnect_now: true,
+                };
             }
             warn!(slot, edge = %addr, %why, "tunnel connection lost; reconnecting");
             conn.close(quinn::VarInt::from_u32(code::CANCELLED), b"lost");
         }
     }
-    false
+    Ended::Done {
+        reconnect_now: false,
+    }
 }
 
 fn origin_health(shared: &Shared, healthy: bool) -> Frame {
