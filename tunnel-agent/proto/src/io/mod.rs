@@ -2,3 +2,4 @@
 
 pub mod fallback;
 pub mod udp;
+pub mod wire;
