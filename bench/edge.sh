@@ -5,8 +5,10 @@
 #   ROUNDS=5 DURATION=20 CONNS=64 bench/edge.sh
 #
 # Origin: `meridian demo-app` (127.0.0.1:7781, /bytes/N) as started by `meridian dev`.
-# Meridian's edge reaches it through the tunnel (edge → QUIC → tunnel agent → origin): direct-origin
-# backends are not implemented yet, so Meridian carries an extra process hop the peers do not.
+# Compared configuration: Meridian's edge fronting that origin directly (a service with
+# `--origin http://127.0.0.1:7781`, mounted at /direct), as nginx and HAProxy do. Extra line
+# `meridian_tunnel`: the same edge reaching it through the tunnel (edge → QUIC → tunnel agent →
+# origin, the `demo` service), one more process hop than the peers.
 # Each proxy is pinned (all threads) to CPU $PROXY_CPU; wrk, the origin and the tunnel agent run on
 # $LOAD_CPU. HTTP/1.1 keep-alive over plain HTTP and HTTPS, 16 B and 64 KiB responses, runs
 # alternate between proxies so drift hits all three alike. Prints per-run lines, medians, and
@@ -60,6 +62,17 @@ for _ in $(seq 1 300); do
 done
 curl -sf --cacert "$CA" --resolve edge.meridian.test:8443:127.0.0.11 -o /dev/null \
   https://edge.meridian.test:8443/demo/bytes/16 || { echo "meridian dev did not come up; see $WORK/dev.log" >&2; tail -20 "$WORK/dev.log" >&2; exit 1; }
+
+# The direct-origin service: the same origin, no agent.
+(cd "$WORK" && "$MERIDIAN" ctl service create direct --origin http://127.0.0.1:7781 >/dev/null &&
+  "$MERIDIAN" ctl mount add edge.meridian.test/direct direct --strip-prefix >/dev/null)
+for _ in $(seq 1 100); do
+  curl -sf --cacert "$CA" --resolve edge.meridian.test:8443:127.0.0.11 -o /dev/null \
+    https://edge.meridian.test:8443/direct/bytes/16 && break
+  sleep 0.1
+done
+curl -sf --cacert "$CA" --resolve edge.meridian.test:8443:127.0.0.11 -o /dev/null \
+  https://edge.meridian.test:8443/direct/bytes/16 || { echo "direct-origin service did not come up" >&2; exit 1; }
 
 # Pin: the ams edge on PROXY_CPU; every other dev process (origin, agent, ...) on LOAD_CPU.
 for pid in $(pgrep -P "$DEV_PID"); do
@@ -126,7 +139,8 @@ for url in http://127.0.0.31:8080/demo/bytes/16 http://127.0.0.32:8080/demo/byte
 done
 
 # ---------------------------------------------------------------- runs
-declare -A ADDR=([meridian]=127.0.0.11 [nginx]=127.0.0.31 [haproxy]=127.0.0.32)
+declare -A ADDR=([meridian]=127.0.0.11 [meridian_tunnel]=127.0.0.11 [nginx]=127.0.0.31 [haproxy]=127.0.0.32)
+declare -A PREFIX=([meridian]=/direct [meridian_tunnel]=/demo [nginx]=/demo [haproxy]=/demo)
 RESULTS=$WORK/results.txt
 : >"$RESULTS"
 
@@ -137,7 +151,7 @@ to_ms() { # wrk latency like 812.00us / 1.23ms / 2.01s → ms
 run() { # proxy proto size
   local proxy=$1 proto=$2 size=$3 port=8080
   [[ $proto == https ]] && port=8443
-  local url="$proto://${ADDR[$proxy]}:$port/demo/bytes/$size"
+  local url="$proto://${ADDR[$proxy]}:$port${PREFIX[$proxy]}/bytes/$size"
   local out
   out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency \
     -H "Host: edge.meridian.test" "$url" 2>&1)
@@ -154,9 +168,9 @@ for round in $(seq 1 "$ROUNDS"); do
     for size in 16 65536; do
       # Rotate the order each round.
       case $((round % 3)) in
-        1) order="meridian haproxy nginx" ;;
-        2) order="haproxy nginx meridian" ;;
-        0) order="nginx meridian haproxy" ;;
+        1) order="meridian haproxy nginx meridian_tunnel" ;;
+        2) order="haproxy nginx meridian_tunnel meridian" ;;
+        0) order="nginx meridian_tunnel meridian haproxy" ;;
       esac
       for proxy in $order; do run "$proxy" "$proto" "$size"; done
     done
@@ -170,7 +184,7 @@ echo
 echo "medians over $ROUNDS rounds (c=$CONNS, ${DURATION}s each):"
 for proto in http https; do
   for size in 16 65536; do
-    for proxy in meridian haproxy nginx; do
+    for proxy in meridian meridian_tunnel haproxy nginx; do
       echo "median proxy=$proxy proto=$proto size=$size rps=$(med $proxy $proto $size 4) p99_ms=$(med $proxy $proto $size 5)"
     done
   done
@@ -188,5 +202,10 @@ for proto in http https; do
       echo "ratio rps_${label}${sfx}_vs_${peer}=$(ratio "$(med meridian $proto $size 4)" "$(med $peer $proto $size 4)")"
       echo "ratio p99_${label}${sfx}_vs_${peer}=$(ratio "$(med meridian $proto $size 5)" "$(med $peer $proto $size 5)")"
     done
+  done
+  for size in 16 65536; do
+    sfx=""
+    [[ $size == 65536 ]] && sfx="_64k"
+    echo "extra rps_${label}${sfx}_tunnel_vs_haproxy=$(ratio "$(med meridian_tunnel $proto $size 4)" "$(med haproxy $proto $size 4)")"
   done
 done
