@@ -90,6 +90,7 @@ fn mount(host: &str, prefix: &str, service: &str) -> Mount {
         path_prefix: prefix.into(),
         service: service.into(),
         strip_prefix: false,
+        ..Default::default()
     }
 }
 

@@ -170,12 +170,123 @@ pub(crate) fn mount(m: &Mount) -> Result<Mount, Invalid> {
     let host = host(&m.host)?;
     let path_prefix = path_prefix(&m.path_prefix)?;
     name("service", &m.service)?;
+    route_options(m, &path_prefix)?;
     Ok(Mount {
         host,
         path_prefix,
-        service: m.service.clone(),
-        strip_prefix: m.strip_prefix,
+        ..m.clone()
     })
+}
+
+/// Most split targets on one mount, and header edits per list.
+const MAX_SPLITS: usize = 16;
+const MAX_HEADER_EDITS: usize = 32;
+/// Largest split weight.
+const MAX_SPLIT_WEIGHT: u32 = 10_000;
+/// Longest header value a route may set.
+const MAX_HEADER_VALUE: usize = 1024;
+
+/// Splits, header edits and L4 flags of a mount: checked here so an edge never has to reject one.
+fn route_options(m: &Mount, path_prefix: &str) -> Result<(), Invalid> {
+    if m.splits.len() > MAX_SPLITS {
+        return Err(Invalid::new(
+            "splits",
+            format!("at most {MAX_SPLITS} split targets"),
+        ));
+    }
+    for (i, sp) in m.splits.iter().enumerate() {
+        name("splits", &sp.service)?;
+        if sp.weight > MAX_SPLIT_WEIGHT {
+            return Err(Invalid::new(
+                "splits",
+                format!("split weight must be at most {MAX_SPLIT_WEIGHT}"),
+            ));
+        }
+        if m.splits[..i].iter().any(|o| o.service == sp.service) {
+            return Err(Invalid::new(
+                "splits",
+                format!("service {:?} is listed twice", sp.service),
+            ));
+        }
+    }
+    if !m.splits.is_empty() && m.splits.iter().all(|sp| sp.weight == 0) {
+        return Err(Invalid::new(
+            "splits",
+            "at least one split needs a weight above 0",
+        ));
+    }
+    let h = &m.headers;
+    for (field, sets) in [
+        ("headers.request_set", &h.request_set),
+        ("headers.response_set", &h.response_set),
+    ] {
+        if sets.len() > MAX_HEADER_EDITS {
+            return Err(Invalid::new(field, format!("at most {MAX_HEADER_EDITS}")));
+        }
+        for set in sets {
+            header_name(field, &set.name)?;
+            if set.value.len() > MAX_HEADER_VALUE
+                || set
+                    .value
+                    .bytes()
+                    .any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+            {
+                return Err(Invalid::new(
+                    field,
+                    format!(
+                        "value of {:?} must be printable and at most {MAX_HEADER_VALUE} bytes",
+                        set.name
+                    ),
+                ));
+            }
+        }
+    }
+    for (field, names) in [
+        ("headers.request_remove", &h.request_remove),
+        ("headers.response_remove", &h.response_remove),
+    ] {
+        if names.len() > MAX_HEADER_EDITS {
+            return Err(Invalid::new(field, format!("at most {MAX_HEADER_EDITS}")));
+        }
+        for n in names {
+            header_name(field, n)?;
+        }
+    }
+    if m.max_body_bytes == Some(0) {
+        return Err(Invalid::new("max_body_bytes", "must be above 0 when set"));
+    }
+    if m.passthrough && path_prefix != "/" {
+        return Err(Invalid::new(
+            "passthrough",
+            "a TLS passthrough mount routes a whole host: path_prefix must be /",
+        ));
+    }
+    if m.passthrough && !m.splits.is_empty() {
+        return Err(Invalid::new(
+            "passthrough",
+            "a TLS passthrough mount cannot split traffic",
+        ));
+    }
+    if m.proxy_protocol && !m.passthrough {
+        return Err(Invalid::new(
+            "proxy_protocol",
+            "the PROXY protocol header is sent on passthrough mounts only",
+        ));
+    }
+    Ok(())
+}
+
+/// An HTTP field name (RFC 9110 token), 1 to 128 characters.
+fn header_name(field: &'static str, n: &str) -> Result<(), Invalid> {
+    let ok = !n.is_empty()
+        && n.len() <= 128
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::new(field, format!("{n:?} is not a header name")))
+    }
 }
 
 /// Most direct origins one service may list.
@@ -334,15 +445,6 @@ pub(crate) fn dns_record(
         .map_err(|(field, message)| Invalid::new(field, message))
 }
 
-/// Validates and normalises a GeoDNS zone record (conflicts with other records are the
-/// store's job, checked at commit).
-pub(crate) fn dns_record(
-    r: &coordinator_api::DnsRecord,
-) -> Result<coordinator_api::DnsRecord, Invalid> {
-    r.normalized()
-        .map_err(|(field, message)| Invalid::new(field, message))
-}
-
 /// Ids that edges report about themselves (edge id, region, agent ids): bounded, printable.
 pub(crate) fn reported_id(field: &'static str, value: &str) -> Result<(), Invalid> {
     if value.is_empty() || value.len() > MAX_ID_LEN {
@@ -381,6 +483,73 @@ pub(crate) fn coordinates(lat: Option<f64>, lon: Option<f64>) -> Result<(), Inva
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_route_options() {
+        use coordinator_api::{HeaderSet, Split};
+        let base = Mount {
+            host: "a.test".into(),
+            path_prefix: "/".into(),
+            service: "web".into(),
+            ..Default::default()
+        };
+        let split = |s: &str, w| Split {
+            service: s.into(),
+            weight: w,
+        };
+        let ok = Mount {
+            splits: vec![split("web", 95), split("canary", 5)],
+            max_body_bytes: Some(10),
+            coalesce: true,
+            ..base.clone()
+        };
+        assert_eq!(mount(&ok).unwrap(), ok, "options survive validation");
+        let bad = [
+            Mount {
+                splits: vec![split("web", 0), split("b", 0)],
+                ..base.clone()
+            },
+            Mount {
+                splits: vec![split("web", 1), split("web", 2)],
+                ..base.clone()
+            },
+            Mount {
+                splits: vec![split("Bad", 1)],
+                ..base.clone()
+            },
+            Mount {
+                max_body_bytes: Some(0),
+                ..base.clone()
+            },
+            Mount {
+                proxy_protocol: true,
+                ..base.clone()
+            },
+            Mount {
+                passthrough: true,
+                path_prefix: "/x".into(),
+                ..base.clone()
+            },
+        ];
+        for m in bad {
+            assert!(mount(&m).is_err(), "{m:?}");
+        }
+        let mut h = base.clone();
+        h.headers.request_set.push(HeaderSet {
+            name: "x-a".into(),
+            value: "1".into(),
+        });
+        h.headers.response_remove.push("server".into());
+        assert!(mount(&h).is_ok());
+        h.headers.response_remove.push("bad name".into());
+        assert!(mount(&h).is_err());
+        let mut v = base.clone();
+        v.headers.response_set.push(HeaderSet {
+            name: "x-a".into(),
+            value: "a\r\nb".into(),
+        });
+        assert!(mount(&v).is_err());
+    }
 
     #[test]
     fn names() {
@@ -430,6 +599,7 @@ mod tests {
             path_prefix: "/x/".into(),
             service: "web".into(),
             strip_prefix: true,
+            ..Default::default()
         };
         let n = mount(&m).unwrap();
         assert_eq!((n.host.as_str(), n.path_prefix.as_str()), ("a.test", "/x"));

@@ -62,6 +62,7 @@ fn mount(host: &str, prefix: &str, service: &str) -> Mount {
         path_prefix: prefix.into(),
         service: service.into(),
         strip_prefix: true,
+        ..Default::default()
     }
 }
 

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use coordinator_api::Mount;
+use http::header::{HeaderName, HeaderValue};
 
 /// One mount, normalised for matching.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,6 +16,125 @@ struct Route {
     prefix: String,
     service: Arc<str>,
     strip: bool,
+    opts: Arc<RouteOpts>,
+}
+
+/// A mount's per-route settings, parsed once per snapshot so requests only read them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteOpts {
+    /// Weighted split between services; `None`: everything to the mount's service.
+    pub splits: Option<Splits>,
+    pub headers: HeaderEdits,
+    /// Request body limit for this route (bytes); `None`: the edge-wide limit.
+    pub max_body: Option<u64>,
+    /// Identical concurrent credential-less GET/HEAD requests share one origin request.
+    pub coalesce: bool,
+}
+
+/// Header edits in wire form; removals apply before sets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderEdits {
+    pub request_set: Vec<(HeaderName, HeaderValue)>,
+    pub request_remove: Vec<HeaderName>,
+    pub response_set: Vec<(HeaderName, HeaderValue)>,
+    pub response_remove: Vec<HeaderName>,
+}
+
+impl HeaderEdits {
+    fn from_api(h: &coordinator_api::HeaderEdits) -> Self {
+        let sets = |v: &[coordinator_api::HeaderSet]| {
+            v.iter()
+                .filter_map(|s| {
+                    Some((
+                        HeaderName::from_bytes(s.name.as_bytes()).ok()?,
+                        HeaderValue::from_str(&s.value).ok()?,
+                    ))
+                })
+                .collect()
+        };
+        let names = |v: &[String]| {
+            v.iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect()
+        };
+        Self {
+            request_set: sets(&h.request_set),
+            request_remove: names(&h.request_remove),
+            response_set: sets(&h.response_set),
+            response_remove: names(&h.response_remove),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.request_set.is_empty()
+            && self.request_remove.is_empty()
+            && self.response_set.is_empty()
+            && self.response_remove.is_empty()
+    }
+
+    /// Applies the response edits to a response about to go to the client.
+    pub fn apply_response(&self, map: &mut http::HeaderMap) {
+        for n in &self.response_remove {
+            map.remove(n);
+        }
+        for (n, v) in &self.response_set {
+            map.insert(n.clone(), v.clone());
+        }
+    }
+
+    /// Applies the request edits to the header list bound for the origin.
+    pub fn apply_request(&self, headers: &mut tunnel_proto::Headers) {
+        if self.request_remove.is_empty() && self.request_set.is_empty() {
+            return;
+        }
+        headers.retain(|(n, _)| {
+            !self
+                .request_remove
+                .iter()
+                .chain(self.request_set.iter().map(|(s, _)| s))
+                .any(|r| r.as_str().as_bytes() == n.as_ref())
+        });
+        for (n, v) in &self.request_set {
+            headers.push((
+                bytes::Bytes::copy_from_slice(n.as_str().as_bytes()),
+                bytes::Bytes::copy_from_slice(v.as_bytes()),
+            ));
+        }
+    }
+}
+
+/// A weighted choice between services, sans-IO: the caller supplies the random draw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Splits {
+    /// (service, cumulative weight up to and including it); zero weights are left out.
+    targets: Vec<(Arc<str>, u64)>,
+    total: u64,
+}
+
+impl Splits {
+    /// `None` when no target has a weight (the mount's own service then takes everything).
+    pub fn new(splits: &[coordinator_api::Split]) -> Option<Self> {
+        let mut total = 0u64;
+        let mut targets = Vec::with_capacity(splits.len());
+        for s in splits.iter().filter(|s| s.weight > 0) {
+            total += u64::from(s.weight);
+            targets.push((Arc::from(s.service.as_str()), total));
+        }
+        (total > 0).then_some(Self { targets, total })
+    }
+
+    /// Sum of the weights: draws are taken in `0..total()`.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The service for a draw `r` (taken modulo the total, so any `u64` is fine).
+    pub fn pick(&self, r: u64) -> &Arc<str> {
+        let r = r % self.total;
+        let i = self.targets.partition_point(|(_, upto)| *upto <= r);
+        // `r < total` = the last cumulative weight, so `i` is in range.
+        &self.targets[i.min(self.targets.len() - 1)].0
+    }
 }
 
 /// The outcome of a successful lookup.
@@ -23,6 +143,8 @@ pub struct RouteMatch {
     pub service: Arc<str>,
     /// Origin-form path and query to send upstream (prefix removed when the mount says so).
     pub path_and_query: String,
+    /// The mount's per-route settings.
+    pub opts: Arc<RouteOpts>,
 }
 
 /// Immutable host → prefixes map.
@@ -42,13 +164,20 @@ impl RouteTable {
             let prefix = normalize_prefix(&m.path_prefix);
             let routes = hosts.entry(host).or_default();
             // First mount for an identical (host, prefix) wins, so the outcome is deterministic.
-            if routes.iter().any(|r| r.prefix == prefix) {
+            // Passthrough mounts are L4 (by SNI, see `passthrough`), not HTTP routes.
+            if m.passthrough || routes.iter().any(|r| r.prefix == prefix) {
                 continue;
             }
             routes.push(Route {
                 prefix,
                 service: Arc::from(m.service.as_str()),
                 strip: m.strip_prefix,
+                opts: Arc::new(RouteOpts {
+                    splits: Splits::new(&m.splits),
+                    headers: HeaderEdits::from_api(&m.headers),
+                    max_body: m.max_body_bytes,
+                    coalesce: m.coalesce,
+                }),
             });
         }
         for routes in hosts.values_mut() {
@@ -62,8 +191,14 @@ impl RouteTable {
         self.hosts.contains_key(host)
     }
 
-    /// Looks up a normalised host and an origin-form `path[?query]`.
+    /// Looks up a normalised host and an origin-form `path[?query]`; a split mount picks its
+    /// service at random by weight.
     pub fn route(&self, host: &str, path_and_query: &str) -> Option<RouteMatch> {
+        self.route_with(host, path_and_query, rand::random())
+    }
+
+    /// [`RouteTable::route`] with the split draw given (deterministic, for tests).
+    pub fn route_with(&self, host: &str, path_and_query: &str, draw: u64) -> Option<RouteMatch> {
         let routes = self.hosts.get(host)?;
         let (path, query) = match path_and_query.find('?') {
             Some(i) => (&path_and_query[..i], Some(&path_and_query[i + 1..])),
@@ -87,9 +222,14 @@ impl RouteTable {
             out.push('?');
             out.push_str(q);
         }
+        let service = match &route.opts.splits {
+            Some(splits) => splits.pick(draw).clone(),
+            None => route.service.clone(),
+        };
         Some(RouteMatch {
-            service: route.service.clone(),
+            service,
             path_and_query: out,
+            opts: route.opts.clone(),
         })
     }
 }
@@ -154,6 +294,7 @@ mod tests {
             path_prefix: prefix.into(),
             service: service.into(),
             strip_prefix: strip,
+            ..Default::default()
         }
     }
 
@@ -277,5 +418,93 @@ mod tests {
             mount("h", "/a", "second", false),
         ]);
         assert_eq!(svc(&t, "h", "/a/b").map(|s| s.0), Some("first".into()));
+    }
+
+    fn split(service: &str, weight: u32) -> coordinator_api::Split {
+        coordinator_api::Split {
+            service: service.into(),
+            weight,
+        }
+    }
+
+    #[test]
+    fn splits_pick_by_weight() {
+        let s = Splits::new(&[split("a", 95), split("off", 0), split("b", 5)])
+            .unwrap_or_else(|| panic!("weights"));
+        assert_eq!(s.total(), 100);
+        let mut a = 0;
+        for r in 0..100u64 {
+            match &**s.pick(r) {
+                "a" => a += 1,
+                "b" => {}
+                other => panic!("picked {other}"),
+            }
+        }
+        assert_eq!(a, 95, "exactly the weight over one full cycle of draws");
+        assert_eq!(&**s.pick(94), "a");
+        assert_eq!(&**s.pick(95), "b");
+        assert_eq!(&**s.pick(u64::MAX), &**s.pick(u64::MAX % 100));
+        assert!(Splits::new(&[split("a", 0)]).is_none());
+        assert!(Splits::new(&[]).is_none());
+        let only = Splits::new(&[split("a", 0), split("b", 1)]).unwrap_or_else(|| panic!());
+        assert!((0..10).all(|r| &**only.pick(r) == "b"));
+    }
+
+    #[test]
+    fn split_mount_routes_by_draw_and_keeps_options() {
+        let m = Mount {
+            splits: vec![split("blue", 1), split("green", 3)],
+            coalesce: true,
+            max_body_bytes: Some(10),
+            ..mount("h", "/", "blue", false)
+        };
+        let t = RouteTable::from_mounts(&[m]);
+        let got: Vec<String> = (0..4)
+            .filter_map(|r| t.route_with("h", "/x", r))
+            .map(|m| m.service.to_string())
+            .collect();
+        assert_eq!(got, ["blue", "green", "green", "green"]);
+        let m = t.route("h", "/").unwrap_or_else(|| panic!("route"));
+        assert!(m.opts.coalesce);
+        assert_eq!(m.opts.max_body, Some(10));
+    }
+
+    #[test]
+    fn header_edits_apply_in_order() {
+        let api = coordinator_api::HeaderEdits {
+            request_set: vec![coordinator_api::HeaderSet {
+                name: "x-env".into(),
+                value: "prod".into(),
+            }],
+            request_remove: vec!["cookie".into()],
+            response_set: vec![coordinator_api::HeaderSet {
+                name: "x-frame-options".into(),
+                value: "DENY".into(),
+            }],
+            response_remove: vec!["server".into()],
+        };
+        let e = HeaderEdits::from_api(&api);
+        let b = |s: &'static str| bytes::Bytes::from_static(s.as_bytes());
+        let mut req = vec![
+            (b("cookie"), b("a=1")),
+            (b("x-env"), b("dev")),
+            (b("accept"), b("*/*")),
+        ];
+        e.apply_request(&mut req);
+        assert_eq!(req, vec![(b("accept"), b("*/*")), (b("x-env"), b("prod"))]);
+        let mut resp = http::HeaderMap::new();
+        resp.insert("server", HeaderValue::from_static("nginx"));
+        e.apply_response(&mut resp);
+        assert!(resp.get("server").is_none());
+        assert_eq!(resp["x-frame-options"], "DENY");
+    }
+
+    #[test]
+    fn passthrough_mounts_are_not_http_routes() {
+        let t = RouteTable::from_mounts(&[Mount {
+            passthrough: true,
+            ..mount("tls.test", "/", "raw", false)
+        }]);
+        assert!(t.route("tls.test", "/").is_none());
     }
 }

@@ -349,7 +349,8 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
     {
         return too_many("route", wait);
     }
-    if let Some(max) = shared.limits.max_request_body
+    let max_body = matched.opts.max_body.or(shared.limits.max_request_body);
+    if let Some(max) = max_body
         && let Some(len) = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -374,12 +375,13 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
         host: &authority,
         upgrade: wants_upgrade,
     };
-    let head = RequestHead {
+    let mut head = RequestHead {
         service: matched.service.to_string(),
         method: Bytes::copy_from_slice(req.method().as_str().as_bytes()),
         uri: Bytes::from(matched.path_and_query),
         headers: headers::request_headers(req.headers(), &ctx),
     };
+    matched.opts.headers.apply_request(&mut head.headers);
     let client_uri = path_and_query.to_owned();
     // A peer appended the client it saw last in X-Forwarded-For.
     let original_client = if from_peer {
@@ -410,6 +412,7 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
         *resp.status_mut() = StatusCode::OK;
         headers::upgrade_as_extended_connect(resp.headers_mut());
     }
+    matched.opts.headers.apply_response(resp.headers_mut());
     resp.extensions_mut().insert(Routed(matched.service));
     resp
 }

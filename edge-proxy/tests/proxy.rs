@@ -42,12 +42,14 @@ fn snapshot() -> Snapshot {
                 path_prefix: "/demo".into(),
                 service: "web".into(),
                 strip_prefix: true,
+                ..Default::default()
             },
             Mount {
                 host: "app.test".into(),
                 path_prefix: "/api".into(),
                 service: "api".into(),
                 strip_prefix: false,
+                ..Default::default()
             },
         ],
         agent_tokens: vec![tok("t1", "web", GOOD_TOKEN), tok("t2", "api", API_TOKEN)],

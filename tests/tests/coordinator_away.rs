@@ -105,6 +105,7 @@ async fn traffic_and_dns_survive_the_coordinator_and_converge_when_it_returns() 
             path_prefix: "/".into(),
             service: "demo".into(),
             strip_prefix: false,
+            ..Default::default()
         })
         .await
         .unwrap();

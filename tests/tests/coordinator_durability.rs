@@ -87,6 +87,7 @@ async fn kill_9_during_a_write_burst_loses_no_acknowledged_write() {
                             path_prefix: "/".into(),
                             service: name.clone(),
                             strip_prefix: false,
+                            ..Default::default()
                         })
                         .await;
                     if m.is_err() {

@@ -294,6 +294,7 @@ mod tests {
             path_prefix: prefix.into(),
             service: service.into(),
             strip_prefix: false,
+            ..Default::default()
         }
     }
 

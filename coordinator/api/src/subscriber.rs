@@ -349,6 +349,7 @@ mod tests {
                 path_prefix: "/".into(),
                 service: "web".into(),
                 strip_prefix: false,
+                ..Default::default()
             }],
             ..Default::default()
         }
@@ -405,6 +406,7 @@ mod tests {
             path_prefix: "/".into(),
             service: "web".into(),
             strip_prefix: true,
+            ..Default::default()
         });
         let mut d = crate::delta::diff(&good(from), &next);
         d.digest = Some(crate::delta::digest(&next));

@@ -198,7 +198,7 @@ pub struct ConcurrencyLimits {
 }
 
 /// Host + path prefix → service. Identity is (host, path_prefix).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mount {
     /// Lower-case host name without port, e.g. `edge.meridian.test`.
     pub host: String,
@@ -208,6 +208,64 @@ pub struct Mount {
     /// Remove the prefix before the request reaches the origin.
     #[serde(default)]
     pub strip_prefix: bool,
+    /// Weighted traffic split between services (canary 95/5, blue-green 100/0 → 0/100), chosen
+    /// per request; empty sends everything to `service`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub splits: Vec<Split>,
+    /// Header edits on requests to the origin and responses to the client.
+    #[serde(default, skip_serializing_if = "HeaderEdits::is_empty")]
+    pub headers: HeaderEdits,
+    /// Request body limit for this route in bytes (413 above it); `None`: the edge's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
+    /// Identical concurrent GET/HEAD requests without credentials share one origin request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub coalesce: bool,
+    /// L4 TLS passthrough: TLS connections whose SNI is `host` go, undecrypted, to the
+    /// service's TCP origin (the origin terminates TLS). Needs `path_prefix` `/`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub passthrough: bool,
+    /// Send a PROXY protocol v2 header (the client's address) to the origin first on
+    /// passthrough connections.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
+}
+
+/// One weighted target of a mount's traffic split.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    pub service: String,
+    /// Relative weight; 0 takes no traffic (the "off" side of a blue-green switch).
+    pub weight: u32,
+}
+
+/// A header to set (replacing any of the same name).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderSet {
+    pub name: String,
+    pub value: String,
+}
+
+/// Per-route header edits; removals apply before additions.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderEdits {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_set: Vec<HeaderSet>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_remove: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub response_set: Vec<HeaderSet>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub response_remove: Vec<String>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.request_set.is_empty()
+            && self.request_remove.is_empty()
+            && self.response_set.is_empty()
+            && self.response_remove.is_empty()
+    }
 }
 
 /// An agent token as edges see it: never the secret, only its SHA-256.

@@ -331,6 +331,7 @@ fn read_mounts(c: &Connection) -> Result<Vec<Mount>, StoreError> {
                 path_prefix: r.get(1)?,
                 service: r.get(2)?,
                 strip_prefix: r.get(3)?,
+                ..Default::default()
             },
             r.get::<_, Option<String>>(4)?,
         ))
@@ -969,6 +970,7 @@ mod tests {
             path_prefix: prefix.into(),
             service: service.into(),
             strip_prefix: true,
+            ..Default::default()
         }
     }
 

@@ -160,6 +160,7 @@ async fn start(data: &Path, sup: &mut Supervisor, ready_timeout: Duration) -> an
         path_prefix: "/demo".into(),
         service: "demo".into(),
         strip_prefix: true,
+        ..Default::default()
     };
     ignore_conflict(client.add_mount(&mount).await)?;
     let agent_token = demo_agent_token(&client, &data.join("demo-agent.token")).await?;
