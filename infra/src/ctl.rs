@@ -358,19 +358,128 @@ enum MountCmd {
         service: String,
         #[arg(long)]
         strip_prefix: bool,
+        #[command(flatten)]
+        route: MountFlags,
     },
-    /// Point an existing `HOST/PREFIX` at SERVICE (and set its strip flag); other settings stay.
+    /// Point an existing `HOST/PREFIX` at SERVICE (and set its strip flag); other settings stay
+    /// unless their flags are given.
     Update {
         target: String,
         service: String,
         #[arg(long)]
         strip_prefix: bool,
+        #[command(flatten)]
+        route: MountFlags,
     },
     #[command(alias = "rm")]
     Remove {
         target: String,
     },
     List,
+}
+
+/// Route settings of a mount, shared by `mount add` and `mount update`.
+#[derive(clap::Args, Debug, Default)]
+struct MountFlags {
+    /// Weighted split target `SERVICE=WEIGHT` (repeat; replaces the list), e.g.
+    /// `--split shop=95 --split shop-canary=5`.
+    #[arg(long = "split", value_parser = parse_split)]
+    splits: Vec<coordinator_api::Split>,
+    /// Send everything to the mount's service again (update).
+    #[arg(long, conflicts_with = "splits")]
+    no_splits: bool,
+    /// Set a request header towards the origin, `NAME:VALUE` (repeat).
+    #[arg(long = "request-header", value_parser = parse_header_set)]
+    request_set: Vec<coordinator_api::HeaderSet>,
+    /// Remove a request header before it reaches the origin (repeat).
+    #[arg(long = "request-header-remove")]
+    request_remove: Vec<String>,
+    /// Set a response header towards the client, `NAME:VALUE` (repeat).
+    #[arg(long = "response-header", value_parser = parse_header_set)]
+    response_set: Vec<coordinator_api::HeaderSet>,
+    /// Remove a response header before it reaches the client (repeat).
+    #[arg(long = "response-header-remove")]
+    response_remove: Vec<String>,
+    /// Drop every header edit (update).
+    #[arg(long)]
+    no_header_edits: bool,
+    /// Request body limit for this route, in bytes (413 above it).
+    #[arg(long)]
+    max_body: Option<u64>,
+    #[arg(long, conflicts_with = "max_body")]
+    no_max_body: bool,
+    /// Coalesce identical concurrent GET/HEAD requests without credentials into one.
+    #[arg(long)]
+    coalesce: bool,
+    #[arg(long, conflicts_with = "coalesce")]
+    no_coalesce: bool,
+    /// TLS passthrough by SNI to the service's TCP origin (path prefix `/`).
+    #[arg(long)]
+    passthrough: bool,
+    /// Send a PROXY protocol v2 header to the origin (passthrough mounts).
+    #[arg(long)]
+    proxy_protocol: bool,
+}
+
+impl MountFlags {
+    /// Applies the flags given to `m`; absent flags leave its fields alone.
+    fn apply(self, m: &mut Mount) {
+        if !self.splits.is_empty() || self.no_splits {
+            m.splits = self.splits;
+        }
+        if self.no_header_edits {
+            m.headers = Default::default();
+        }
+        let h = &mut m.headers;
+        if !self.request_set.is_empty() {
+            h.request_set = self.request_set;
+        }
+        if !self.request_remove.is_empty() {
+            h.request_remove = self.request_remove;
+        }
+        if !self.response_set.is_empty() {
+            h.response_set = self.response_set;
+        }
+        if !self.response_remove.is_empty() {
+            h.response_remove = self.response_remove;
+        }
+        if self.max_body.is_some() || self.no_max_body {
+            m.max_body_bytes = self.max_body;
+        }
+        if self.coalesce || self.no_coalesce {
+            m.coalesce = self.coalesce;
+        }
+        if self.passthrough {
+            m.passthrough = true;
+        }
+        if self.proxy_protocol {
+            m.proxy_protocol = true;
+        }
+    }
+}
+
+/// `SERVICE=WEIGHT`.
+fn parse_split(s: &str) -> Result<coordinator_api::Split, String> {
+    let (service, weight) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected SERVICE=WEIGHT, e.g. shop=95"))?;
+    Ok(coordinator_api::Split {
+        service: service.to_owned(),
+        weight: weight
+            .parse()
+            .map_err(|_| format!("{s:?}: weight {weight:?} is not a number"))?,
+    })
+}
+
+/// `NAME:VALUE`.
+fn parse_header_set(s: &str) -> Result<coordinator_api::HeaderSet, String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected NAME:VALUE"))?;
+    Ok(coordinator_api::HeaderSet {
+        name: name.trim().to_ascii_lowercase(),
+        value: value.trim().to_owned(),
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -511,40 +620,18 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             target,
             service,
             strip_prefix,
+            route,
         }) => {
             let (host, path_prefix) = split_target(&target);
-            out.one(
-                &c.add_mount(&Mount {
-                    host,
-                    path_prefix,
-                    service,
-                    strip_prefix,
-                })
-                .await?,
-            )
-        }
-        Cmd::Mount(MountCmd::Update {
-            target,
-            service,
-            strip_prefix,
-        }) => {
-            let (host, path_prefix) = split_target(&target);
-            let prefix = if path_prefix.len() > 1 {
-                path_prefix.trim_end_matches('/')
-            } else {
-                path_prefix.as_str()
+            let mut m = Mount {
+                host,
+                path_prefix,
+                service,
+                strip_prefix,
+                ..Default::default()
             };
-            let Some(mut m) = c
-                .list_mounts()
-                .await?
-                .into_iter()
-                .find(|m| m.host == host.to_ascii_lowercase() && m.path_prefix == prefix)
-            else {
-                bail!("no mount {host}{path_prefix}");
-            };
-            m.service = service;
-            m.strip_prefix = strip_prefix;
-            out.one(&c.update_mount(&m).await?)
+            route.apply(&mut m);
+            out.one(&c.add_mount(&m).await?)
         }
         Cmd::Dns(DnsCmd::Record(DnsRecordCmd::Add {
             name,
@@ -620,6 +707,31 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             }
             c.delete_dns_record(&name, rtype).await?;
             out.done(&format!("removed {name} {}", rtype.as_str()))
+        }
+        Cmd::Mount(MountCmd::Update {
+            target,
+            service,
+            strip_prefix,
+            route,
+        }) => {
+            let (host, path_prefix) = split_target(&target);
+            let prefix = if path_prefix.len() > 1 {
+                path_prefix.trim_end_matches('/')
+            } else {
+                path_prefix.as_str()
+            };
+            let Some(mut m) = c
+                .list_mounts()
+                .await?
+                .into_iter()
+                .find(|m| m.host == host.to_ascii_lowercase() && m.path_prefix == prefix)
+            else {
+                bail!("no mount {host}{path_prefix}");
+            };
+            m.service = service;
+            m.strip_prefix = strip_prefix;
+            route.apply(&mut m);
+            out.one(&c.update_mount(&m).await?)
         }
         Cmd::Mount(MountCmd::Remove { target }) => {
             let (host, prefix) = split_target(&target);
@@ -988,6 +1100,7 @@ async fn bench_watch(
             path_prefix: "/".into(),
             service: service.to_owned(),
             strip_prefix: false,
+            ..Default::default()
         })
         .await?;
         let rev = c.snapshot().await?.revision;
