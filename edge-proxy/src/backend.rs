@@ -300,6 +300,25 @@ pub(crate) fn stick(
     }
 }
 
+/// Whether `service` has a backend that could serve now: an agent whose origin is healthy, or a
+/// direct origin passing its checks with its breaker not open (the anycast policy's question).
+pub(crate) fn has_healthy(shared: &Shared, service: &str) -> bool {
+    if shared.agents.has_healthy(service) {
+        return true;
+    }
+    let policies = shared.policies.load();
+    let Some(sb) = policies.get(service) else {
+        return false;
+    };
+    let now = Instant::now();
+    sb.origins.iter().any(|o| {
+        o.healthy()
+            && sb
+                .breaker
+                .is_none_or(|cfg| o.breaker().would_admit(cfg, now))
+    })
+}
+
 /// Every backend is at the service's hard concurrency limit.
 pub(crate) fn at_limit(service: &str, n: usize) -> http::Response<crate::forward::RespBody> {
     let mut resp = crate::forward::text(

@@ -127,16 +127,9 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     } = out;
     let idempotent = retry::idempotent(&head.method);
 
-    let mut prelude = BytesMut::new();
-    tunnel_proto::encode_preamble(&mut prelude);
     let head = Frame::RequestHead(head);
-    if let Err(e) = tunnel_proto::encode(&head, &mut prelude) {
-        return text(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            format!("request head cannot be forwarded: {e}"),
-        );
-    }
-    let prelude = prelude.freeze();
+    // Encoded when an agent is first picked: a request served by a direct origin never needs it.
+    let mut prelude: Option<Bytes> = None;
     shared.retry_budget().on_request(std::time::Instant::now());
 
     // An empty body can be "replayed" after it was consumed; any other only while untouched.
@@ -214,11 +207,18 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
         let agent = chosen.key();
         let result = match (picked, &head) {
             (crate::backend::Picked::Agent(lease), _) => {
+                let p = match &prelude {
+                    Some(p) => p.clone(),
+                    None => match encode_prelude(&head) {
+                        Ok(p) => prelude.insert(p).clone(),
+                        Err(resp) => return resp,
+                    },
+                };
                 attempt_once(
                     shared,
                     &service,
                     lease,
-                    &prelude,
+                    &p,
                     &mut body,
                     &mut upgrade,
                     idempotent,
@@ -275,6 +275,20 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
         }
         return failed.response;
     }
+}
+
+/// The tunnel preamble and the request head, as the first bytes of an agent stream.
+#[allow(clippy::result_large_err)]
+fn encode_prelude(head: &Frame) -> Result<Bytes, Response<RespBody>> {
+    let mut prelude = BytesMut::new();
+    tunnel_proto::encode_preamble(&mut prelude);
+    if let Err(e) = tunnel_proto::encode(head, &mut prelude) {
+        return Err(text(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("request head cannot be forwarded: {e}"),
+        ));
+    }
+    Ok(prelude.freeze())
 }
 
 /// Sends the request to the nearest peer edge that has an agent of `service` (a second one only

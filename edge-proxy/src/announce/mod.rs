@@ -175,7 +175,7 @@ async fn observe(shared: &Shared, settings: &Settings) -> Health {
                 .unwrap_or_default();
             services.sort_unstable();
             services.dedup();
-            let healthy = |s: &&str| shared.agents.has_healthy(s);
+            let healthy = |s: &&str| crate::backend::has_healthy(shared, s);
             match policy {
                 BackendPolicy::All => !services.is_empty() && services.iter().all(healthy),
                 _ => services.iter().any(healthy),
