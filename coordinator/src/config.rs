@@ -167,7 +167,9 @@ mod tests {
 
     #[test]
     fn history_flags() {
-        let c = Cli::try_parse_from(["x", "--data-dir", "d"]).unwrap().config;
+        let c = Cli::try_parse_from(["x", "--data-dir", "d"])
+            .unwrap()
+            .config;
         let d = Config::new(c.listen, c.data_dir.clone());
         assert_eq!(
             (c.history_revisions, c.history_minutes, c.compact_every_ms),
