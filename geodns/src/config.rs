@@ -128,6 +128,11 @@ pub struct Config {
     /// TTL while any region is down.
     #[arg(long, default_value_t = 5)]
     pub degraded_ttl: u32,
+
+    /// Zones besides `--zone` that coordinator records may bring (repeatable); a record of any
+    /// other zone is ignored. Without the flag every zone a record names is served.
+    #[arg(long = "record-zone", value_name = "ZONE")]
+    pub record_zones: Vec<String>,
 }
 
 /// One `--geo-service` flag.
@@ -188,6 +193,7 @@ impl Config {
             geoip_longitude_field: "location.longitude".into(),
             geo_services: Vec::new(),
             degraded_ttl: 5,
+            record_zones: Vec::new(),
         }
     }
 

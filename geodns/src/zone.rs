@@ -35,6 +35,8 @@ pub struct ZoneConfig {
     pub hysteresis: Hysteresis,
     /// Per entry of `geo_names`: the service it is tied to (`--geo-service`), if any.
     pub geo_services: Vec<Option<String>>,
+    /// `--record-zone`: the other zones records may bring (empty: any).
+    pub record_zones: Vec<Name>,
     /// The flags this was built from (to rebuild the policy when the database changes).
     pub source: Config,
 }
@@ -106,6 +108,14 @@ impl ZoneConfig {
                 *slot = Some(gs.service.clone());
             }
         }
+        let mut record_zones = Vec::new();
+        for z in &config.record_zones {
+            let z = z.trim().trim_end_matches('.');
+            let name = Name::from_ascii(format!("{z}."))
+                .map_err(|e| bad("--record-zone", z, &e))?
+                .to_lowercase();
+            record_zones.push(name);
+        }
         let policy = Arc::new(build_policy(config)?);
         Ok(Self {
             origin,
@@ -116,6 +126,7 @@ impl ZoneConfig {
             ttl: config.ttl,
             policy,
             geo_services,
+            record_zones,
             hysteresis: Hysteresis {
                 fall_after: std::time::Duration::from_millis(config.health_fall_ms),
                 rise_after: std::time::Duration::from_millis(config.health_rise_ms),
@@ -342,6 +353,13 @@ impl ZoneData {
                 continue;
             };
             if !apex.zone_of(&owner) {
+                continue;
+            }
+            let allowed = cfg.origin.zone_of(&apex)
+                || cfg.record_zones.is_empty()
+                || cfg.record_zones.contains(&apex);
+            if !allowed {
+                tracing::warn!(name = %r.name, zone = %r.zone, "record of a zone not in --record-zone; ignored");
                 continue;
             }
             let geo = cfg.geo_names.contains(&owner);

@@ -612,3 +612,21 @@ async fn ipv6_clients_get_aaaa_over_ipv6() {
     assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 11])]);
     s.stop().await;
 }
+
+/// `--record-zone` limits which zones records may bring; the edge zone's own records stay.
+#[tokio::test]
+async fn record_zone_allowlist() {
+    let mut cfg = config();
+    cfg.record_zones = vec!["other.example".into()];
+    let s = start(cfg, snapshot()).await;
+    ready(s.addr).await;
+    let r = udp(s.addr, &query("www.customer.example.", RecordType::A, None)).await;
+    assert_eq!(
+        r.response_code,
+        ResponseCode::Refused,
+        "customer.example not allowed"
+    );
+    let r = udp(s.addr, &query("info.meridian.test.", RecordType::TXT, None)).await;
+    assert_eq!(r.answers.len(), 1, "records in --zone need no allowance");
+    s.stop().await;
+}
