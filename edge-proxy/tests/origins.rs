@@ -28,6 +28,8 @@ struct TestOrigin {
     healthy: Arc<AtomicBool>,
     /// Requests other than health checks.
     hits: Arc<AtomicUsize>,
+    /// `/` answers 500 while set.
+    failing: Arc<AtomicBool>,
 }
 
 async fn origin(name: &'static str) -> TestOrigin {
@@ -35,16 +37,17 @@ async fn origin(name: &'static str) -> TestOrigin {
     let addr = listener.local_addr().unwrap();
     let healthy = Arc::new(AtomicBool::new(true));
     let hits = Arc::new(AtomicUsize::new(0));
-    let (h, n) = (healthy.clone(), hits.clone());
+    let failing = Arc::new(AtomicBool::new(false));
+    let (h, n, f) = (healthy.clone(), hits.clone(), failing.clone());
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let (h, n) = (h.clone(), n.clone());
+            let (h, n, f) = (h.clone(), n.clone(), f.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (h, n) = (h.clone(), n.clone());
+                    let (h, n, f) = (h.clone(), n.clone(), f.clone());
                     async move {
                         let path = req.uri().path().to_owned();
                         let mut resp = Response::new(Full::new(Bytes::from(name)));
@@ -60,6 +63,9 @@ async fn origin(name: &'static str) -> TestOrigin {
                             }
                             _ => {
                                 n.fetch_add(1, Ordering::SeqCst);
+                                if f.load(Ordering::SeqCst) {
+                                    *resp.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                                }
                             }
                         }
                         Ok::<_, Infallible>(resp)
@@ -75,6 +81,7 @@ async fn origin(name: &'static str) -> TestOrigin {
         addr,
         healthy,
         hits,
+        failing,
     }
 }
 
@@ -390,4 +397,49 @@ async fn hard_limit_is_503_and_soft_limit_prefers_another_backend() {
         Some(&5),
         "a again once free"
     );
+}
+
+#[tokio::test]
+async fn circuit_breaker_opens_then_a_half_open_probe_closes_it() {
+    let (a, b) = (origin("a").await, origin("b").await);
+    let h = edge(
+        snapshot(Service {
+            name: "web".into(),
+            lb_policy: LbPolicy::RoundRobin,
+            origins: origins(&[(&a, 1), (&b, 1)]),
+            circuit_breaker: Some(coordinator_api::CircuitBreaker {
+                failures: 2,
+                open_ms: 400,
+                half_open_probes: 1,
+            }),
+            ..Default::default()
+        }),
+        None,
+    )
+    .await;
+    assert_eq!(tally(h.http, 4, "").await.len(), 2, "both serve");
+    a.failing.store(true, Ordering::SeqCst);
+    // Round robin sends a its share until two 500s in a row open its breaker (passive ejection
+    // would need five).
+    let mut errors = 0;
+    for _ in 0..4 {
+        if get(h.http, "/", "").await.status == 500 {
+            errors += 1;
+        }
+    }
+    assert_eq!(errors, 2);
+    let before = a.hits.load(Ordering::SeqCst);
+    let t = tally(h.http, 10, "").await;
+    assert_eq!(t.get("b"), Some(&10), "{t:?}");
+    assert_eq!(
+        a.hits.load(Ordering::SeqCst),
+        before,
+        "an open breaker sends nothing"
+    );
+
+    // Recovered: after the open period one probe goes through, succeeds, and closes it.
+    a.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let t = tally(h.http, 10, "").await;
+    assert!(t.get("a").copied().unwrap_or(0) >= 4, "closed again: {t:?}");
 }
