@@ -405,7 +405,7 @@ mod tests {
     fn query(id: u16, name: &str, qtype: RecordType, edns: Option<(u16, Option<&str>)>) -> Vec<u8> {
         let mut m = Message::query();
         m.metadata.id = id;
-        m.metadata.recursion_desired = id % 2 == 0;
+        m.metadata.recursion_desired = id.is_multiple_of(2);
         m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
         if let Some((payload, ecs)) = edns {
             let mut e = Edns::new();
