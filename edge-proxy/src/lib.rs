@@ -13,6 +13,7 @@ pub mod announce;
 mod backend;
 mod balance;
 mod breaker;
+mod coalesce;
 mod config;
 mod error;
 mod forward;
@@ -346,6 +347,7 @@ impl Edge {
             snapshots: snapshots.clone(),
             retry_budget: Default::default(),
             outliers: Default::default(),
+            coalescer: Default::default(),
             anycast: anycast.as_ref().map(|a| a.2.clone()),
             peers,
         });

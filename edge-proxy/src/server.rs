@@ -382,6 +382,18 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
         headers: headers::request_headers(req.headers(), &ctx),
     };
     matched.opts.headers.apply_request(&mut head.headers);
+    let coalesce_key =
+        if matched.opts.coalesce && !wants_upgrade && http_body::Body::is_end_stream(req.body()) {
+            crate::coalesce::key(
+                req.method(),
+                &matched.service,
+                &host,
+                path_and_query,
+                req.headers(),
+            )
+        } else {
+            None
+        };
     let client_uri = path_and_query.to_owned();
     // A peer appended the client it saw last in X-Forwarded-For.
     let original_client = if from_peer {
@@ -406,7 +418,15 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
         client_ip: original_client,
         body: req.into_body(),
     };
-    let mut resp = forward::forward(shared, out).await;
+    use crate::coalesce::Role;
+    let mut resp = match coalesce_key.map(|k| shared.coalescer.join(k)) {
+        Some(Role::Leader(leader)) => leader.finish(forward::forward(shared, out).await).await,
+        Some(Role::Follower(rx)) => match crate::coalesce::wait(rx).await {
+            Some(resp) => resp,
+            None => forward::forward(shared, out).await,
+        },
+        _ => forward::forward(shared, out).await,
+    };
     if extended_connect && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // The splice starts once hyper sends this 200 and hands over the stream.
         *resp.status_mut() = StatusCode::OK;

@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     pub(crate) agents: Registry,
     pub(crate) snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pub(crate) retry_budget: Mutex<RetryBudget>,
+    /// Identical GET/HEAD requests in flight on routes that coalesce.
+    pub(crate) coalescer: crate::coalesce::Coalescer,
     /// Passive outlier detection, one detector per service.
     pub(crate) outliers: Mutex<std::collections::HashMap<String, crate::outlier::Detector>>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
