@@ -266,6 +266,29 @@ impl ServiceFlags {
     }
 }
 
+/// Origins for the services table, as `--origin` takes them (`-` for none).
+fn origins_label(origins: &[coordinator_api::Origin]) -> String {
+    if origins.is_empty() {
+        return "-".into();
+    }
+    let one = |o: &coordinator_api::Origin| {
+        let mut s = o.url.clone();
+        if let Some(w) = o.weight {
+            s += ",weight=";
+            s += &w.to_string();
+        }
+        if o.h2 {
+            s += ",h2";
+        }
+        if let Some(ca) = &o.ca {
+            s += ",ca=";
+            s += ca;
+        }
+        s
+    };
+    origins.iter().map(one).collect::<Vec<_>>().join(" ")
+}
+
 /// `URL[,weight=N][,h2][,ca=PATH|system]`.
 fn parse_origin(s: &str) -> Result<coordinator_api::Origin, String> {
     let mut parts = s.split(',');
@@ -588,7 +611,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             let rows = c.list_services().await?;
             let mounts = c.list_mounts().await?;
             let agents = c.list_agents().await?;
-            out.table(&rows, &["NAME", "LB", "MOUNTS", "AGENTS"], |s| {
+            out.table(&rows, &["NAME", "LB", "MOUNTS", "AGENTS", "ORIGINS"], |s| {
                 let m: Vec<String> = mounts
                     .iter()
                     .filter(|m| m.service == s.name)
@@ -609,6 +632,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                         m.join(",")
                     },
                     n.to_string(),
+                    origins_label(&s.origins),
                 ]
             })
         }
@@ -1394,6 +1418,15 @@ mod tests {
                 soft: Some(8),
                 hard: Some(20)
             })
+        );
+        assert_eq!(
+            origins_label(&svc.origins),
+            "https://10.0.0.5:8443,weight=3,h2,ca=/ca.pem http://10.0.0.6:80"
+        );
+        assert_eq!(
+            parse_origin("https://10.0.0.5:8443,weight=3,h2,ca=/ca.pem"),
+            Ok(svc.origins[0].clone()),
+            "the label parses back"
         );
         assert!(parse_origin("10.0.0.1:80").is_err());
         assert!(parse_origin("http://a,weight=x").is_err());
