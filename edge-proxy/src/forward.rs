@@ -43,6 +43,8 @@ pub(crate) struct Outgoing {
     pub(crate) from_peer: bool,
     /// The client's address (for a peer's request, the one that peer saw), for hashing on it.
     pub(crate) client_ip: std::net::IpAddr,
+    /// Request body limit of the request's route (413 above it).
+    pub(crate) max_body: Option<u64>,
 }
 
 pub(crate) fn full(body: impl Into<Bytes>) -> RespBody {
@@ -124,6 +126,7 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
         client_uri,
         from_peer,
         client_ip,
+        max_body,
     } = out;
     let idempotent = retry::idempotent(&head.method);
 
@@ -215,13 +218,13 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
                     },
                 };
                 attempt_once(
-                    shared,
                     &service,
                     lease,
                     &p,
                     &mut body,
                     &mut upgrade,
                     idempotent,
+                    max_body,
                 )
                 .await
             }
@@ -231,7 +234,7 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
                     &service,
                     h,
                     &mut body,
-                    shared.limits.max_request_body,
+                    max_body,
                     &mut upgrade,
                     idempotent,
                 )
@@ -446,13 +449,13 @@ fn classify_read(e: &WireError) -> Failure {
 
 /// One attempt on one agent connection. `body` is taken once its upload starts.
 async fn attempt_once(
-    shared: &Shared,
     service: &str,
     lease: Lease,
     prelude: &Bytes,
     body: &mut Option<Incoming>,
     upgrade: &mut Option<OnUpgrade>,
     idempotent: bool,
+    max_body: Option<u64>,
 ) -> Result<Response<RespBody>, Failed> {
     let started = std::time::Instant::now();
     let agent = lease.agent().key;
@@ -483,7 +486,6 @@ async fn attempt_once(
     // bytes), otherwise in its own task so a large upload streams while we wait for the response.
     let cancel = CancellationToken::new();
     let mut upgrade_send = None;
-    let max_body = shared.limits.max_request_body;
     let (too_large_tx, mut too_large) = tokio::sync::oneshot::channel::<()>();
     if upgrade.is_some() {
         if let Err(e) = upload(&mut send, body.take(), max_body).await {

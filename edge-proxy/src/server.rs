@@ -417,6 +417,7 @@ async fn route(shared: &Shared, conn: ConnInfo, mut req: Request<Incoming>) -> R
         from_peer,
         client_ip: original_client,
         body: req.into_body(),
+        max_body,
     };
     use crate::coalesce::Role;
     let mut resp = match coalesce_key.map(|k| shared.coalescer.join(k)) {

@@ -24,18 +24,36 @@ async fn start_origin(hits: Arc<AtomicUsize>) -> std::net::SocketAddr {
         while let Ok((s, _)) = listener.accept().await {
             let hits = hits.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                    let hits = hits.clone();
-                    async move {
-                        if req.uri().path() == "/slow" {
-                            hits.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_millis(400)).await;
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let hits = hits.clone();
+                        async move {
+                            if req.method() == hyper::Method::POST {
+                                let saw = req.headers().get("x-from-edge").cloned();
+                                let n = match req.into_body().collect().await {
+                                    Ok(b) => b.to_bytes().len().to_string(),
+                                    Err(_) => "error".into(),
+                                };
+                                let mut resp = hyper::Response::new(Full::new(Bytes::from(n)));
+                                resp.headers_mut().insert(
+                                    "server",
+                                    hyper::header::HeaderValue::from_static("origin"),
+                                );
+                                if let Some(v) = saw {
+                                    resp.headers_mut().insert("x-saw", v);
+                                }
+                                return Ok::<_, Infallible>(resp);
+                            }
+                            if req.uri().path() == "/slow" {
+                                hits.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(400)).await;
+                            }
+                            Ok::<_, Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from_static(b"the one answer"),
+                            )))
                         }
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
-                            b"the one answer",
-                        ))))
-                    }
-                });
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
@@ -114,4 +132,64 @@ async fn identical_gets_share_one_origin_request() {
     let with_cookie = hits.load(Ordering::SeqCst);
     eprintln!("10 concurrent GETs with a cookie: {with_cookie} origin requests");
     assert_eq!(with_cookie, 10, "credentialed requests are never coalesced");
+
+    // Per-route header edits and a per-route body limit that also holds for a chunked body.
+    net.ctl(&[
+        "mount",
+        "add",
+        &format!("{HOST}/small"),
+        "coal",
+        "--strip-prefix",
+        "--max-body",
+        "1000",
+        "--request-header",
+        "x-from-edge:yes",
+        "--response-header",
+        "x-route:small",
+        "--response-header-remove",
+        "server",
+    ]);
+    let post = |n: usize| async move {
+        let tcp = tokio::net::TcpStream::connect(EDGE_HTTP).await.unwrap();
+        let (mut s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(c);
+        // A stream body: chunked, no Content-Length for the edge to check up front.
+        let chunks =
+            futures_util::stream::iter((0..n / 100).map(|_| {
+                Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(vec![b'x'; 100])))
+            }));
+        let req = hyper::Request::post("/small/upload")
+            .header("host", HOST)
+            .body(http_body_util::StreamBody::new(chunks))
+            .unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        (
+            parts,
+            body.collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default(),
+        )
+    };
+    let (ok, body) = eventually(Duration::from_secs(10), || async {
+        let r = post(500).await;
+        (r.0.status == 200).then_some(r)
+    })
+    .await
+    .expect("small route served");
+    assert_eq!(body, "500");
+    assert_eq!(ok.headers["x-route"], "small");
+    assert_eq!(
+        ok.headers["x-saw"], "yes",
+        "request header set by the route"
+    );
+    assert!(
+        ok.headers.get("server").is_none(),
+        "response header removed"
+    );
+    let (big, _) = post(2000).await;
+    assert_eq!(big.status, 413, "chunked body over the route's limit");
 }
