@@ -773,11 +773,14 @@ async fn drain_serves_streams_until_the_edge_answers_goaway() {
     let _ = std::fs::remove_file(&pki.ca_path);
 }
 
-/// Accepts agent connections until one opens a control stream (skipping QUIC re-probes, which
-/// close right after their handshake), and registers it.
-async fn register_skipping_probes(
+/// Accepts the next agent connection that opens a control stream, registers it, and answers its
+/// heartbeats from a background task; other control frames (e.g. `Drain`) arrive on the channel.
+async fn register_acking(
     edge: &quinn::Endpoint,
-) -> (quinn::Connection, quinn::SendStream, Reader) {
+) -> (
+    quinn::Connection,
+    tokio::sync::mpsc::UnboundedReceiver<Frame>,
+) {
     loop {
         let conn = tokio::time::timeout(Duration::from_secs(10), edge.accept())
             .await
@@ -800,7 +803,24 @@ async fn register_skipping_probes(
             false,
         )
         .await;
-        return (conn, send, ctl);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(f) = ctl.next().await {
+                match f {
+                    Frame::Heartbeat { seq } => {
+                        let mut buf = BytesMut::new();
+                        tunnel_proto::encode(&Frame::HeartbeatAck { seq }, &mut buf).unwrap();
+                        if send.write_all(&buf).await.is_err() {
+                            break;
+                        }
+                    }
+                    other => {
+                        let _ = tx.send(other);
+                    }
+                }
+            }
+        });
+        return (conn, rx);
     }
 }
 
@@ -828,7 +848,13 @@ async fn udp_blocked_falls_back_to_tcp_and_returns_to_quic() {
     .unwrap();
 
     // The gate: UDP relay to the real endpoint while open, black hole while closed.
-    let gate = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    // UDP and TCP on the same port number, as an edge listens (retry if the TCP one is taken).
+    let (gate, tcp) = loop {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        if let Ok(tcp) = tokio::net::TcpListener::bind(udp.local_addr().unwrap()).await {
+            break (Arc::new(udp), tcp);
+        }
+    };
     let gate_addr = gate.local_addr().unwrap();
     let relay = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let open = Arc::new(AtomicBool::new(false));
@@ -860,7 +886,6 @@ async fn udp_blocked_falls_back_to_tcp_and_returns_to_quic() {
         });
     }
     // The TCP fallback listener on the gate's port.
-    let tcp = tokio::net::TcpListener::bind(gate_addr).await.unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(pki.tcp.clone());
     {
         let mux = mux.clone();
@@ -884,7 +909,7 @@ async fn udp_blocked_falls_back_to_tcp_and_returns_to_quic() {
     let agent = tokio::spawn(tunnel_agent::run(config, shutdown.clone()));
 
     // UDP blocked: the agent arrives over TCP, and requests work there.
-    let (conn, _ctl_send, mut ctl) = register_skipping_probes(&edge).await;
+    let (conn, mut ctl) = register_acking(&edge).await;
     assert!(
         MuxSocket::is_tcp_peer(&conn.remote_address()),
         "first connection should be the TCP fallback, came from {}",
@@ -904,14 +929,14 @@ async fn udp_blocked_falls_back_to_tcp_and_returns_to_quic() {
 
     // UDP works again: a re-probe succeeds, the TCP connection is drained, QUIC comes back.
     open.store(true, Ordering::SeqCst);
-    let (quic, _send2, _ctl2) = register_skipping_probes(&edge).await;
+    let (quic, _ctl2) = register_acking(&edge).await;
     assert!(
         !MuxSocket::is_tcp_peer(&quic.remote_address()),
         "after unblocking the agent should be back on UDP"
     );
     let drained = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            match ctl.next().await {
+            match ctl.recv().await {
                 Some(Frame::Drain) => return true,
                 Some(_) => {}
                 None => return false,

@@ -57,7 +57,13 @@ async fn echo_a_megabyte(conn: &quinn::Connection) {
 async fn one_endpoint_serves_udp_and_tcp_peers() {
     let (server_cfg, client_cfg) = configs();
     let runtime = quinn::default_runtime().unwrap();
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    // UDP and TCP on the same port number (retry if the TCP one is taken).
+    let (udp, tcp) = loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        if let Ok(tcp) = tokio::net::TcpListener::bind(udp.local_addr().unwrap()).await {
+            break (udp, tcp);
+        }
+    };
     let udp_addr = udp.local_addr().unwrap();
     let mux = MuxSocket::new(runtime.wrap_udp_socket(udp).unwrap());
     let server = quinn::Endpoint::new_with_abstract_socket(
@@ -67,7 +73,6 @@ async fn one_endpoint_serves_udp_and_tcp_peers() {
         runtime.clone(),
     )
     .unwrap();
-    let tcp = tokio::net::TcpListener::bind(udp_addr).await.unwrap();
     let mux2 = mux.clone();
     tokio::spawn(async move {
         loop {
