@@ -356,6 +356,7 @@ mod tests {
                     token_id: "t".into(),
                     remote_addr: "127.0.0.1:1".into(),
                     connected_at_ms: 0,
+                    origin_healthy: true,
                 })
                 .collect(),
         }

@@ -213,6 +213,7 @@ mod tests {
                     token_id: "t1".into(),
                     remote_addr: "127.0.0.1:9".into(),
                     connected_at_ms: 1,
+                    origin_healthy: true,
                 })
                 .collect(),
         }

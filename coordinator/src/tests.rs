@@ -414,6 +414,7 @@ fn heartbeat(id: &str) -> EdgeHeartbeat {
             token_id: "t1".into(),
             remote_addr: "127.0.0.1:5555".into(),
             connected_at_ms: 1,
+            origin_healthy: true,
         }],
     }
 }

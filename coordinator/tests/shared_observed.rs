@@ -93,6 +93,7 @@ fn heartbeat(c: &Client, id: &str, region: &str) -> CancellationToken {
             token_id: "t1".into(),
             remote_addr: "127.0.6.9:1".into(),
             connected_at_ms: 1,
+            origin_healthy: true,
         }],
     };
     let (c, s) = (c.clone(), stop.clone());

@@ -259,6 +259,7 @@ mod tests {
                     token_id: String::new(),
                     remote_addr: String::new(),
                     connected_at_ms: 0,
+                    origin_healthy: true,
                 })
                 .collect(),
         }

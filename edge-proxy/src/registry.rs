@@ -79,8 +79,9 @@ impl AgentHandle {
         self.breaker.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn set_origin_healthy(&self, healthy: bool) {
-        self.origin_healthy.store(healthy, Ordering::Relaxed);
+    /// Records the agent's latest origin verdict; true when it changed.
+    pub(crate) fn set_origin_healthy(&self, healthy: bool) -> bool {
+        self.origin_healthy.swap(healthy, Ordering::Relaxed) != healthy
     }
 
     pub(crate) fn origin_healthy(&self) -> bool {
@@ -244,7 +245,12 @@ impl Registry {
         self.by_service
             .load()
             .values()
-            .flat_map(|l| l.iter().map(|h| h.info.clone()))
+            .flat_map(|l| {
+                l.iter().map(|h| AgentConn {
+                    origin_healthy: h.origin_healthy(),
+                    ..h.info.clone()
+                })
+            })
             .collect()
     }
 }

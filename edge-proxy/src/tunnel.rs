@@ -626,6 +626,7 @@ async fn session(
             token_id: admitted.token_id.clone(),
             remote_addr: remote.to_string(),
             connected_at_ms: now_ms(),
+            origin_healthy: true,
         },
     );
     shared.agents.add(handle.clone());
@@ -758,8 +759,10 @@ async fn control_loop(
                 }
                 Ok(Some(Frame::OriginHealth { service, healthy })) => {
                     debug!(agent = handle.info.agent_id, service, healthy, "origin health");
-                    if service == handle.info.service {
-                        handle.set_origin_healthy(healthy);
+                    if service == handle.info.service && handle.set_origin_healthy(healthy) {
+                        // The coordinator (and through it GeoDNS) hears of it with the next
+                        // heartbeat, sent at once.
+                        shared.agents.changed.notify_one();
                     }
                 }
                 Ok(Some(Frame::Drain)) => {

@@ -258,6 +258,7 @@ mod tests {
             token_id: "t".into(),
             remote_addr: String::new(),
             connected_at_ms: 0,
+            origin_healthy: true,
         };
         let snap = Snapshot {
             revision: 9,

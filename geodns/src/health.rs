@@ -134,7 +134,7 @@ impl HealthTracker {
             }
         }
         for e in snapshot.edges.iter().filter(|e| e.alive) {
-            for a in &e.agents {
+            for a in e.agents.iter().filter(|a| a.origin_healthy) {
                 if let Some(live) = per_service
                     .get_mut(a.service.as_str())
                     .and_then(|m| m.get_mut(e.info.region.as_str()))
@@ -419,6 +419,7 @@ mod tests {
             token_id: "t".into(),
             remote_addr: String::new(),
             connected_at_ms: 0,
+            origin_healthy: true,
         };
         s.edges[0].agents = if ams_web {
             vec![agent("web"), agent("api")]
@@ -465,6 +466,15 @@ mod tests {
         s.edges[0].alive = false;
         t.observe(&s, t0);
         assert_eq!(t.verdict_for("ams", Some("web")), Verdict::Down);
+        // Nor does a connected agent whose origin fails its health check.
+        let mut t = HealthTracker::new(Hysteresis::default());
+        let mut s = snap_with_agents(true);
+        for a in s.edges[0].agents.iter_mut().filter(|a| a.service == "web") {
+            a.origin_healthy = false;
+        }
+        t.observe(&s, t0);
+        assert_eq!(t.verdict_for("ams", Some("web")), Verdict::Down);
+        assert_eq!(t.verdict_for("ams", Some("api")), Verdict::Up);
     }
 
     #[test]

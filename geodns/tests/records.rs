@@ -31,6 +31,7 @@ fn agent(service: &str, id: &str) -> AgentConn {
         token_id: "t".into(),
         remote_addr: "127.0.0.1:1".into(),
         connected_at_ms: 0,
+        origin_healthy: true,
     }
 }
 

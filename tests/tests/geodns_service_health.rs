@@ -2,7 +2,8 @@
 //! `meridian geodns --geo-service api=api`. When the `api` service's only agent in ams
 //! disconnects (the ams edge stays alive, holding `web`), `api.<zone>` sends ams's clients to iad
 //! with the short degraded TTL while `edge.<zone>` keeps answering ams; when the agent is back,
-//! `api` returns to ams after the rise window.
+//! `api` returns to ams after the rise window. An agent that stays connected while its origin
+//! fails its health check counts as gone too.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -39,6 +40,7 @@ fn agent(service: &str, region: &str) -> AgentConn {
         token_id: "t1".into(),
         remote_addr: "127.0.0.1:1".into(),
         connected_at_ms: 0,
+        origin_healthy: true,
     }
 }
 
@@ -153,6 +155,24 @@ async fn a_services_last_agent_leaving_a_region_moves_only_that_name() {
     eventually(WAIT, || answers(ams, &api_q))
         .await
         .expect("api never answered ams");
+
+    // api's agent in ams stays connected but its origin fails the agent's health check (the
+    // edge reports it in its heartbeat): ams cannot serve api, the same move.
+    let set_origin = |healthy: bool| {
+        for a in ams_agents.lock().unwrap().iter_mut() {
+            if a.service == "api" {
+                a.origin_healthy = healthy;
+            }
+        }
+    };
+    set_origin(false);
+    eventually(WAIT, || answers(iad, &api_q))
+        .await
+        .expect("an agent whose origin fails still drew api to ams");
+    set_origin(true);
+    eventually(WAIT, || answers(ams, &api_q))
+        .await
+        .expect("api never came back once its origin recovered");
 
     // api's only agent in ams disconnects; the ams edge lives on with web's agent.
     ams_agents.lock().unwrap().retain(|a| a.service != "api");

@@ -313,6 +313,14 @@ pub struct AgentConn {
     pub remote_addr: String,
     /// Unix milliseconds.
     pub connected_at_ms: u64,
+    /// What the agent's own origin health check last said; a connected agent whose origin fails
+    /// serves nothing, so GSLB counts only healthy ones. Older edges do not send it: healthy.
+    #[serde(default = "healthy")]
+    pub origin_healthy: bool,
+}
+
+fn healthy() -> bool {
+    true
 }
 
 /// Sent by every edge every [`HEARTBEAT_INTERVAL_MS`] and whenever its agent set changes.
