@@ -27,7 +27,7 @@ const HOST: &str = "edge.meridian.test";
 /// How long the coordinator stays away: a minute, as users must be able to lose it for much
 /// longer. `MERIDIAN_AWAY_SECS` shortens it for a quick local run (anything past the 3.5 s
 /// edge-liveness timeout exercises the same code).
-fn away() -> Duration {
+fn away_period() -> Duration {
     let secs = std::env::var("MERIDIAN_AWAY_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -76,7 +76,7 @@ async fn traffic_and_dns_survive_the_coordinator_and_converge_when_it_returns() 
         "the coordinator is gone"
     );
     let away = Instant::now();
-    let away_for = away();
+    let away_for = away_period();
     while away.elapsed() < away_for {
         everything_serves(&net).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
