@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -56,6 +56,9 @@ impl Timeouts {
 }
 const H2_MAX_STREAMS: u32 = 256;
 const H2_KEEPALIVE: Duration = Duration::from_secs(20);
+/// Longest a drain waits for connections accepted just before the listener closed to send their
+/// first request (see [`Fresh`]).
+const FRESH_LINGER: Duration = Duration::from_secs(1);
 
 /// What a request handler knows about its client connection.
 #[derive(Clone, Copy, Debug)]
@@ -93,6 +96,8 @@ pub(crate) async fn serve_listener(
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
+    let (fresh_tx, mut fresh_rx) = watch::channel(0usize);
+    let fresh_tx = Arc::new(fresh_tx);
     let builder = Arc::new(builder(timeouts));
     let proto = if tls.is_some() { "https" } else { "http" };
     loop {
@@ -119,11 +124,13 @@ pub(crate) async fn serve_listener(
         let shared = shared.clone();
         let tls = tls.clone();
         let info = ConnInfo { remote, proto };
+        let fresh = Arc::new(Fresh::new(fresh_tx.clone()));
         tokio::spawn(async move {
             let _permit = permit;
             shared.open_connections.fetch_add(1, Ordering::Relaxed);
             let _open = OpenGuard(shared.clone());
             let svc = hyper::service::service_fn(move |req| {
+                fresh.served();
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&shared, info, req).await) }
             });
@@ -162,11 +169,44 @@ pub(crate) async fn serve_listener(
         });
     }
     drop(listener);
+    // A graceful shutdown closes connections with no request in progress, which includes ones
+    // accepted a moment ago whose request is not read yet; let those reach their first request.
+    let linger = FRESH_LINGER.min(timeouts.header_read);
+    let _ = tokio::time::timeout(linger, fresh_rx.wait_for(|n| *n == 0)).await;
     if tokio::time::timeout(timeouts.drain, graceful.shutdown())
         .await
         .is_err()
     {
         debug!(proto, "drain timeout: closing remaining client connections");
+    }
+}
+
+/// A connection whose first request has not arrived yet, counted in `serve_listener`'s drain
+/// gate until it does or the connection ends.
+struct Fresh {
+    count: Arc<watch::Sender<usize>>,
+    done: AtomicBool,
+}
+
+impl Fresh {
+    fn new(count: Arc<watch::Sender<usize>>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Self {
+            count,
+            done: AtomicBool::new(false),
+        }
+    }
+
+    fn served(&self) {
+        if !self.done.swap(true, Ordering::Relaxed) {
+            self.count.send_modify(|n| *n = n.saturating_sub(1));
+        }
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        self.served();
     }
 }
 

@@ -60,3 +60,23 @@ pub fn have_tool(name: &str) -> bool {
     }
     found
 }
+
+/// Runs a command to completion (no stdin) and returns what it printed; for namespace and
+/// firewall setup in the suites that need root.
+pub fn sh(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(args[0])
+        .args(&args[1..])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run command")
+}
+
+/// [`sh`], failing the test with the command's stderr unless it succeeds.
+pub fn must(args: &[&str]) {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -13,26 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meridian_tests::dev::Proc;
-use meridian_tests::{have_tool, meridian_bin};
+use meridian_tests::{have_tool, meridian_bin, must, sh};
 
 const NS: &str = "edge-rs";
-
-fn sh(args: &[&str]) -> std::process::Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run command")
-}
-
-fn must(args: &[&str]) {
-    let out = sh(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The namespace (loopback only), removed however the test ends.
 struct Netns;

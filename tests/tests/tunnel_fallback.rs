@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use meridian_tests::clients::{http_status, raw_http};
 use meridian_tests::dev::{DevNetwork, Proc};
-use meridian_tests::{have_tool, meridian_bin};
+use meridian_tests::{have_tool, meridian_bin, must, sh};
 
 const NS: &str = "tun-fb";
 const VETH_HOST: &str = "tun-fb-h";
@@ -27,23 +27,6 @@ const EDGE_HTTP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 4, 1));
 const HOST: &str = "edge.meridian.test";
 /// The agent's admin listener, on the namespace side of the veth.
 const AGENT_ADMIN: &str = "198.19.77.2:9790";
-
-fn sh(args: &[&str]) -> std::process::Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run command")
-}
-
-fn must(args: &[&str]) {
-    let out = sh(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The namespace and its veth pair, removed however the test ends.
 struct Netns;
