@@ -581,8 +581,10 @@ async fn udp_worker(
     let mut gso = Vec::new();
     loop {
         let received = {
-            let mut iovs: Vec<IoSliceMut<'_>> =
-                bufs.chunks_mut(slot).map(IoSliceMut::new).collect();
+            // On the stack: no allocation per receive.
+            let mut slots = bufs.chunks_mut(slot);
+            let mut iovs: [IoSliceMut<'_>; UDP_BATCH] =
+                std::array::from_fn(|_| IoSliceMut::new(slots.next().unwrap_or_default()));
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return,
