@@ -219,3 +219,38 @@ pub fn demo_app(listen: &str, name: &str) -> Proc {
             .expect("start demo-app"),
     )
 }
+
+/// A port free on `ip` for TCP (and for UDP too when `udp`), for suites that start their own
+/// processes outside the dev network.
+pub fn free_port(ip: &str, udp: bool) -> u16 {
+    loop {
+        let t = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let port = t.local_addr().unwrap().port();
+        if !udp || std::net::UdpSocket::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A standalone `meridian coordinator` on `listen`, keeping its state in `data`, with the given
+/// admin and node tokens; killed when dropped.
+pub fn coordinator(
+    listen: std::net::SocketAddr,
+    data: &std::path::Path,
+    admin: &str,
+    node: &str,
+) -> Proc {
+    Proc(
+        Command::new(crate::meridian_bin())
+            .args(["coordinator", "--listen", &listen.to_string(), "--data-dir"])
+            .arg(data)
+            .env("MERIDIAN_ADMIN_TOKEN", admin)
+            .env("MERIDIAN_NODE_TOKEN", node)
+            .env("MERIDIAN_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start coordinator"),
+    )
+}

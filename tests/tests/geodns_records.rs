@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +17,7 @@ use coordinator_api::{
 };
 use hickory_proto::rr::{RData, RecordType};
 use meridian_tests::clients::{answer_ips, dns_query, dns_tcp, dns_udp, echoed_subnet, rcode};
-use meridian_tests::dev::{Proc, eventually};
+use meridian_tests::dev::{Proc, coordinator, eventually, free_port};
 use meridian_tests::meridian_bin;
 
 const ADMIN: &str = "mrd_api_geodnsrec_geodnsrecordsadminsecret";
@@ -25,16 +25,6 @@ const NODE: &str = "mrd_api_geodnsnode_geodnsrecordsnodesecret";
 const WAIT: Duration = Duration::from_secs(20);
 
 /// A free TCP port on `ip`, and for GeoDNS one free for UDP too.
-fn free_port(ip: &str, udp: bool) -> u16 {
-    loop {
-        let t = TcpListener::bind((ip, 0)).unwrap();
-        let port = t.local_addr().unwrap().port();
-        if !udp || UdpSocket::bind((ip, port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 fn ctl(url: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new(meridian_bin())
         .args(["ctl", "--coordinator", url, "--token", ADMIN])
@@ -62,19 +52,7 @@ async fn records_from_ctl_are_served_with_cname_chasing_into_the_edge_zone() {
         .parse()
         .unwrap();
     let url = format!("http://{api}");
-    let _coordinator = Proc(
-        Command::new(meridian_bin())
-            .args(["coordinator", "--listen", &api.to_string(), "--data-dir"])
-            .arg(&data)
-            .env("MERIDIAN_ADMIN_TOKEN", ADMIN)
-            .env("MERIDIAN_NODE_TOKEN", NODE)
-            .env("MERIDIAN_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start coordinator"),
-    );
+    let _coordinator = coordinator(api, &data, ADMIN, NODE);
     let admin = Client::new(url.clone(), ADMIN).unwrap();
     eventually(WAIT, || async { admin.list_regions().await.ok() })
         .await

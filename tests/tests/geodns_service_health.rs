@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,22 +16,12 @@ use std::time::{Duration, Instant};
 use coordinator_api::{AgentConn, Client, EdgeHeartbeat, EdgeInfo, Region};
 use hickory_proto::rr::RecordType;
 use meridian_tests::clients::{answer_ips, dns_query, dns_udp};
-use meridian_tests::dev::{Proc, eventually};
+use meridian_tests::dev::{Proc, coordinator, eventually, free_port};
 use meridian_tests::meridian_bin;
 
 const ADMIN: &str = "mrd_api_geodnssvc_geodnsservicehealthadmin";
 const NODE: &str = "mrd_api_geodnssvcnode_geodnsservicehealthnode";
 const WAIT: Duration = Duration::from_secs(20);
-
-fn free_port(ip: &str, udp: bool) -> u16 {
-    loop {
-        let t = TcpListener::bind((ip, 0)).unwrap();
-        let port = t.local_addr().unwrap().port();
-        if !udp || UdpSocket::bind((ip, port)).is_ok() {
-            return port;
-        }
-    }
-}
 
 fn agent(service: &str, region: &str) -> AgentConn {
     AgentConn {
@@ -56,19 +46,7 @@ async fn a_services_last_agent_leaving_a_region_moves_only_that_name() {
         .parse()
         .unwrap();
     let url = format!("http://{api}");
-    let _coordinator = Proc(
-        Command::new(meridian_bin())
-            .args(["coordinator", "--listen", &api.to_string(), "--data-dir"])
-            .arg(&data)
-            .env("MERIDIAN_ADMIN_TOKEN", ADMIN)
-            .env("MERIDIAN_NODE_TOKEN", NODE)
-            .env("MERIDIAN_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start coordinator"),
-    );
+    let _coordinator = coordinator(api, &data, ADMIN, NODE);
     let admin = Client::new(url.clone(), ADMIN).unwrap();
     eventually(WAIT, || async { admin.list_regions().await.ok() })
         .await
