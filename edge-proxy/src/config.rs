@@ -86,8 +86,9 @@ pub struct Config {
     /// JSON access log, one line per request: a file path, or `-` for stdout. Off by default.
     #[arg(long)]
     pub access_log: Option<PathBuf>,
-    /// Raw TCP service, `[IP:]PORT=SERVICE` (repeatable): TCP clients on that port are carried to
-    /// an agent of SERVICE started with `--tcp`. A bare port listens on the tunnel listener's IP.
+    /// Raw TCP service, `[IP:]PORT=SERVICE[,proxy-protocol]` (repeatable): TCP clients on that port
+    /// are carried to an agent of SERVICE started with `--tcp`. A bare port listens on the tunnel
+    /// listener's IP. `proxy-protocol` sends the origin a PROXY v2 header with the client's address.
     #[arg(long = "tcp-service", value_parser = crate::tunnel::parse_tcp_service)]
     pub tcp_services: Vec<crate::tunnel::TcpService>,
     /// How long in-flight requests may finish after shutdown (SIGTERM) starts.

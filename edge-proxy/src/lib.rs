@@ -24,6 +24,7 @@ mod heartbeat;
 mod listen;
 mod metrics;
 mod outlier;
+mod passthrough;
 mod peers;
 mod proxy_protocol;
 mod ratelimit;
@@ -343,6 +344,12 @@ impl Edge {
                     .map(|s| RouteTable::from_mounts(&s.mounts))
                     .unwrap_or_default(),
             ),
+            passthrough: ArcSwap::from_pointee(
+                initial
+                    .as_deref()
+                    .map(|s| passthrough::Table::from_mounts(&s.mounts))
+                    .unwrap_or_default(),
+            ),
             policies: ArcSwap::from_pointee(initial_policies),
             upstreams,
             agents: Registry::default(),
@@ -538,6 +545,9 @@ async fn update_routes(
             shared
                 .routes
                 .store(Arc::new(RouteTable::from_mounts(&snap.mounts)));
+            shared
+                .passthrough
+                .store(Arc::new(passthrough::Table::from_mounts(&snap.mounts)));
             // Unchanged services keep their balancing state and origin handles.
             let old = shared.policies.load();
             let next = balance::policies(&snap.services, &old, &shared.upstreams.pool);

@@ -45,6 +45,8 @@ pub(crate) struct Metrics {
     /// Requests this edge sent to a peer edge because it had no agent of the service.
     pub(crate) peer_forwards: AtomicU64,
     pub(crate) access_log_dropped: AtomicU64,
+    /// L4 connections (TLS passthrough, TCP services) by service and outcome.
+    pub(crate) l4: crate::passthrough::L4Metrics,
 }
 
 impl Metrics {
@@ -145,6 +147,7 @@ impl Metrics {
         if let Some(a) = &gauges.anycast {
             render_anycast(&mut out, a);
         }
+        self.l4.render(&mut out);
         out
     }
 }

@@ -1,7 +1,5 @@
 //! PROXY protocol v2 header (haproxy.org/download/2.9/doc/proxy-protocol.txt), sans-IO: written
 //! first on a TCP/passthrough stream so the origin learns the client's address.
-// Not yet wired: the passthrough listener that sends it is still to come (see docs).
-#![allow(dead_code)]
 
 use std::net::{IpAddr, SocketAddr};
 

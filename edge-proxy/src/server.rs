@@ -129,6 +129,7 @@ pub(crate) async fn serve_listener(
             let _permit = permit;
             shared.open_connections.fetch_add(1, Ordering::Relaxed);
             let _open = OpenGuard(shared.clone());
+            let l4_shared = shared.clone();
             let svc = hyper::service::service_fn(move |req| {
                 fresh.served();
                 let shared = shared.clone();
@@ -144,19 +145,23 @@ pub(crate) async fn serve_listener(
                     watcher.watch(conn.into_owned()).await
                 }
                 Some(acceptor) => {
+                    // SNI passthrough or TLS here; the ClientHello read and the handshake share
+                    // the header-read timeout.
+                    use crate::passthrough::{Accepted, accept};
                     let tls_stream =
-                        match tokio::time::timeout(timeouts.header_read, acceptor.accept(stream))
+                        match accept(stream, remote, &acceptor, &l4_shared, timeouts.header_read)
                             .await
                         {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                debug!(%remote, error = %e, "TLS handshake failed");
+                            Accepted::Tls(s) => s,
+                            Accepted::Passthrough(p) => {
+                                // Not an HTTP connection: out of the first-request drain gate; the
+                                // held `watcher` keeps the drain waiting for it (up to its timeout).
+                                drop(svc);
+                                p.serve(&l4_shared).await;
+                                drop(watcher);
                                 return;
                             }
-                            Err(_) => {
-                                debug!(%remote, "TLS handshake timed out");
-                                return;
-                            }
+                            Accepted::Failed => return,
                         };
                     let io = Guarded::new(tls_stream, timeouts.guard());
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);

@@ -1,7 +1,5 @@
-//! Reads the SNI from a TLS ClientHello without terminating TLS, sans-IO: the passthrough
-//! listener peeks the first record and routes the raw bytes by name.
-// Not yet wired: the passthrough listener is still to come (see docs).
-#![allow(dead_code)]
+//! Reads the SNI from a TLS ClientHello without terminating TLS, sans-IO: the HTTPS listener
+//! peeks the first record and passes the raw bytes through by name (see `passthrough`).
 
 /// Largest ClientHello record looked at (TLS caps a record at 16 KiB plus header).
 pub(crate) const MAX_PEEK: usize = 5 + 16 * 1024;

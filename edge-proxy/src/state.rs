@@ -26,6 +26,8 @@ pub(crate) struct Shared {
     pub(crate) region_header: HeaderValue,
     pub(crate) edge_header: HeaderValue,
     pub(crate) routes: ArcSwap<RouteTable>,
+    /// TLS passthrough hosts (by SNI), swapped with each snapshot like `routes`.
+    pub(crate) passthrough: ArcSwap<crate::passthrough::Table>,
     /// Balancing policy and state per service, swapped with each snapshot.
     pub(crate) policies: ArcSwap<crate::balance::Policies>,
     /// Direct origins: the process-wide upstream pool and the sticky-cookie secret.

@@ -285,22 +285,37 @@ pub(crate) async fn serve_tcp_fallback(
     }
 }
 
-/// A raw TCP service the edge listens for: `--tcp-service [IP:]PORT=SERVICE`. The coordinator
-/// API has no TCP mounts yet, so this is edge configuration; a bare port binds on the tunnel
-/// listener's IP.
+/// A raw TCP service the edge listens for: `--tcp-service [IP:]PORT=SERVICE[,proxy-protocol]`.
+/// The coordinator API has no TCP mounts yet, so this is edge configuration; a bare port binds on
+/// the tunnel listener's IP.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpService {
     pub ip: Option<std::net::IpAddr>,
     pub port: u16,
     pub service: String,
+    /// Send a PROXY protocol v2 header (the client's address) to the origin first.
+    pub proxy_protocol: bool,
 }
 
-/// Parses `--tcp-service [IP:]PORT=SERVICE`.
+/// Parses `--tcp-service [IP:]PORT=SERVICE[,proxy-protocol]`.
 pub fn parse_tcp_service(s: &str) -> Result<TcpService, String> {
-    let usage = || format!("{s:?}: expected [IP:]PORT=SERVICE, e.g. 6379=redis");
-    let (listen, service) = s.rsplit_once('=').ok_or_else(usage)?;
+    let usage = || format!("{s:?}: expected [IP:]PORT=SERVICE[,proxy-protocol], e.g. 6379=redis");
+    let (listen, rest) = s.rsplit_once('=').ok_or_else(usage)?;
+    let mut parts = rest.split(',');
+    let service = parts.next().unwrap_or_default();
     if service.is_empty() {
         return Err(usage());
+    }
+    let mut proxy_protocol = false;
+    for opt in parts {
+        match opt {
+            "proxy-protocol" => proxy_protocol = true,
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown option {opt:?} (known: proxy-protocol)"
+                ));
+            }
+        }
     }
     let (ip, port) = match listen.parse::<u16>() {
         Ok(port) => (None, port),
@@ -313,6 +328,7 @@ pub fn parse_tcp_service(s: &str) -> Result<TcpService, String> {
         ip,
         port,
         service: service.to_owned(),
+        proxy_protocol,
     })
 }
 
@@ -320,6 +336,7 @@ pub fn parse_tcp_service(s: &str) -> Result<TcpService, String> {
 pub(crate) struct TcpServiceListener {
     pub(crate) listener: tokio::net::TcpListener,
     pub(crate) service: String,
+    pub(crate) proxy_protocol: bool,
 }
 
 /// Binds every `--tcp-service` (bare ports on `default_ip`, the tunnel listener's IP).
@@ -338,6 +355,7 @@ pub(crate) async fn bind_tcp_services(
         out.push(TcpServiceListener {
             listener,
             service: s.service.clone(),
+            proxy_protocol: s.proxy_protocol,
         });
     }
     Ok(out)
@@ -356,7 +374,11 @@ pub(crate) async fn serve_tcp(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let TcpServiceListener { listener, service } = l;
+    let TcpServiceListener {
+        listener,
+        service,
+        proxy_protocol,
+    } = l;
     let service: Arc<str> = service.into();
     let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     loop {
@@ -379,15 +401,22 @@ pub(crate) async fn serve_tcp(
         let (shared, service, shutdown) = (shared.clone(), service.clone(), shutdown.clone());
         tracker.spawn(async move {
             let _permit = permit;
-            if let Err(e) = tcp_connection(sock, &service, &shared, &shutdown).await {
+            let result =
+                tcp_connection(sock, peer, &service, proxy_protocol, &shared, &shutdown).await;
+            shared
+                .metrics
+                .l4
+                .record(crate::passthrough::Kind::Tcp, &service, &result);
+            if let Err(e) = result {
                 debug!(%peer, service = %service, error = %e, "TCP connection ended");
             }
         });
     }
 }
 
+/// Why an L4 connection (TCP service or TLS passthrough) ended early.
 #[derive(Debug, thiserror::Error)]
-enum TcpError {
+pub(crate) enum TcpError {
     #[error("no agent connected for service {0}")]
     NoAgent(String),
     #[error("opening a tunnel stream: {0}")]
@@ -400,8 +429,45 @@ enum TcpError {
     Shutdown,
 }
 
+impl TcpError {
+    /// Label for the `outcome` of `meridian_edge_l4_connections_total`.
+    pub(crate) fn outcome(&self) -> &'static str {
+        match self {
+            Self::NoAgent(_) => "no_agent",
+            Self::Open(_) | Self::Wire(_) => "tunnel_error",
+            Self::Io(_) => "io_error",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// One accepted TCP client of a `--tcp-service`: a PROXY v2 header first when the listener asks
+/// for it, then the shared L4 path.
 async fn tcp_connection(
     sock: tokio::net::TcpStream,
+    peer: SocketAddr,
+    service: &str,
+    proxy_protocol: bool,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Result<(), TcpError> {
+    let mut first = Vec::new();
+    if proxy_protocol {
+        match sock.local_addr() {
+            Ok(local) => crate::proxy_protocol::encode_v2(peer, local, &mut first),
+            Err(_) => crate::proxy_protocol::encode_v2_local(&mut first),
+        }
+    }
+    tcp_stream(sock, &first, service, shared, shutdown).await
+}
+
+/// Carries a client's TCP connection over one tunnel stream (a `TcpHead`, then `first`, then raw
+/// bytes both ways) to an agent of `service`, which splices it to its `--tcp` origin. Used by
+/// `--tcp-service` listeners and TLS passthrough (`first` is then the ClientHello already read,
+/// after an optional PROXY header: the agent needs no change for either).
+pub(crate) async fn tcp_stream(
+    sock: tokio::net::TcpStream,
+    first: &[u8],
     service: &str,
     shared: &Shared,
     shutdown: &CancellationToken,
@@ -423,6 +489,7 @@ async fn tcp_connection(
         &mut head,
     )
     .map_err(WireError::from)?;
+    head.extend_from_slice(first);
     send.write_all(&head).await.map_err(WireError::from)?;
 
     let (client_rd, mut client_wr) = sock.into_split();
@@ -824,13 +891,25 @@ mod tests {
             Ok(TcpService {
                 ip: None,
                 port: 6379,
-                service: "redis".into()
+                service: "redis".into(),
+                proxy_protocol: false,
             })
         );
+        let s = parse_tcp_service("6379=redis,proxy-protocol").unwrap_or_else(|e| panic!("{e}"));
+        assert!(s.proxy_protocol);
+        assert_eq!(s.service, "redis");
         let s = parse_tcp_service("127.0.0.5:5432=pg").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.ip, Some([127, 0, 0, 5].into()));
         assert_eq!(s.port, 5432);
-        for bad in ["6379", "6379=", "=redis", "host:1=x", "70000=x"] {
+        for bad in [
+            "6379",
+            "6379=",
+            "=redis",
+            "host:1=x",
+            "70000=x",
+            "6379=redis,nope",
+            "6379=,proxy-protocol",
+        ] {
             assert!(parse_tcp_service(bad).is_err(), "{bad}");
         }
     }
