@@ -485,6 +485,10 @@ fn updates_replace_whole_objects(s: &mut dyn Store) {
             ..Default::default()
         }),
         circuit_breaker: Some(Default::default()),
+        retry_budget: Some(coordinator_api::RetryBudget {
+            percent: 30,
+            min_per_sec: 1,
+        }),
         concurrency: Some(coordinator_api::ConcurrencyLimits {
             soft: Some(10),
             hard: Some(20),

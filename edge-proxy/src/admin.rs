@@ -58,13 +58,11 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 draining,
                 anycast: shared.anycast.clone(),
             };
-            reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                shared
-                    .metrics
-                    .render(&shared.region, &shared.edge_id, &gauges),
-            )
+            let mut text = shared
+                .metrics
+                .render(&shared.region, &shared.edge_id, &gauges);
+            crate::backend::render_metrics(shared, &mut text);
+            reply(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         _ => reply(
             StatusCode::NOT_FOUND,

@@ -319,6 +319,79 @@ pub(crate) fn has_healthy(shared: &Shared, service: &str) -> bool {
     })
 }
 
+/// Every backend of every service this edge knows, for `/metrics`: direct origins from the
+/// current policies, agents from the registry. Scrape-time only (takes the outlier lock once).
+pub(crate) fn states(shared: &Shared) -> Vec<crate::metrics::BackendState> {
+    use crate::metrics::BackendState;
+    let now = Instant::now();
+    let policies = shared.policies.load();
+    let mut services: Vec<String> = policies.keys().cloned().collect();
+    for a in shared.agents.agent_conns() {
+        if !services.contains(&a.service) {
+            services.push(a.service);
+        }
+    }
+    services.sort();
+    let outliers = shared.outliers();
+    let mut out = Vec::new();
+    for service in &services {
+        let detector = outliers.get(service);
+        let ejected = |key| detector.is_some_and(|d| d.is_ejected(key, now));
+        let first = out.len();
+        for a in shared.agents.list(service).as_deref().unwrap_or(&[]) {
+            // One agent may hold several connections: each is its own backend.
+            let n = out[first..]
+                .iter()
+                .filter(|b: &&BackendState| {
+                    b.kind == "agent"
+                        && (b.backend == a.info.agent_id
+                            || b.backend.starts_with(&format!("{}#", a.info.agent_id)))
+                })
+                .count();
+            out.push(BackendState {
+                service: service.clone(),
+                backend: if n == 0 {
+                    a.info.agent_id.clone()
+                } else {
+                    format!("{}#{}", a.info.agent_id, n + 1)
+                },
+                kind: "agent",
+                checks_ok: a.origin_healthy() && shared.agent_checks.passing(a.key),
+                ejected: ejected(a.key),
+                breaker: a.breaker().phase(now),
+            });
+        }
+        if let Some(sb) = policies.get(service) {
+            for o in sb.origins.iter() {
+                out.push(BackendState {
+                    service: service.clone(),
+                    backend: o.id.clone(),
+                    kind: "origin",
+                    checks_ok: o.healthy(),
+                    ejected: ejected(o.key),
+                    breaker: o.breaker().phase(now),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The upstream part of `/metrics`: backend health, breaker state and pool reuse.
+pub(crate) fn render_metrics(shared: &Shared, out: &mut String) {
+    use crate::metrics as m;
+    let origins = &shared.upstreams.pool.stats;
+    let mut pools = vec![
+        (m::POOL_AGENT, shared.metrics.agent_pool.counters.get()),
+        (m::POOL_ORIGIN_H1, origins.h1.get()),
+        (m::POOL_ORIGIN_H2, origins.h2.get()),
+    ];
+    if let Some(p) = &shared.peers {
+        pools.push((m::POOL_PEER, p.stats.get()));
+    }
+    m::render_upstreams(out, &states(shared), &pools);
+}
+
 /// Every backend is at the service's hard concurrency limit.
 pub(crate) fn at_limit(service: &str, n: usize) -> http::Response<crate::forward::RespBody> {
     let mut resp = crate::forward::text(

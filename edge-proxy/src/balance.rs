@@ -87,6 +87,8 @@ pub(crate) struct ServiceBalance {
     /// In-flight limits per backend.
     pub(crate) soft_limit: Option<usize>,
     pub(crate) hard_limit: Option<usize>,
+    /// This service's own retry budget, carried over when its definition changes.
+    pub(crate) retry_budget: std::sync::Arc<crate::retry::ServiceBudget>,
     /// The definition this was built from.
     spec: coordinator_api::Service,
 }
@@ -118,7 +120,16 @@ impl ServiceBalance {
     fn new(
         s: &coordinator_api::Service,
         origins: std::sync::Arc<[std::sync::Arc<crate::upstream::OriginHandle>]>,
+        retry_budget: Option<std::sync::Arc<crate::retry::ServiceBudget>>,
     ) -> Self {
+        let retry_budget = match retry_budget {
+            Some(b) => {
+                let (ratio, min) = crate::retry::limits(s.retry_budget.as_ref());
+                b.lock().set_limits(ratio, min);
+                b
+            }
+            None => std::sync::Arc::new(crate::retry::ServiceBudget::new(s.retry_budget.as_ref())),
+        };
         let limit = |v: Option<u32>| v.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
         Self {
             policy: s.lb_policy.clone(),
@@ -128,6 +139,7 @@ impl ServiceBalance {
             soft_limit: limit(s.concurrency.as_ref().and_then(|c| c.soft)),
             hard_limit: limit(s.concurrency.as_ref().and_then(|c| c.hard)),
             spec: s.clone(),
+            retry_budget,
             ..Self::default()
         }
     }
@@ -199,7 +211,11 @@ pub(crate) fn policies(
                 crate::upstream::build_origins(pool, s, prev.map_or(&[][..], |p| &p.origins[..]));
             (
                 s.name.clone(),
-                std::sync::Arc::new(ServiceBalance::new(s, origins)),
+                std::sync::Arc::new(ServiceBalance::new(
+                    s,
+                    origins,
+                    prev.map(|p| p.retry_budget.clone()),
+                )),
             )
         })
         .collect()
@@ -455,6 +471,56 @@ pub(crate) fn verify_sticky<'a>(secret: &[u8], value: &'a str) -> Option<&'a str
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn every_service_has_its_own_retry_budget_kept_across_changes() {
+        let pool = crate::upstream::Pool::default();
+        let svc = |name: &str, percent: Option<u32>| coordinator_api::Service {
+            name: name.into(),
+            retry_budget: percent.map(|percent| coordinator_api::RetryBudget {
+                percent,
+                min_per_sec: 0,
+            }),
+            ..Default::default()
+        };
+        let p = policies(
+            &[svc("a", None), svc("b", Some(0))],
+            &Policies::new(),
+            &pool,
+        );
+        let (a, b) = (&p["a"], &p["b"]);
+        assert!(!std::sync::Arc::ptr_eq(&a.retry_budget, &b.retry_budget));
+        let t = Instant::now();
+        for _ in 0..100 {
+            a.retry_budget.lock().on_request(t);
+            b.retry_budget.lock().on_request(t);
+        }
+        // A storm on a spends a's budget (20 % + 3/s × 10 s) only.
+        assert_eq!(
+            (0..1000)
+                .take_while(|_| a.retry_budget.lock().try_retry(t))
+                .count(),
+            50
+        );
+        // b allows no retries at 0 % and no floor, whatever a did...
+        assert!(!b.retry_budget.lock().try_retry(t));
+        // ...until its budget is changed live: the same counters under the new ratio.
+        let next = policies(&[svc("a", None), svc("b", Some(10))], &p, &pool);
+        assert!(std::sync::Arc::ptr_eq(
+            &next["b"].retry_budget,
+            &b.retry_budget
+        ));
+        assert_eq!(
+            (0..1000)
+                .take_while(|_| next["b"].retry_budget.lock().try_retry(t))
+                .count(),
+            10
+        );
+        assert!(
+            !next["a"].retry_budget.lock().try_retry(t),
+            "a is still spent"
+        );
+    }
     use rand::rngs::StdRng;
     use std::time::{Duration, Instant};
 

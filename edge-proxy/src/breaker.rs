@@ -54,6 +54,26 @@ impl Default for Breaker {
     }
 }
 
+/// A breaker's state without its counters, for `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl Phase {
+    pub(crate) const ALL: [Self; 3] = [Self::Closed, Self::Open, Self::HalfOpen];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
 /// What [`Breaker::admit`] decided for one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Admit {
@@ -68,6 +88,16 @@ impl Breaker {
     #[cfg(test)]
     pub(crate) fn state(&self) -> State {
         self.state
+    }
+
+    /// The state as `/metrics` shows it: an open breaker whose period is over is half-open
+    /// (its next request is a probe).
+    pub(crate) fn phase(&self, now: Instant) -> Phase {
+        match self.state {
+            State::Closed { .. } => Phase::Closed,
+            State::Open { until } if now < until => Phase::Open,
+            State::Open { .. } | State::HalfOpen { .. } => Phase::HalfOpen,
+        }
     }
 
     /// Whether a request could go to this backend now, without taking a probe slot (for
@@ -163,13 +193,21 @@ mod tests {
             b.on_result(CFG, false, t);
         }
         let later = t + Duration::from_secs(5);
+        assert_eq!(b.phase(t), Phase::Open);
+        assert_eq!(
+            b.phase(later),
+            Phase::HalfOpen,
+            "period over: the next is a probe"
+        );
         assert!(b.would_admit(CFG, later));
         assert_eq!(b.admit(CFG, later), Admit::Probe);
+        assert_eq!(b.phase(later), Phase::HalfOpen);
         // One probe at a time.
         assert_eq!(b.admit(CFG, later), Admit::No);
         assert!(!b.would_admit(CFG, later));
         b.on_result(CFG, true, later);
         assert_eq!(b.state(), State::Closed { consecutive: 0 });
+        assert_eq!(b.phase(later), Phase::Closed);
         assert_eq!(b.admit(CFG, later), Admit::Yes);
     }
 

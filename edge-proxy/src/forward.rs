@@ -133,7 +133,6 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     let head = Frame::RequestHead(head);
     // Encoded when an agent is first picked: a request served by a direct origin never needs it.
     let mut prelude: Option<Bytes> = None;
-    shared.retry_budget().on_request(std::time::Instant::now());
 
     // An empty body can be "replayed" after it was consumed; any other only while untouched.
     let body_empty = http_body::Body::is_end_stream(&body);
@@ -142,6 +141,9 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
     let mut attempt = 0;
     let policies = shared.policies.load_full();
     let balance = policies.get(&service);
+    shared
+        .retry_budget(balance.map(|b| &**b))
+        .on_request(std::time::Instant::now());
     let hash_key = match (&head, balance) {
         (Frame::RequestHead(h), Some(b)) => b.key(&h.headers, client_ip),
         _ => None,
@@ -210,6 +212,7 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
         let agent = chosen.key();
         let result = match (picked, &head) {
             (crate::backend::Picked::Agent(lease), _) => {
+                shared.metrics.agent_pool.stream(agent);
                 let p = match &prelude {
                     Some(p) => p.clone(),
                     None => match encode_prelude(&head) {
@@ -264,7 +267,9 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
         let replayable = body.is_some() || body_empty;
         if attempt < MAX_ATTEMPTS
             && retry::retryable(failed.failure, idempotent, replayable)
-            && shared.retry_budget().try_retry(std::time::Instant::now())
+            && shared
+                .retry_budget(balance.map(|b| &**b))
+                .try_retry(std::time::Instant::now())
         {
             debug!(service, attempt, failure = ?failed.failure, "retrying on another agent connection");
             exclude = Some(failed.agent);

@@ -8,6 +8,46 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
+/// Verdicts of the edge's own checks of agents (through the tunnel), by agent connection key.
+/// Only failing connections are listed, so the usual answer is a lock-free load of an empty set;
+/// writers (a verdict flipping) clone and swap.
+#[derive(Debug, Default)]
+#[allow(dead_code)] // Written by the tunnel checks, which land next.
+pub(crate) struct AgentChecks {
+    failing: arc_swap::ArcSwap<std::collections::HashSet<u64>>,
+    write: std::sync::Mutex<()>,
+}
+
+#[allow(dead_code)]
+impl AgentChecks {
+    /// Whether agent connection `key` passes the edge's checks (true without checks).
+    pub(crate) fn passing(&self, key: u64) -> bool {
+        let failing = self.failing.load();
+        failing.is_empty() || !failing.contains(&key)
+    }
+
+    /// Whether any agent connection fails the edge's checks (a cheap test for the fast path).
+    pub(crate) fn any_failing(&self) -> bool {
+        !self.failing.load().is_empty()
+    }
+
+    pub(crate) fn set(&self, key: u64, healthy: bool) {
+        // Held for a clone of a (small) set, never across `.await`.
+        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.failing.load();
+        if cur.contains(&key) != healthy {
+            return;
+        }
+        let mut next = (**cur).clone();
+        if healthy {
+            next.remove(&key);
+        } else {
+            next.insert(key);
+        }
+        self.failing.store(std::sync::Arc::new(next));
+    }
+}
+
 /// A service's check settings in edge units.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Config {

@@ -357,6 +357,7 @@ impl Edge {
             retry_budget: Default::default(),
             outliers: Default::default(),
             coalescer: Default::default(),
+            agent_checks: Default::default(),
             anycast: anycast.as_ref().map(|a| a.2.clone()),
             peers,
         });

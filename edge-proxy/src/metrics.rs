@@ -47,7 +47,84 @@ pub(crate) struct Metrics {
     pub(crate) access_log_dropped: AtomicU64,
     /// L4 connections (TLS passthrough, TCP services) by service and outcome.
     pub(crate) l4: crate::passthrough::L4Metrics,
+    /// Streams opened on agent connections (the tunnel's pool).
+    pub(crate) agent_pool: AgentPool,
 }
+
+/// Connections opened and requests served by one upstream pool: relaxed atomics only, so the
+/// request path never takes a lock to count.
+#[derive(Debug, Default)]
+pub(crate) struct PoolCounters {
+    opened: AtomicU64,
+    requests: AtomicU64,
+    reused: AtomicU64,
+}
+
+impl PoolCounters {
+    /// A new upstream connection.
+    pub(crate) fn opened(&self) {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One request; `reused` when its connection had served a request before.
+    pub(crate) fn request(&self, reused: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if reused {
+            self.reused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (connections opened, requests, requests on reused connections)
+    pub(crate) fn get(&self) -> (u64, u64, u64) {
+        (
+            self.opened.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+            self.reused.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Slots of [`AgentPool`]'s first-use table.
+const AGENT_SLOTS: usize = 1024;
+
+/// The agent stream pool: agents dial the edge, so a connection counts as opened the first time
+/// a request uses it, and every later stream on it is a request on a reused connection. First
+/// use is told by a direct-mapped table of connection keys (keys are sequential, so up to
+/// [`AGENT_SLOTS`] live connections never collide; beyond that an evicted connection may count
+/// as opened twice). Steady state is one relaxed load per request.
+#[derive(Debug)]
+pub(crate) struct AgentPool {
+    pub(crate) counters: PoolCounters,
+    seen: Box<[AtomicU64]>,
+}
+
+impl Default for AgentPool {
+    fn default() -> Self {
+        Self {
+            counters: PoolCounters::default(),
+            seen: (0..AGENT_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl AgentPool {
+    /// One stream on agent connection `key` (keys start at 1).
+    pub(crate) fn stream(&self, key: u64) {
+        let slot = &self.seen[(key as usize) % AGENT_SLOTS];
+        let reused =
+            slot.load(Ordering::Relaxed) == key || slot.swap(key, Ordering::Relaxed) == key;
+        if !reused {
+            self.counters.opened();
+        }
+        self.counters.request(reused);
+    }
+}
+
+/// Pool kinds as `/metrics` labels them.
+pub(crate) const POOL_AGENT: &str = "agent";
+pub(crate) const POOL_ORIGIN_H1: &str = "origin_h1";
+pub(crate) const POOL_ORIGIN_H2: &str = "origin_h2";
+pub(crate) const POOL_PEER: &str = "peer";
 
 impl Metrics {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -152,6 +229,111 @@ impl Metrics {
     }
 }
 
+/// One backend of one service as `/metrics` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct BackendState {
+    pub(crate) service: String,
+    /// The origin's URL or the agent's id.
+    pub(crate) backend: String,
+    /// `origin` or `agent`.
+    pub(crate) kind: &'static str,
+    /// Passes active health checks (the edge's own for origins and, through the tunnel, for
+    /// agents; for agents also the agent's own origin probe).
+    pub(crate) checks_ok: bool,
+    /// Ejected by passive outlier detection.
+    pub(crate) ejected: bool,
+    pub(crate) breaker: crate::breaker::Phase,
+}
+
+/// Renders backend health, breaker state and pool reuse (the upstream side of `/metrics`).
+pub(crate) fn render_upstreams(
+    out: &mut String,
+    backends: &[BackendState],
+    pools: &[(&str, (u64, u64, u64))],
+) {
+    let _ = writeln!(
+        out,
+        "# HELP meridian_edge_backend_healthy 1 while a backend passes its active health checks and is not ejected as an outlier.\n# TYPE meridian_edge_backend_healthy gauge"
+    );
+    for b in backends {
+        let _ = writeln!(
+            out,
+            "meridian_edge_backend_healthy{{{}}} {}",
+            backend_labels(b),
+            u8::from(b.checks_ok && !b.ejected)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP meridian_edge_backend_check_passing 1 while a backend passes its active health checks.\n# TYPE meridian_edge_backend_check_passing gauge"
+    );
+    for b in backends {
+        let _ = writeln!(
+            out,
+            "meridian_edge_backend_check_passing{{{}}} {}",
+            backend_labels(b),
+            u8::from(b.checks_ok)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP meridian_edge_backend_ejected 1 while passive outlier detection ejects a backend.\n# TYPE meridian_edge_backend_ejected gauge"
+    );
+    for b in backends {
+        let _ = writeln!(
+            out,
+            "meridian_edge_backend_ejected{{{}}} {}",
+            backend_labels(b),
+            u8::from(b.ejected)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP meridian_edge_backend_circuit_state Circuit breaker state per backend: 1 on the current state.\n# TYPE meridian_edge_backend_circuit_state gauge"
+    );
+    for b in backends {
+        let labels = backend_labels(b);
+        for phase in crate::breaker::Phase::ALL {
+            let _ = writeln!(
+                out,
+                "meridian_edge_backend_circuit_state{{{labels},state=\"{}\"}} {}",
+                phase.label(),
+                u8::from(b.breaker == phase)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP meridian_edge_upstream_connections_opened_total Upstream connections opened (agent connections: first used), by pool.\n# TYPE meridian_edge_upstream_connections_opened_total counter"
+    );
+    for (pool, (opened, _, _)) in pools {
+        let _ = writeln!(
+            out,
+            "meridian_edge_upstream_connections_opened_total{{pool=\"{pool}\"}} {opened}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP meridian_edge_upstream_requests_total Upstream requests by pool, on a new or a reused connection.\n# TYPE meridian_edge_upstream_requests_total counter"
+    );
+    for (pool, (_, requests, reused)) in pools {
+        let _ = writeln!(
+            out,
+            "meridian_edge_upstream_requests_total{{pool=\"{pool}\",connection=\"new\"}} {}\nmeridian_edge_upstream_requests_total{{pool=\"{pool}\",connection=\"reused\"}} {reused}",
+            requests.saturating_sub(*reused)
+        );
+    }
+}
+
+fn backend_labels(b: &BackendState) -> String {
+    format!(
+        "service=\"{}\",backend=\"{}\",kind=\"{}\"",
+        escape(&b.service),
+        escape(&b.backend),
+        b.kind
+    )
+}
+
 /// Point-in-time values the renderer cannot count itself.
 #[derive(Debug, Default)]
 pub(crate) struct Gauges {
@@ -222,6 +404,65 @@ mod tests {
         assert!(text.contains("meridian_edge_backends{service=\"web\"} 2"));
         assert!(text.contains("meridian_edge_draining 1"));
         assert!(!text.contains("anycast"));
+    }
+
+    #[test]
+    fn agent_pool_counts_first_use_as_a_connection() {
+        let p = AgentPool::default();
+        p.stream(1);
+        p.stream(1);
+        p.stream(2);
+        p.stream(1);
+        p.stream(2);
+        assert_eq!(p.counters.get(), (2, 5, 3));
+    }
+
+    #[test]
+    fn renders_backends_and_pools() {
+        let mut out = String::new();
+        render_upstreams(
+            &mut out,
+            &[
+                BackendState {
+                    service: "web".into(),
+                    backend: "http://10.0.0.1:80".into(),
+                    kind: "origin",
+                    checks_ok: true,
+                    ejected: true,
+                    breaker: crate::breaker::Phase::HalfOpen,
+                },
+                BackendState {
+                    service: "web".into(),
+                    backend: "a1".into(),
+                    kind: "agent",
+                    checks_ok: true,
+                    ejected: false,
+                    breaker: crate::breaker::Phase::Closed,
+                },
+            ],
+            &[(POOL_ORIGIN_H1, (2, 10, 8))],
+        );
+        let o = "service=\"web\",backend=\"http://10.0.0.1:80\",kind=\"origin\"";
+        assert!(out.contains(&format!("meridian_edge_backend_healthy{{{o}}} 0")));
+        assert!(out.contains(&format!("meridian_edge_backend_ejected{{{o}}} 1")));
+        assert!(out.contains(&format!(
+            "meridian_edge_backend_circuit_state{{{o},state=\"half_open\"}} 1"
+        )));
+        assert!(out.contains(&format!(
+            "meridian_edge_backend_circuit_state{{{o},state=\"open\"}} 0"
+        )));
+        assert!(out.contains(
+            "meridian_edge_backend_healthy{service=\"web\",backend=\"a1\",kind=\"agent\"} 1"
+        ));
+        assert!(
+            out.contains("meridian_edge_upstream_connections_opened_total{pool=\"origin_h1\"} 2")
+        );
+        assert!(out.contains(
+            "meridian_edge_upstream_requests_total{pool=\"origin_h1\",connection=\"reused\"} 8"
+        ));
+        assert!(out.contains(
+            "meridian_edge_upstream_requests_total{pool=\"origin_h1\",connection=\"new\"} 2"
+        ));
     }
 
     #[test]

@@ -110,6 +110,8 @@ pub(crate) struct PeerClient {
     /// SHA-256 of the node token, to check incoming hops in constant time.
     token_digest: [u8; 32],
     pool: Mutex<HashMap<SocketAddr, http2::SendRequest<PeerBody>>>,
+    /// Connections opened and requests sent, for `/metrics`.
+    pub(crate) stats: crate::metrics::PoolCounters,
 }
 
 impl PeerClient {
@@ -144,6 +146,7 @@ impl PeerClient {
             token,
             token_digest: Sha256::digest(node_token.as_bytes()).into(),
             pool: Mutex::new(HashMap::new()),
+            stats: Default::default(),
         })
     }
 
@@ -190,6 +193,7 @@ impl PeerClient {
     async fn sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<PeerBody>, PeerError> {
         let pooled = self.pool().get(&addr).filter(|s| !s.is_closed()).cloned();
         if let Some(s) = pooled {
+            self.stats.request(true);
             return Ok(s);
         }
         let connect = async {
@@ -220,6 +224,8 @@ impl PeerClient {
             .map_err(|_| PeerError::Connect(addr, "timed out".into()))?
             .map_err(|e| PeerError::Connect(addr, e))?;
         self.pool().insert(addr, sender.clone());
+        self.stats.opened();
+        self.stats.request(false);
         Ok(sender)
     }
 }

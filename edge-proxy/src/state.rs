@@ -34,11 +34,15 @@ pub(crate) struct Shared {
     pub(crate) upstreams: crate::upstream::Upstreams,
     pub(crate) agents: Registry,
     pub(crate) snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    /// Retry budget of requests for services without a definition in the snapshot (each
+    /// defined service has its own, in its balancing state).
     pub(crate) retry_budget: Mutex<RetryBudget>,
     /// Identical GET/HEAD requests in flight on routes that coalesce.
     pub(crate) coalescer: crate::coalesce::Coalescer,
     /// Passive outlier detection, one detector per service.
     pub(crate) outliers: Mutex<std::collections::HashMap<String, crate::outlier::Detector>>,
+    /// The edge's own health checks of agents, through the tunnel.
+    pub(crate) agent_checks: crate::health::AgentChecks,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) ip_limit: Option<crate::ratelimit::Limiter<std::net::IpAddr>>,
     pub(crate) route_limit: Option<crate::ratelimit::Limiter<Arc<str>>>,
@@ -62,9 +66,17 @@ impl Shared {
         self.outliers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The process-wide retry budget. The lock is held for a few counter updates, never across
-    /// `.await`; a poisoned lock still holds valid counters.
-    pub(crate) fn retry_budget(&self) -> std::sync::MutexGuard<'_, RetryBudget> {
-        self.retry_budget.lock().unwrap_or_else(|e| e.into_inner())
+    /// The retry budget of the service whose balancing state is `sb`: its own, so a storm on
+    /// one service cannot spend another's retries; the shared fallback for a service without a
+    /// definition. The lock is held for a few counter updates, never across `.await`; a
+    /// poisoned lock still holds valid counters.
+    pub(crate) fn retry_budget<'a>(
+        &'a self,
+        sb: Option<&'a crate::balance::ServiceBalance>,
+    ) -> std::sync::MutexGuard<'a, RetryBudget> {
+        match sb {
+            Some(sb) => sb.retry_budget.lock(),
+            None => self.retry_budget.lock().unwrap_or_else(|e| e.into_inner()),
+        }
     }
 }

@@ -102,7 +102,26 @@ impl OriginKey {
 pub(crate) struct OriginClient {
     pub(crate) key: OriginKey,
     client: Client<OriginConnector, UpBody>,
+    stats: Arc<OriginPoolStats>,
 }
+
+/// Connection reuse of the origin pool, by protocol (relaxed atomics).
+#[derive(Debug, Default)]
+pub(crate) struct OriginPoolStats {
+    pub(crate) h1: crate::metrics::PoolCounters,
+    pub(crate) h2: crate::metrics::PoolCounters,
+}
+
+impl OriginPoolStats {
+    fn kind(&self, h2: bool) -> &crate::metrics::PoolCounters {
+        if h2 { &self.h2 } else { &self.h1 }
+    }
+}
+
+/// Rides on every response of one pooled connection (hyper-util copies a connector's `extra`
+/// into each response): set by the first response, so later ones know the connection is reused.
+#[derive(Clone, Debug)]
+struct Served(Arc<AtomicBool>);
 
 impl std::fmt::Debug for OriginClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,7 +132,7 @@ impl std::fmt::Debug for OriginClient {
 }
 
 impl OriginClient {
-    fn new(key: OriginKey) -> Result<Self, String> {
+    fn new(key: OriginKey, stats: Arc<OriginPoolStats>) -> Result<Self, String> {
         let tls = if key.tls {
             let name = ServerName::try_from(key.sni.clone())
                 .map_err(|e| format!("origin server name {:?}: {e}", key.sni))?;
@@ -124,6 +143,8 @@ impl OriginClient {
         let connector = OriginConnector {
             authority: key.authority.as_str().into(),
             tls,
+            h2c: key.h2 && !key.tls,
+            stats: stats.clone(),
         };
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -134,7 +155,7 @@ impl OriginClient {
             .set_host(false)
             .http2_only(key.h2 && !key.tls)
             .build(connector);
-        Ok(Self { key, client })
+        Ok(Self { key, client, stats })
     }
 
     /// Sends one request; the URI's authority is the virtual host, never where it is dialled.
@@ -142,7 +163,15 @@ impl OriginClient {
         &self,
         req: Request<UpBody>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(req).await
+        let resp = self.client.request(req).await?;
+        let reused = resp
+            .extensions()
+            .get::<Served>()
+            .is_some_and(|s| s.0.swap(true, Ordering::Relaxed));
+        self.stats
+            .kind(resp.version() == http::Version::HTTP_2)
+            .request(reused);
+        Ok(resp)
     }
 }
 
@@ -178,6 +207,9 @@ fn tls_config(key: &OriginKey) -> Result<Arc<rustls::ClientConfig>, String> {
 struct OriginConnector {
     authority: Arc<str>,
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    /// Prior-knowledge HTTP/2 over plain TCP (TLS connections say so by ALPN).
+    h2c: bool,
+    stats: Arc<OriginPoolStats>,
 }
 
 impl tower_service::Service<Uri> for OriginConnector {
@@ -202,9 +234,14 @@ impl tower_service::Service<Uri> for OriginConnector {
                 let tcp = TcpStream::connect(&*this.authority).await?;
                 tcp.set_nodelay(true)?;
                 match &this.tls {
-                    None => Ok(OriginStream::Plain(TokioIo::new(tcp))),
+                    None => {
+                        this.stats.kind(this.h2c).opened();
+                        Ok(OriginStream::Plain(TokioIo::new(tcp)))
+                    }
                     Some((tls, name)) => {
                         let s = tls.connect(name.clone(), tcp).await?;
+                        let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                        this.stats.kind(h2).opened();
                         Ok(OriginStream::Tls(Box::new(TokioIo::new(s))))
                     }
                 }
@@ -223,12 +260,13 @@ enum OriginStream {
 
 impl Connection for OriginStream {
     fn connected(&self) -> Connected {
+        // Called once per new connection; its `extra` is copied into each of its responses.
+        let c = Connected::new().extra(Served(Arc::new(AtomicBool::new(false))));
         match self {
-            Self::Plain(_) => Connected::new(),
             Self::Tls(s) if s.inner().get_ref().1.alpn_protocol() == Some(b"h2") => {
-                Connected::new().negotiated_h2()
+                c.negotiated_h2()
             }
-            Self::Tls(_) => Connected::new(),
+            Self::Plain(_) | Self::Tls(_) => c,
         }
     }
 }
@@ -296,6 +334,8 @@ impl hyper::rt::Write for OriginStream {
 #[derive(Default)]
 pub(crate) struct Pool {
     clients: Mutex<HashMap<OriginKey, Weak<OriginClient>>>,
+    /// Connection reuse across every identity, for `/metrics`.
+    pub(crate) stats: Arc<OriginPoolStats>,
 }
 
 impl Pool {
@@ -308,7 +348,7 @@ impl Pool {
             return Ok(c);
         }
         clients.retain(|_, w| w.strong_count() > 0);
-        let c = Arc::new(OriginClient::new(key.clone())?);
+        let c = Arc::new(OriginClient::new(key.clone(), self.stats.clone())?);
         clients.insert(key.clone(), Arc::downgrade(&c));
         Ok(c)
     }

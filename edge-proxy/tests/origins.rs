@@ -94,6 +94,7 @@ impl Drop for TempDir {
 
 struct Harness {
     http: SocketAddr,
+    admin: SocketAddr,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
     _shutdown: tokio_util::sync::DropGuard,
     _dir: TempDir,
@@ -108,16 +109,19 @@ async fn edge(snap: Snapshot, node_token: Option<&str>) -> Harness {
     let mut config = Config::new("eu", "127.0.0.1:0".parse().unwrap());
     config.id = "edge-test".into();
     config.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     config.tls_cert = Some(dir.join("cert.pem"));
     config.tls_key = Some(dir.join("key.pem"));
     config.node_token = node_token.map(str::to_owned);
     let edge = Edge::bind(config).await.unwrap();
     let http = edge.http_addr().unwrap();
+    let admin = edge.admin_addr().unwrap();
     let (tx, rx) = watch::channel(Some(Arc::new(snap)));
     let shutdown = CancellationToken::new();
     tokio::spawn(edge.serve(rx, shutdown.clone()));
     Harness {
         http,
+        admin,
         snapshots: tx,
         _shutdown: shutdown.drop_guard(),
         _dir: TempDir(dir),
@@ -442,4 +446,144 @@ async fn circuit_breaker_opens_then_a_half_open_probe_closes_it() {
     tokio::time::sleep(Duration::from_millis(450)).await;
     let t = tally(h.http, 10, "").await;
     assert!(t.get("a").copied().unwrap_or(0) >= 4, "closed again: {t:?}");
+}
+
+/// The edge's `/metrics` body.
+async fn metrics(h: &Harness) -> String {
+    let mut s = tokio::net::TcpStream::connect(h.admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The value of the sample `series` (name and labels exactly as rendered).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Polls `/metrics` until `series` has `value` (a health verdict lands on the check's clock).
+async fn wait_sample(h: &Harness, series: &str, value: f64) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = metrics(h).await;
+        if sample(&m, series) == Some(value) {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} never became {value}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_show_backend_health_breaker_state_and_pool_reuse() {
+    let (a, b) = (origin("a").await, origin("b").await);
+    let h = edge(
+        snapshot(Service {
+            name: "web".into(),
+            lb_policy: LbPolicy::RoundRobin,
+            origins: origins(&[(&a, 1), (&b, 1)]),
+            health_check: Some(HealthCheck {
+                path: "/health".into(),
+                interval_ms: 50,
+                timeout_ms: 50,
+                rise: 1,
+                fall: 2,
+            }),
+            circuit_breaker: Some(coordinator_api::CircuitBreaker {
+                failures: 2,
+                open_ms: 60_000,
+                half_open_probes: 1,
+            }),
+            ..Default::default()
+        }),
+        None,
+    )
+    .await;
+    let label = |o: &TestOrigin| {
+        format!(
+            "service=\"web\",backend=\"http://{}\",kind=\"origin\"",
+            o.addr
+        )
+    };
+    let (la, lb) = (label(&a), label(&b));
+    assert_eq!(tally(h.http, 20, "").await.len(), 2, "both serve");
+    let m = metrics(&h).await;
+    for o in [&la, &lb] {
+        assert_eq!(
+            sample(&m, &format!("meridian_edge_backend_healthy{{{o}}}")),
+            Some(1.0),
+            "{m}"
+        );
+        assert_eq!(
+            sample(
+                &m,
+                &format!("meridian_edge_backend_circuit_state{{{o},state=\"closed\"}}")
+            ),
+            Some(1.0),
+            "{m}"
+        );
+    }
+    // Twenty requests (plus health checks) over keep-alive connections: a handful opened, the
+    // rest reused.
+    let opened = sample(
+        &m,
+        "meridian_edge_upstream_connections_opened_total{pool=\"origin_h1\"}",
+    )
+    .unwrap();
+    let new = sample(
+        &m,
+        "meridian_edge_upstream_requests_total{pool=\"origin_h1\",connection=\"new\"}",
+    )
+    .unwrap();
+    let reused = sample(
+        &m,
+        "meridian_edge_upstream_requests_total{pool=\"origin_h1\",connection=\"reused\"}",
+    )
+    .unwrap();
+    assert!((1.0..=6.0).contains(&opened), "{m}");
+    assert!(new <= opened, "{m}");
+    assert!(reused >= 20.0 - opened, "{m}");
+
+    // b fails its checks: unhealthy on /metrics, as it is for routing.
+    b.healthy.store(false, Ordering::SeqCst);
+    let m = wait_sample(&h, &format!("meridian_edge_backend_healthy{{{lb}}}"), 0.0).await;
+    assert_eq!(
+        sample(&m, &format!("meridian_edge_backend_check_passing{{{lb}}}")),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&m, &format!("meridian_edge_backend_healthy{{{la}}}")),
+        Some(1.0)
+    );
+
+    // a answers 500 twice: its breaker opens.
+    a.failing.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        assert_eq!(get(h.http, "/", "").await.status, 500);
+    }
+    let m = metrics(&h).await;
+    assert_eq!(
+        sample(
+            &m,
+            &format!("meridian_edge_backend_circuit_state{{{la},state=\"open\"}}")
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!("meridian_edge_backend_circuit_state{{{la},state=\"closed\"}}")
+        ),
+        Some(0.0)
+    );
+    b.healthy.store(true, Ordering::SeqCst);
+    wait_sample(&h, &format!("meridian_edge_backend_healthy{{{lb}}}"), 1.0).await;
 }

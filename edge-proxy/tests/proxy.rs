@@ -1270,7 +1270,10 @@ fn fail_streams(conn: quinn::Connection) -> Arc<AtomicUsize> {
 
 #[tokio::test]
 async fn failing_backend_is_ejected_as_an_outlier() {
-    let h = start(Some(snapshot())).await;
+    let h = start_with(Some(snapshot()), |c| {
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
     let bad = connect_agent_as(&h, "bad", GOOD_TOKEN, &["web"]).await;
     let bad_seen = fail_streams(bad.conn.clone());
     let good = connect_agent_as(&h, "good", GOOD_TOKEN, &["web"]).await;
@@ -1287,4 +1290,20 @@ async fn failing_backend_is_ejected_as_an_outlier() {
     // Five consecutive failures eject it; without ejection about half of 60 would fail.
     assert_eq!(failed, 5, "failures before ejection");
     assert_eq!(bad_seen.load(Ordering::SeqCst), 5);
+
+    // /metrics shows the ejection per backend, and the tunnel's pool: two agent connections,
+    // every other stream on a connection already in use.
+    let m = get(h.admin.unwrap(), "admin", "/metrics").await.body;
+    for want in [
+        "meridian_edge_backend_ejected{service=\"web\",backend=\"bad\",kind=\"agent\"} 1",
+        "meridian_edge_backend_healthy{service=\"web\",backend=\"bad\",kind=\"agent\"} 0",
+        "meridian_edge_backend_check_passing{service=\"web\",backend=\"bad\",kind=\"agent\"} 1",
+        "meridian_edge_backend_healthy{service=\"web\",backend=\"good\",kind=\"agent\"} 1",
+        "meridian_edge_backend_circuit_state{service=\"web\",backend=\"good\",kind=\"agent\",state=\"closed\"} 1",
+        "meridian_edge_upstream_connections_opened_total{pool=\"agent\"} 2",
+        "meridian_edge_upstream_requests_total{pool=\"agent\",connection=\"new\"} 2",
+        "meridian_edge_upstream_requests_total{pool=\"agent\",connection=\"reused\"} 58",
+    ] {
+        assert!(m.contains(want), "missing {want} in\n{m}");
+    }
 }

@@ -237,6 +237,13 @@ struct ServiceFlags {
     /// Remove both concurrency limits (update).
     #[arg(long, conflicts_with_all = ["soft_limit", "hard_limit"])]
     no_limits: bool,
+    /// This service's own retry budget at each edge: `RATIO[,min=N]`, retries as a share of
+    /// its requests over 10 s (e.g. `0.2` or `20%`) plus N a second always (default 0).
+    #[arg(long, value_parser = parse_retry_budget, value_name = "RATIO")]
+    retry_budget: Option<coordinator_api::RetryBudget>,
+    /// Back to the edge's default budget (update).
+    #[arg(long, conflicts_with = "retry_budget")]
+    no_retry_budget: bool,
 }
 
 impl ServiceFlags {
@@ -263,7 +270,47 @@ impl ServiceFlags {
             c.soft = self.soft_limit.or(c.soft);
             c.hard = self.hard_limit.or(c.hard);
         }
+        if self.retry_budget.is_some() || self.no_retry_budget {
+            s.retry_budget = self.retry_budget;
+        }
     }
+}
+
+/// `RATIO[,min=N]`: `0.2` or `20%` of requests, plus N retries a second.
+fn parse_retry_budget(s: &str) -> Result<coordinator_api::RetryBudget, String> {
+    let mut parts = s.split(',');
+    let ratio = parts.next().unwrap_or_default().trim();
+    let percent = match ratio.strip_suffix('%') {
+        Some(p) => p
+            .parse::<f64>()
+            .map_err(|_| format!("retry budget: not a percentage: {ratio:?}"))?,
+        None => {
+            ratio
+                .parse::<f64>()
+                .map_err(|_| format!("retry budget: not a ratio: {ratio:?}"))?
+                * 100.0
+        }
+    };
+    if !(0.0..=1000.0).contains(&percent) {
+        return Err(format!(
+            "retry budget {ratio:?} out of range (0 to 10, or 0% to 1000%)"
+        ));
+    }
+    let mut b = coordinator_api::RetryBudget {
+        percent: percent.round() as u32,
+        min_per_sec: 0,
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("min", v)) => {
+                b.min_per_sec = v
+                    .parse()
+                    .map_err(|_| format!("retry budget min: not a number: {v:?}"))?;
+            }
+            _ => return Err(format!("unknown retry-budget option {opt:?} (min=N)")),
+        }
+    }
+    Ok(b)
 }
 
 /// Origins for the services table, as `--origin` takes them (`-` for none).
@@ -1431,6 +1478,23 @@ mod tests {
         assert!(parse_origin("10.0.0.1:80").is_err());
         assert!(parse_origin("http://a,weight=x").is_err());
         assert!(parse_origin("http://a,bogus").is_err());
+        assert_eq!(
+            parse_retry_budget("0.25"),
+            Ok(coordinator_api::RetryBudget {
+                percent: 25,
+                min_per_sec: 0
+            })
+        );
+        assert_eq!(
+            parse_retry_budget("10%,min=2"),
+            Ok(coordinator_api::RetryBudget {
+                percent: 10,
+                min_per_sec: 2
+            })
+        );
+        assert!(parse_retry_budget("x").is_err());
+        assert!(parse_retry_budget("0.2,max=3").is_err());
+        assert!(parse_retry_budget("-1").is_err());
         assert_eq!(parse_breaker("on"), Ok(Default::default()));
         assert_eq!(parse_breaker("failures=2,open=100").unwrap().open_ms, 100);
     }

@@ -77,9 +77,22 @@ pub struct Service {
     /// Per-backend circuit breaker with half-open probes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
+    /// This service's retry budget at each edge (the edge's default, 20 % + 3/s, when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
     /// In-flight request limits per backend of this service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<ConcurrencyLimits>,
+}
+
+/// Retries an edge may add for one service within a sliding 10 s window: `percent` of the
+/// service's requests in it, plus `min_per_sec` per second always. Each service has its own
+/// budget, so one failing service cannot spend the retries of another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryBudget {
+    pub percent: u32,
+    #[serde(default)]
+    pub min_per_sec: u32,
 }
 
 /// A backend reached directly (no agent): `http://host:port` or `https://host:port`.
