@@ -3,7 +3,8 @@
 //! (its own certificate, from its own CA). On the edge's one HTTPS port:
 //! - a passthrough host's client gets the ORIGIN's certificate and the origin's answer;
 //! - another host still gets the edge's certificate and normal HTTP routing;
-//! - with `proxy_protocol` the origin learns the client's real address from a PROXY v2 header;
+//! - with `proxy_protocol` the origin learns the client's real address from a PROXY v2 header,
+//!   as it does through `--tcp-service PORT=SERVICE,proxy-protocol`;
 //! - junk and a trickled ClientHello are closed, and the edge keeps serving;
 //! - `/metrics` counts passthrough connections by service.
 
@@ -306,6 +307,9 @@ async fn sni_passthrough_to_a_tls_origin_with_proxy_protocol() {
     let admin_addr: SocketAddr = format!("{EDGE_IP}:{}", free_port(EDGE_IP, false))
         .parse()
         .unwrap();
+    let tcp_service: SocketAddr = format!("{EDGE_IP}:{}", free_port(EDGE_IP, false))
+        .parse()
+        .unwrap();
     let tunnel: SocketAddr = format!("{TUNNEL_IP}:{}", free_port(TUNNEL_IP, true))
         .parse()
         .unwrap();
@@ -324,6 +328,10 @@ async fn sni_passthrough_to_a_tls_origin_with_proxy_protocol() {
             ])
             .args(["--coordinator", &format!("http://{api}")])
             .args(["--header-read-timeout", "1s"])
+            .args([
+                "--tcp-service",
+                &format!("{tcp_service}=vault,proxy-protocol"),
+            ])
             .env("MERIDIAN_NODE_TOKEN", NODE)
             .env("MERIDIAN_LOG", "warn")
             .stdin(Stdio::null())
@@ -401,6 +409,17 @@ async fn sni_passthrough_to_a_tls_origin_with_proxy_protocol() {
         seen.response
     );
     assert_eq!(seen.local.ip(), CLIENT_IP.parse::<IpAddr>().unwrap());
+
+    // A plain TCP service with `,proxy-protocol` (the client speaks TLS to the origin through
+    // it): the same header, with this client's address.
+    let seen = https(tcp_service, SECURE, &origin_ca).await.unwrap();
+    assert_eq!(seen.cert, origin_der);
+    assert!(
+        seen.response
+            .ends_with(&format!("origin sni={SECURE} client={}", seen.local)),
+        "{}",
+        seen.response
+    );
 
     // The same port, another name: the edge's own certificate and normal HTTP routing.
     let seen = eventually(WAIT, || async {
