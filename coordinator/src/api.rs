@@ -119,6 +119,8 @@ pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/openapi.json", get(crate::openapi::serve))
+        // Authenticated by an agent token, not an API token: see `agent_certificate`.
+        .route("/v1/agent/certificate", post(agent_certificate))
         .route("/", get(crate::dashboard::serve))
         .merge(node)
         .merge(admin)
@@ -546,6 +548,54 @@ async fn revoke_token(
         .await?;
     st.hub.refresh_desired().await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- agent certificates (optional tunnel mTLS) ----
+
+/// `POST /v1/agent/certificate`: an agent holding a valid agent token gets a short-lived
+/// client certificate for the token's service, for the public key in its CSR. Tokens are
+/// checked against the published snapshot, so a revoked token gets 401 as soon as edges stop
+/// accepting it.
+async fn agent_certificate(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    req: Result<Json<coordinator_api::AgentCertificateRequest>, JsonRejection>,
+) -> ApiResult<Json<coordinator_api::AgentCertificate>> {
+    let sha = token::sha256_hex(bearer(&headers)?);
+    let snap = st.hub.current();
+    let record = snap
+        .agent_tokens
+        .iter()
+        .find(|t| t.sha256 == sha)
+        .ok_or_else(|| ApiErr::new(StatusCode::UNAUTHORIZED, "invalid agent token"))?;
+    let (token_id, service) = (record.id.clone(), record.service.clone());
+    drop(snap);
+    let req = body(req)?;
+    let cert = st
+        .hub
+        .tunnel_ca()
+        .issue(
+            &req.csr,
+            &service,
+            std::time::SystemTime::now(),
+            crate::pki::AGENT_CERT_VALIDITY,
+        )
+        .map_err(|e| match e {
+            crate::pki::PkiError::Csr(_) => {
+                ApiErr::field(StatusCode::BAD_REQUEST, e.to_string(), "csr")
+            }
+            other => {
+                error!(error = %other, "issuing an agent certificate failed");
+                ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
+            }
+        })?;
+    tracing::info!(
+        token_id,
+        service,
+        not_after_ms = cert.not_after_ms,
+        "issued an agent tunnel certificate"
+    );
+    Ok(Json(cert))
 }
 
 // ---- regions ----

@@ -31,6 +31,8 @@ struct State {
     /// published view, a leadership change), so subscribers hear of it: observed_version is the
     /// sum of both counters.
     gslb_version: u64,
+    /// PEM of the tunnel client CA, in every snapshot.
+    tunnel_client_ca: Option<String>,
 }
 
 #[derive(Debug)]
@@ -43,6 +45,8 @@ pub(crate) struct Hub {
     /// Heartbeats received since the last [`Hub::take_shared`], latest per edge (shared stores).
     to_share: Mutex<BTreeMap<String, EdgeHeartbeat>>,
     share_ready: Notify,
+    /// Signs agents' tunnel client certificates (`POST /v1/agent/certificate`).
+    tunnel_ca: Arc<crate::pki::TunnelCa>,
 }
 
 impl Hub {
@@ -59,6 +63,14 @@ impl Hub {
             }
         }
         let shared = store.call(|s| Ok(s.shared_observed().is_some())).await?;
+        // Loaded before the first snapshot is built: a snapshot only goes out again when a
+        // revision moves, and the CA must be in the very first one.
+        let tunnel_ca = crate::pki::load_or_create(&store)
+            .await
+            .map_err(|e| match e {
+                crate::pki::PkiError::Store(e) => e,
+                other => StoreError::Backend(other.to_string()),
+            })?;
         let state = State {
             desired: Arc::new(desired),
             observed,
@@ -67,6 +79,7 @@ impl Hub {
             gslb: None,
             gslb_stale: false,
             gslb_version: 0,
+            tunnel_client_ca: Some(tunnel_ca.cert_pem().to_owned()),
         };
         let (tx, _) = watch::channel(Arc::new(build(&state)));
         Ok(Arc::new(Self {
@@ -76,6 +89,7 @@ impl Hub {
             started,
             to_share: Mutex::default(),
             share_ready: Notify::new(),
+            tunnel_ca: Arc::new(tunnel_ca),
         }))
     }
 
@@ -86,6 +100,11 @@ impl Hub {
 
     pub(crate) fn store(&self) -> &StoreHandle {
         &self.store
+    }
+
+    /// The tunnel client CA that signs agent certificates.
+    pub(crate) fn tunnel_ca(&self) -> &crate::pki::TunnelCa {
+        &self.tunnel_ca
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -265,6 +284,7 @@ fn build(st: &State) -> Snapshot {
         records: d.records.clone(),
         region_health: health,
         edges,
+        tunnel_client_ca: st.tunnel_client_ca.clone(),
     }
 }
 
@@ -383,6 +403,7 @@ mod tests {
             gslb: None,
             gslb_stale: false,
             gslb_version: 0,
+            tunnel_client_ca: None,
         }
     }
 

@@ -11,6 +11,7 @@ mod error;
 mod hub;
 mod observed;
 mod openapi;
+mod pki;
 mod resume;
 mod server;
 pub mod store;

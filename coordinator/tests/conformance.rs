@@ -493,6 +493,7 @@ fn updates_replace_whole_objects(s: &mut dyn Store) {
             soft: Some(10),
             hard: Some(20),
         }),
+        require_mtls: true,
     };
     let r1 = s.update_service(&web).unwrap();
     assert!(r1 > before);

@@ -12,6 +12,8 @@ pub(crate) struct Admitted {
     pub(crate) token_id: String,
     pub(crate) token_sha256: String,
     pub(crate) service: String,
+    /// Admitted with a verified client certificate naming the service (see `client_auth`).
+    pub(crate) mtls: bool,
 }
 
 /// Validates a `Hello`. `Err` carries the reason sent back in `Reject`.
@@ -49,6 +51,7 @@ pub(crate) fn admit(
         token_id: record.id.clone(),
         token_sha256: sha,
         service: record.service.clone(),
+        mtls: false,
     })
 }
 

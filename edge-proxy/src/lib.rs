@@ -13,6 +13,7 @@ pub mod announce;
 mod backend;
 mod balance;
 mod breaker;
+mod client_auth;
 mod coalesce;
 mod config;
 mod error;

@@ -69,12 +69,17 @@ pub fn transport_config() -> quinn::TransportConfig {
     t
 }
 
-/// QUIC tunnel: TLS 1.3 only (QUIC requires it), ALPN `meridian-tunnel/1`, no 0-RTT.
+/// QUIC tunnel: TLS 1.3 only (QUIC requires it), ALPN `meridian-tunnel/1`, no 0-RTT. Client
+/// certificates are asked for but optional: services with `require_mtls` check them at `Hello`
+/// (see [`crate::client_auth`]). Agents on the TCP fallback present theirs in the same QUIC
+/// handshake, inside the outer TLS.
 pub(crate) fn tunnel_config(id: &Identity) -> Result<quinn::ServerConfig, Error> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+    let provider = ring::default_provider();
+    let client_certs = Arc::new(crate::client_auth::OptionalClientCert::new(&provider));
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_certs)
         .with_single_cert(id.chain.clone(), id.clone_key())
         .map_err(|e| Error::Tls(format!("certificate/key: {e}")))?;
     tls.alpn_protocols = vec![tunnel_proto::ALPN.to_vec()];

@@ -653,10 +653,39 @@ async fn session(
     };
 
     let snapshot = shared.snapshots.borrow().clone();
-    let admitted = match admission::admit(snapshot.as_deref(), version, &token, &services) {
+    let mut admitted = match admission::admit(snapshot.as_deref(), version, &token, &services) {
         Ok(a) => a,
         Err(reason) => {
             warn!(%remote, agent_id, %reason, "agent rejected");
+            farewell(
+                &conn,
+                send,
+                Frame::Reject {
+                    reason: reason.clone(),
+                },
+                close::REJECTED,
+                &reason,
+            )
+            .await;
+            return Ok(());
+        }
+    };
+    // Per-service mTLS: a service with `require_mtls` takes only agents whose handshake
+    // presented a current certificate from the tunnel client CA naming it.
+    let chain = crate::client_auth::peer_chain(&conn);
+    admitted.mtls = match snapshot.as_deref().map(|s| {
+        crate::client_auth::admit(
+            s,
+            &admitted.service,
+            chain.as_deref(),
+            rustls::pki_types::UnixTime::now(),
+        )
+    }) {
+        Some(Ok(verified)) => verified,
+        // Unreachable: admission already needed a snapshot.
+        None => false,
+        Some(Err(reason)) => {
+            warn!(%remote, agent_id, service = admitted.service, %reason, "agent rejected");
             farewell(
                 &conn,
                 send,
@@ -697,7 +726,7 @@ async fn session(
         },
     );
     shared.agents.add(handle.clone());
-    info!(%remote, agent_id, service = admitted.service, "agent connected");
+    info!(%remote, agent_id, service = admitted.service, mtls = admitted.mtls, "agent connected");
 
     let end = control_loop(
         shared,
@@ -713,6 +742,19 @@ async fn session(
     info!(%remote, agent_id, service = admitted.service, reason = %end, "agent disconnected");
 
     match end {
+        End::MtlsRequired => {
+            let reason = "service now requires mTLS and this connection presented no valid client certificate";
+            farewell(
+                &conn,
+                send,
+                Frame::GoAway {
+                    reason: reason.into(),
+                },
+                close::REVOKED,
+                reason,
+            )
+            .await;
+        }
         End::Revoked => {
             farewell(
                 &conn,
@@ -778,6 +820,8 @@ enum End {
     /// The agent said GoAway or finished its control stream.
     AgentGone(String),
     Revoked,
+    /// The service started requiring mTLS and this connection was admitted without it.
+    MtlsRequired,
     Shutdown,
     Protocol(String),
     Connection(String),
@@ -790,6 +834,7 @@ impl std::fmt::Display for End {
         match self {
             Self::AgentGone(r) => write!(f, "agent going away: {r}"),
             Self::Revoked => f.write_str("token revoked"),
+            Self::MtlsRequired => f.write_str("service now requires mTLS"),
             Self::Shutdown => f.write_str("edge shutting down"),
             Self::Protocol(r) => write!(f, "protocol error: {r}"),
             Self::Connection(r) => write!(f, "connection lost: {r}"),
@@ -810,8 +855,13 @@ async fn control_loop(
     let mut snapshots = shared.snapshots.clone();
     // A snapshot may have landed between admission and here: check it once before waiting.
     let current = snapshots.borrow_and_update().clone();
-    if current.is_some_and(|s| !admission::still_valid(&s, admitted)) {
-        return End::Revoked;
+    if let Some(s) = &current {
+        if !admission::still_valid(s, admitted) {
+            return End::Revoked;
+        }
+        if !admitted.mtls && crate::client_auth::required(s, &admitted.service) {
+            return End::MtlsRequired;
+        }
     }
     let mut snapshots_open = true;
     let mut last_heard = tokio::time::Instant::now();
@@ -857,10 +907,14 @@ async fn control_loop(
                     continue;
                 }
                 let snap = snapshots.borrow_and_update().clone();
-                if let Some(snap) = snap
-                    && !admission::still_valid(&snap, admitted) {
+                if let Some(snap) = snap {
+                    if !admission::still_valid(&snap, admitted) {
                         return End::Revoked;
                     }
+                    if !admitted.mtls && crate::client_auth::required(&snap, &admitted.service) {
+                        return End::MtlsRequired;
+                    }
+                }
             }
             _ = tokio::time::sleep_until(last_heard + AGENT_SILENT_AFTER) => {
                 return End::Silent;

@@ -237,6 +237,13 @@ struct ServiceFlags {
     /// Remove both concurrency limits (update).
     #[arg(long, conflicts_with_all = ["soft_limit", "hard_limit"])]
     no_limits: bool,
+    /// Edges accept this service's agents only with a coordinator-issued client certificate
+    /// naming the service (agents run with `--mtls`).
+    #[arg(long)]
+    require_mtls: bool,
+    /// Stop requiring agent client certificates (update).
+    #[arg(long, conflicts_with = "require_mtls")]
+    no_require_mtls: bool,
     /// This service's own retry budget at each edge: `RATIO[,min=N]`, retries as a share of
     /// its requests over 10 s (e.g. `0.2` or `20%`) plus N a second always (default 0).
     #[arg(long, value_parser = parse_retry_budget, value_name = "RATIO")]
@@ -269,6 +276,9 @@ impl ServiceFlags {
             let c = s.concurrency.get_or_insert_with(Default::default);
             c.soft = self.soft_limit.or(c.soft);
             c.hard = self.hard_limit.or(c.hard);
+        }
+        if self.require_mtls || self.no_require_mtls {
+            s.require_mtls = self.require_mtls;
         }
         if self.retry_budget.is_some() || self.no_retry_budget {
             s.retry_budget = self.retry_budget;

@@ -25,6 +25,10 @@ pub struct Config {
     pub transport: Transport,
     pub quic_timeout: Duration,
     pub quic_reprobe: Duration,
+    /// Present a coordinator-issued client certificate to edges (`--mtls`).
+    pub mtls: bool,
+    /// Coordinator API base URL, for `--mtls` certificates.
+    pub coordinator: Option<String>,
 }
 
 /// Flags of `meridian agent`. Every value is optional here: a missing one comes from
@@ -90,6 +94,14 @@ struct Flags {
     /// While on the TCP fallback, try QUIC again this often (`auto` only) [default: 30s].
     #[arg(long, env = "MERIDIAN_AGENT_QUIC_REPROBE", value_parser = parse_duration)]
     quic_reprobe: Option<Duration>,
+    /// Get a short-lived client certificate for the service from the coordinator (with the
+    /// agent token; the private key stays here), present it to edges and renew it at
+    /// half-life. Needed for services created with `--require-mtls`. Requires `--coordinator`.
+    #[arg(long, env = "MERIDIAN_AGENT_MTLS")]
+    mtls: bool,
+    /// Coordinator API base URL, e.g. `http://127.0.0.1:7700` (used only by `--mtls`).
+    #[arg(long, env = "MERIDIAN_AGENT_COORDINATOR")]
+    coordinator: Option<String>,
 }
 
 /// `--config` file: the same settings as the flags, kebab-case keys, unknown keys refused.
@@ -112,6 +124,8 @@ struct File {
     transport: Option<String>,
     quic_timeout: Option<String>,
     quic_reprobe: Option<String>,
+    mtls: Option<bool>,
+    coordinator: Option<String>,
 }
 
 impl Config {
@@ -149,6 +163,13 @@ impl Config {
                 .map_err(|_| format!("transport {s:?}: expected auto, quic or tcp"))?,
             (None, None) => Transport::Auto,
         };
+        let mtls = flags.mtls || file.mtls.unwrap_or(false);
+        let coordinator = flags.coordinator.or(file.coordinator);
+        if mtls && coordinator.is_none() {
+            return Err(
+                "--mtls needs --coordinator URL (where to get the client certificate)".into(),
+            );
+        }
         Ok(Self {
             edges,
             token: required(flags.token.or(file.token), "token")?,
@@ -176,6 +197,8 @@ impl Config {
                 file.quic_reprobe,
                 Duration::from_secs(30),
             )?,
+            mtls,
+            coordinator,
         })
     }
 
@@ -267,6 +290,8 @@ impl Config {
             transport: Transport::Auto,
             quic_timeout: Duration::from_secs(3),
             quic_reprobe: Duration::from_secs(30),
+            mtls: false,
+            coordinator: None,
         }
     }
 }
@@ -412,5 +437,53 @@ quic-timeout = "750ms"
             .err()
             .unwrap();
         assert!(e.to_string().contains("--edge is required"), "{e}");
+    }
+
+    #[test]
+    fn mtls_needs_a_coordinator_and_comes_from_flag_or_file() {
+        let base = [
+            "agent",
+            "--edge",
+            "127.0.0.1:7844",
+            "--token",
+            "t",
+            "--service",
+            "shop",
+            "--to",
+            "http://127.0.0.1:3000",
+            "--ca",
+            "/tmp/ca.pem",
+        ];
+        let c = Cli::try_parse_from(base).unwrap().config;
+        assert!(!c.mtls && c.coordinator.is_none());
+        let e = Cli::try_parse_from(base.iter().copied().chain(["--mtls"]))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--coordinator"), "{e}");
+        let c = Cli::try_parse_from(base.iter().copied().chain([
+            "--mtls",
+            "--coordinator",
+            "http://127.0.0.1:7700",
+        ]))
+        .unwrap()
+        .config;
+        assert!(c.mtls);
+        assert_eq!(c.coordinator.as_deref(), Some("http://127.0.0.1:7700"));
+        let path = std::env::temp_dir().join(format!("agent-mtls-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "mtls = true\ncoordinator = \"http://10.0.0.1:7700\"\n",
+        )
+        .unwrap();
+        let c = Cli::try_parse_from(
+            base.iter()
+                .copied()
+                .chain(["--config", path.to_str().unwrap()]),
+        )
+        .unwrap()
+        .config;
+        let _ = std::fs::remove_file(&path);
+        assert!(c.mtls);
+        assert_eq!(c.coordinator.as_deref(), Some("http://10.0.0.1:7700"));
     }
 }

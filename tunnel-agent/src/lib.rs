@@ -6,6 +6,7 @@
 
 mod admin;
 mod backoff;
+mod client_cert;
 mod config;
 mod conn;
 mod error;
@@ -55,7 +56,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         path: config.ca.clone(),
         source,
     })?;
-    let client_configs = quic::client_configs(&ca)?;
+    // `--mtls`: the certificate is fetched in the background; slots start once the first one
+    // is here (or after a short wait, so a coordinator outage does not stop the agent from
+    // serving services that do not require mTLS).
+    let mtls = match (config.mtls, &config.coordinator) {
+        (true, Some(url)) => {
+            let client = coordinator_api::Client::new(url.clone(), config.token.clone())
+                .map_err(|e| Error::Config(format!("--coordinator: {e}")))?;
+            Some((client, Arc::new(client_cert::ClientCert::default())))
+        }
+        (true, None) => return Err(Error::Config("--mtls needs --coordinator".into())),
+        (false, _) => None,
+    };
+    let client_configs = quic::client_configs(
+        &ca,
+        mtls.as_ref()
+            .map(|(_, c)| c.clone() as Arc<dyn rustls::client::ResolvesClientCert>),
+    )?;
     let origin = if config.to.is_empty() {
         None
     } else {
@@ -124,6 +141,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         transport = ?config.transport,
         "ready"
     );
+    if let Some((client, cert)) = mtls {
+        let (ready_tx, mut ready) = tokio::sync::watch::channel(false);
+        shared.tasks.spawn(client_cert::renew_loop(
+            client,
+            config.service.clone(),
+            cert,
+            ready_tx,
+            shutdown.clone(),
+        ));
+        tokio::select! {
+            _ = ready.wait_for(|r| *r) => {}
+            _ = tokio::time::sleep(FIRST_CERT_WAIT) => tracing::warn!(
+                "no tunnel client certificate yet; connecting without one (services requiring mTLS refuse this agent until it arrives)"
+            ),
+            _ = shutdown.cancelled() => {}
+        }
+    }
     if config.health_interval > 0 {
         shared.tasks.spawn(health::probe_loop(
             stream_ctx,
@@ -143,6 +177,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     info!("stopped");
     Ok(())
 }
+
+/// How long `--mtls` waits for its first certificate before connecting without one.
+const FIRST_CERT_WAIT: Duration = Duration::from_secs(10);
 
 fn random_agent_id() -> String {
     let bytes: [u8; 6] = rand::random();

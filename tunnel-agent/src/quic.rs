@@ -36,7 +36,11 @@ pub(crate) struct ClientConfigs {
 }
 
 /// Builds the client configs from PEM CA certificates (no insecure mode: a CA is required).
-pub(crate) fn client_configs(ca_pem: &[u8]) -> Result<ClientConfigs, Error> {
+/// With `client_cert` (`--mtls`), QUIC handshakes present its current certificate.
+pub(crate) fn client_configs(
+    ca_pem: &[u8],
+    client_cert: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
+) -> Result<ClientConfigs, Error> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
         let cert = cert.map_err(|e| Error::Config(format!("parsing --ca PEM: {e}")))?;
@@ -45,13 +49,19 @@ pub(crate) fn client_configs(ca_pem: &[u8]) -> Result<ClientConfigs, Error> {
     if roots.is_empty() {
         return Err(Error::Config("--ca contains no PEM certificates".into()));
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    // The outer TLS of the TCP fallback never carries the client certificate: the QUIC
+    // handshake inside it does, so the edge checks one place for both transports.
+    let mut tcp = builder.clone().with_no_client_auth();
+    tcp.enable_early_data = false;
+    let mut tls = match client_cert {
+        Some(resolver) => builder.with_client_cert_resolver(resolver),
+        None => builder.with_no_client_auth(),
+    };
     // Registration must not be replayable.
     tls.enable_early_data = false;
-    let mut tcp = tls.clone();
     tcp.alpn_protocols = vec![tunnel_proto::TCP_ALPN.to_vec()];
     tls.alpn_protocols = vec![tunnel_proto::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
@@ -70,7 +80,7 @@ mod tests {
 
     #[test]
     fn rejects_empty_ca() {
-        assert!(matches!(client_configs(b""), Err(Error::Config(_))));
-        assert!(client_configs(b"not pem").is_err());
+        assert!(matches!(client_configs(b"", None), Err(Error::Config(_))));
+        assert!(client_configs(b"not pem", None).is_err());
     }
 }

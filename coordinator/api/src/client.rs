@@ -329,6 +329,19 @@ impl Client {
         self.post("v1/tokens", req).await
     }
 
+    /// `POST /v1/agent/certificate`: a tunnel client certificate for the public key in
+    /// `csr_pem` (PKCS#10). This client's token must be an agent token; the certificate names
+    /// that token's service.
+    pub async fn agent_certificate(
+        &self,
+        csr_pem: &str,
+    ) -> Result<crate::types::AgentCertificate, ClientError> {
+        let req = crate::types::AgentCertificateRequest {
+            csr: csr_pem.to_owned(),
+        };
+        self.post("v1/agent/certificate", &req).await
+    }
+
     pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
         self.get("v1/tokens").await
     }

@@ -83,6 +83,10 @@ pub struct Service {
     /// In-flight request limits per backend of this service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<ConcurrencyLimits>,
+    /// Edges refuse this service's agents unless their tunnel handshake presents a client
+    /// certificate from the coordinator's tunnel CA naming the service ([`service_cert_uri`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_mtls: bool,
 }
 
 /// Retries an edge may add for one service within a sliding 10 s window: `percent` of the
@@ -374,6 +378,10 @@ pub struct Snapshot {
     /// Zone records GeoDNS serves (CNAME, TXT, CAA, MX, A, AAAA), sorted by (name, type).
     #[serde(default)]
     pub records: Vec<DnsRecord>,
+    /// PEM certificate of the coordinator's tunnel client CA (never its key): edges verify
+    /// agents' client certificates against it, also while the coordinator is away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_client_ca: Option<String>,
 }
 
 impl Snapshot {
@@ -440,6 +448,33 @@ pub struct CreatedToken {
     pub service: String,
     pub token: String,
 }
+
+/// `POST /v1/agent/certificate` body (authenticated with an agent token): a PEM PKCS#10
+/// request. The agent's private key never leaves the agent; only the public key is certified.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentCertificateRequest {
+    pub csr: String,
+}
+
+/// A short-lived tunnel client certificate for the token's service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentCertificate {
+    /// PEM leaf certificate; its only SAN is [`service_cert_uri`] of `service`.
+    pub certificate: String,
+    /// PEM certificate of the issuing tunnel client CA.
+    pub ca: String,
+    pub service: String,
+    pub not_before_ms: u64,
+    pub not_after_ms: u64,
+}
+
+/// The URI SAN that names `service` in a tunnel client certificate.
+pub fn service_cert_uri(service: &str) -> String {
+    format!("{SERVICE_CERT_URI_PREFIX}{service}")
+}
+
+/// Prefix of [`service_cert_uri`].
+pub const SERVICE_CERT_URI_PREFIX: &str = "meridian://service/";
 
 /// A token as listed by the API: no secret, no hash.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -135,6 +135,9 @@ impl Keys {
     fn observed(&self) -> String {
         format!("{}/observed/edges", self.root)
     }
+    fn secret(&self, name: &str) -> String {
+        format!("{}/secret/{name}", self.root)
+    }
     fn leader(&self) -> String {
         format!("{}/leader", self.root)
     }
@@ -1123,6 +1126,24 @@ impl Store for EtcdStore {
 
     fn compact(&mut self, revision: Revision) -> Result<(), StoreError> {
         // Never past the latest desired change, like the SQLite log keeps its last row.
+    fn put_secret_if_absent(&mut self, name: &str, value: &str) -> Result<String, StoreError> {
+        let key = self.keys.secret(name);
+        let value = value.to_owned();
+        self.run(|mut c| async move {
+            // Put only if the key was never created; either way read back the winner.
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.clone(), value, None)]);
+            c.txn(txn).await.map_err(backend)?;
+            let r = c.get(key.clone(), None).await.map_err(backend)?;
+            let kv = r
+                .kvs()
+                .first()
+                .ok_or_else(|| StoreError::Backend(format!("{key} vanished after its put")))?;
+            kv.value_str().map(str::to_owned).map_err(backend)
+        })
+    }
+
         let upto = revision.min(self.revision()?);
         if upto == 0 {
             return Ok(());

@@ -256,6 +256,11 @@ pub trait Store: Send {
     fn publish_gslb(&mut self, _view: &PublishedGslb) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Stores `value` under `name` unless something is stored there already, and returns what
+    /// is stored: the first writer wins, also among coordinators sharing the store. For
+    /// coordinator-held secrets (the tunnel client CA); not desired state, never in snapshots.
+    fn put_secret_if_absent(&mut self, name: &str, value: &str) -> Result<String, StoreError>;
 }
 
 /// Shared access to a [`Store`] from async code.

@@ -887,6 +887,26 @@ impl Store for SqliteStore {
             |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
+    fn put_secret_if_absent(&mut self, name: &str, value: &str) -> Result<String, StoreError> {
+        // Created on first use rather than by a numbered migration: the table is independent
+        // of the desired-state schema, and older binaries simply ignore it.
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "CREATE TABLE IF NOT EXISTS secrets (k TEXT PRIMARY KEY, v TEXT NOT NULL)",
+            [],
+        )?;
+        tx.execute(
+            "INSERT INTO secrets (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO NOTHING",
+            params![name, value],
+        )?;
+        let stored: String =
+            tx.query_row("SELECT v FROM secrets WHERE k = ?1", params![name], |r| {
+                r.get(0)
+            })?;
+        tx.commit()?;
+        Ok(stored)
+    }
+
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, Option<String>>(3)?,
