@@ -971,6 +971,58 @@ async fn put_replaces_services_and_mounts_and_watchers_see_it() {
     srv.stop().await;
 }
 
+/// A split may only name services that exist, and a service a split still names cannot be
+/// deleted (as one a mount routes to cannot): the edge never meets a dangling split.
+#[tokio::test]
+async fn splits_name_existing_services_and_keep_them_from_deletion() {
+    let srv = Server::start().await;
+    let c = srv.admin();
+    for name in ["web", "canary"] {
+        c.create_service_spec(&coordinator_api::Service {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let split = |service: &str, weight| coordinator_api::Split {
+        service: service.into(),
+        weight,
+    };
+    let with_splits = |splits| Mount {
+        splits,
+        ..mount("a.test", "/", "web")
+    };
+    assert_eq!(
+        status(
+            c.add_mount(&with_splits(vec![split("web", 95), split("ghost", 5)]))
+                .await
+        ),
+        (409, Some("splits".into()))
+    );
+    assert!(c.list_mounts().await.unwrap().is_empty(), "nothing stored");
+    c.add_mount(&with_splits(vec![split("web", 95), split("canary", 5)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        status(
+            c.update_mount(&with_splits(vec![split("web", 50), split("ghost", 50)]))
+                .await
+        ),
+        (409, Some("splits".into()))
+    );
+    // canary is no mount's service, but a split sends it traffic.
+    match c.delete_service("canary").await {
+        Err(ClientError::Http(409, e)) => {
+            assert!(e.error.contains("split target"), "{}", e.error)
+        }
+        other => panic!("expected 409, got {other:?}"),
+    }
+    c.update_mount(&with_splits(vec![])).await.unwrap();
+    c.delete_service("canary").await.unwrap();
+    srv.stop().await;
+}
+
 async fn next_event(
     events: &mut (impl Stream<Item = Result<WatchEvent, ClientError>> + Unpin),
 ) -> WatchEvent {

@@ -186,6 +186,50 @@ const MAX_SPLIT_WEIGHT: u32 = 10_000;
 /// Longest header value a route may set.
 const MAX_HEADER_VALUE: usize = 1024;
 
+/// The first service a mount's splits name that `exists` does not know: checked by both store
+/// backends inside the write, so a split can never point at a missing service (an edge would
+/// answer 503 for its share of the traffic).
+pub(crate) fn missing_split_target<E>(
+    m: &Mount,
+    mut exists: impl FnMut(&str) -> Result<bool, E>,
+) -> Result<Option<String>, E> {
+    for sp in &m.splits {
+        if !exists(&sp.service)? {
+            return Ok(Some(sp.service.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// The field error for [`missing_split_target`]'s answer.
+pub(crate) fn unknown_split_target(service: &str) -> (&'static str, String) {
+    (
+        "splits",
+        format!("split target service {service:?} does not exist; create it first"),
+    )
+}
+
+/// Mounts that send `service` a share of their traffic as a split target (beyond those whose
+/// main service it is): deleting the service is refused while there are any.
+pub(crate) fn split_users<'a>(mounts: &'a [Mount], service: &str) -> Vec<&'a Mount> {
+    mounts
+        .iter()
+        .filter(|m| m.service != service && m.splits.iter().any(|sp| sp.service == service))
+        .collect()
+}
+
+/// The refusal of a service delete while splits use it.
+pub(crate) fn in_use_by_splits(service: &str, users: &[&Mount]) -> String {
+    let first = users
+        .first()
+        .map(|m| format!("{}{}", m.host, m.path_prefix))
+        .unwrap_or_default();
+    format!(
+        "service {service:?} is still a split target of {} mount(s) (e.g. {first}); remove it from their splits first",
+        users.len()
+    )
+}
+
 /// Splits, header edits and L4 flags of a mount: checked here so an edge never has to reject one.
 fn route_options(m: &Mount, path_prefix: &str) -> Result<(), Invalid> {
     if m.splits.len() > MAX_SPLITS {
@@ -397,6 +441,14 @@ pub(crate) fn service(s: &Service) -> Result<Service, Invalid> {
             ));
         }
     }
+    if let Some(b) = &s.retry_budget
+        && (b.percent > 1_000 || b.min_per_sec > 10_000)
+    {
+        return Err(Invalid::new(
+            "retry_budget",
+            "percent 0 to 1000 (of requests), min_per_sec 0 to 10000",
+        ));
+    }
     Ok(out)
 }
 
@@ -549,6 +601,53 @@ mod tests {
             value: "a\r\nb".into(),
         });
         assert!(mount(&v).is_err());
+    }
+
+    #[test]
+    fn retry_budgets_are_bounded() {
+        let mut s = Service {
+            name: "web".into(),
+            retry_budget: Some(coordinator_api::RetryBudget {
+                percent: 20,
+                min_per_sec: 3,
+            }),
+            ..Default::default()
+        };
+        assert!(service(&s).is_ok());
+        s.retry_budget = Some(coordinator_api::RetryBudget {
+            percent: 5_000,
+            min_per_sec: 0,
+        });
+        assert_eq!(service(&s).unwrap_err().field, "retry_budget");
+    }
+
+    #[test]
+    fn split_targets_and_users() {
+        use coordinator_api::Split;
+        let mut m: Mount = serde_json::from_value(serde_json::json!({
+            "host": "a.test", "path_prefix": "/", "service": "web",
+        }))
+        .unwrap();
+        m.splits = vec![
+            Split {
+                service: "web".into(),
+                weight: 95,
+            },
+            Split {
+                service: "canary".into(),
+                weight: 5,
+            },
+        ];
+        let known = |s: &str| Ok::<_, ()>(s == "web");
+        assert_eq!(missing_split_target(&m, known), Ok(Some("canary".into())));
+        assert_eq!(missing_split_target(&m, |_| Ok::<_, ()>(true)), Ok(None));
+        let mounts = vec![m];
+        assert_eq!(split_users(&mounts, "canary").len(), 1);
+        assert!(
+            split_users(&mounts, "web").is_empty(),
+            "its own mount counts as a mount"
+        );
+        assert!(in_use_by_splits("canary", &split_users(&mounts, "canary")).contains("a.test/"));
     }
 
     #[test]

@@ -538,6 +538,42 @@ fn updates_replace_whole_objects(s: &mut dyn Store) {
     assert_eq!(s.list_mounts().unwrap(), vec![moved]);
 }
 
+/// Splits name existing services only, and keep them from deletion, on either backend.
+fn splits_name_existing_services(s: &mut dyn Store) {
+    s.create_service(&svc("web")).unwrap();
+    s.create_service(&svc("canary")).unwrap();
+    let split = |service: &str| coordinator_api::Split {
+        service: service.into(),
+        weight: 1,
+    };
+    let mut m = mount("s.test", "/", "web");
+    m.splits = vec![split("web"), split("ghost")];
+    assert!(matches!(
+        s.add_mount(&m),
+        Err(StoreError::Conflict {
+            field: "splits",
+            ..
+        })
+    ));
+    m.splits = vec![split("web"), split("canary")];
+    s.add_mount(&m).unwrap();
+    m.splits = vec![split("ghost")];
+    assert!(matches!(
+        s.update_mount(&m),
+        Err(StoreError::Conflict {
+            field: "splits",
+            ..
+        })
+    ));
+    assert!(matches!(
+        s.delete_service("canary"),
+        Err(StoreError::InUse(_))
+    ));
+    m.splits.clear();
+    s.update_mount(&m).unwrap();
+    s.delete_service("canary").unwrap();
+}
+
 fn dns(name: &str, t: DnsRecordType, values: &[&str]) -> DnsRecord {
     DnsRecord {
         name: name.into(),
@@ -652,6 +688,12 @@ async fn sqlite_updates_replace_whole_objects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_splits_name_existing_services() {
+    let dir = TempDir::new("sqlite-splits");
+    with(&sqlite(&dir), splits_name_existing_services).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_dns_records() {
     let dir = TempDir::new("sqlite-dns");
     with(&sqlite(&dir), dns_records).await;
@@ -703,6 +745,7 @@ async fn etcd_conformance() {
     with(&etcd(&cluster, "/c6").await, updates_replace_whole_objects).await;
     compaction_resnapshots(&etcd(&cluster, "/c5").await).await;
     with(&etcd(&cluster, "/c7").await, dns_records).await;
+    with(&etcd(&cluster, "/c8").await, splits_name_existing_services).await;
 }
 
 fn free_addr() -> SocketAddr {

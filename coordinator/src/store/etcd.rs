@@ -778,6 +778,12 @@ impl Store for EtcdStore {
                     "service {name:?} is still referenced by {mounts} mount(s) and {tokens} agent token(s)"
                 )));
             }
+            let users = crate::validate::split_users(&d.mounts, name);
+            if !users.is_empty() {
+                return Err(StoreError::InUse(crate::validate::in_use_by_splits(
+                    name, &users,
+                )));
+            }
             Ok(Plan::delete("service", name, "service.delete"))
         })
     }
@@ -786,6 +792,12 @@ impl Store for EtcdStore {
         self.write(|d| {
             if !d.services.iter().any(|s| s.name == m.service) {
                 return Err(StoreError::UnknownService(m.service.clone()));
+            }
+            if let Some(missing) = crate::validate::missing_split_target(m, |t| {
+                Ok::<_, StoreError>(d.services.iter().any(|s| s.name == t))
+            })? {
+                let (field, message) = crate::validate::unknown_split_target(&missing);
+                return Err(StoreError::Conflict { field, message });
             }
             let key = format!("{}{}", m.host, m.path_prefix);
             if d.mounts
@@ -814,6 +826,12 @@ impl Store for EtcdStore {
             }
             if !d.services.iter().any(|s| s.name == m.service) {
                 return Err(StoreError::UnknownService(m.service.clone()));
+            }
+            if let Some(missing) = crate::validate::missing_split_target(m, |t| {
+                Ok::<_, StoreError>(d.services.iter().any(|s| s.name == t))
+            })? {
+                let (field, message) = crate::validate::unknown_split_target(&missing);
+                return Err(StoreError::Conflict { field, message });
             }
             Plan::put("mount", &key, m, "mount.put")
         })

@@ -508,6 +508,13 @@ impl Store for SqliteStore {
                 "service {name:?} is still referenced by {mounts} mount(s) and {tokens} agent token(s)"
             )));
         }
+        let all = read_mounts(&tx)?;
+        let users = crate::validate::split_users(&all, name);
+        if !users.is_empty() {
+            return Err(StoreError::InUse(crate::validate::in_use_by_splits(
+                name, &users,
+            )));
+        }
         tx.execute("DELETE FROM services WHERE name = ?1", [name])?;
         let rev = log_change::<()>(&tx, &self.actor, "service.delete", name, None)?;
         tx.commit()?;
@@ -518,6 +525,11 @@ impl Store for SqliteStore {
         let tx = write_tx(&mut self.conn)?;
         if !service_exists(&tx, &m.service)? {
             return Err(StoreError::UnknownService(m.service.clone()));
+        }
+        if let Some(missing) = crate::validate::missing_split_target(m, |s| service_exists(&tx, s))?
+        {
+            let (field, message) = crate::validate::unknown_split_target(&missing);
+            return Err(StoreError::Conflict { field, message });
         }
         let key = format!("{}{}", m.host, m.path_prefix);
         let dup = tx
@@ -560,6 +572,11 @@ impl Store for SqliteStore {
         }
         if !service_exists(&tx, &m.service)? {
             return Err(StoreError::UnknownService(m.service.clone()));
+        }
+        if let Some(missing) = crate::validate::missing_split_target(m, |s| service_exists(&tx, s))?
+        {
+            let (field, message) = crate::validate::unknown_split_target(&missing);
+            return Err(StoreError::Conflict { field, message });
         }
         tx.execute(
             "UPDATE mounts SET service = ?3, strip_prefix = ?4, spec = ?5
