@@ -3,6 +3,7 @@
 #
 #   bench/edge.sh                 # defaults: 3 alternating rounds of 10 s per case
 #   ROUNDS=5 DURATION=20 CONNS=64 bench/edge.sh
+#   PROXIES="meridian haproxy" PROTOS=http SIZES=16 ROUNDS=5 DURATION=5 bench/edge.sh   # a subset
 #
 # Origin: `meridian demo-app` (127.0.0.1:7781, /bytes/N) as started by `meridian dev`.
 # Compared configuration: Meridian's edge fronting that origin directly (a service with
@@ -14,12 +15,19 @@
 # alternate between proxies so drift hits all three alike. Prints per-run lines, medians, and
 #   ratio rps_http1_vs_haproxy=…  ratio p99_http1_vs_haproxy=…  (and _https_, and vs nginx)
 # (Meridian over the peer; rps above 1 and p99 below 1 are better for Meridian).
+# Each run also reads the proxy's CPU time (utime + stime of all its processes and threads, from
+# /proc/PID/stat) around wrk and prints CPU µs per request served: on a shared 2-core machine rps
+# moves with other load, CPU per request much less. `ratio cpu_per_req_…` lines compare it (below 1
+# is better for Meridian). For meridian_tunnel it counts the edge only (the agent is on LOAD_CPU).
 # Installs nothing: it says what to apt-get. Binds only 127.0.0.0/8.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-32}
+PROXIES=${PROXIES:-meridian haproxy nginx meridian_tunnel}
+PROTOS=${PROTOS:-http https}
+SIZES=${SIZES:-16 65536}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,7 +56,9 @@ cleanup() {
 trap cleanup EXIT
 
 # ---------------------------------------------------------------- Meridian (meridian dev)
-(cd "$WORK" && exec "$MERIDIAN" dev >"$WORK/dev.log" 2>&1) &
+# One worker thread per Meridian process, as nginx and HAProxy get one each (MERIDIAN_WORKER_THREADS=0
+# is one per core, the default outside this bench).
+(cd "$WORK" && MERIDIAN_WORKER_THREADS=${MERIDIAN_WORKER_THREADS:-1} exec "$MERIDIAN" dev >"$WORK/dev.log" 2>&1) &
 PIDS+=($!)
 DEV_PID=$!
 CA=$WORK/.meridian-dev/ca.pem
@@ -75,9 +85,11 @@ curl -sf --cacert "$CA" --resolve edge.meridian.test:8443:127.0.0.11 -o /dev/nul
   https://edge.meridian.test:8443/direct/bytes/16 || { echo "direct-origin service did not come up" >&2; exit 1; }
 
 # Pin: the ams edge on PROXY_CPU; every other dev process (origin, agent, ...) on LOAD_CPU.
+EDGE_PID=
 for pid in $(pgrep -P "$DEV_PID"); do
   args=$(tr '\0' ' ' <"/proc/$pid/cmdline")
   if [[ $args == *" edge "* && $args == *"127.0.0.11"* ]]; then
+    EDGE_PID=$pid
     taskset -a -cp "$PROXY_CPU" "$pid" >/dev/null
   else
     taskset -a -cp "$LOAD_CPU" "$pid" >/dev/null
@@ -129,10 +141,13 @@ backend origin
   http-request replace-path /demo(/.*) \1
   server o1 127.0.0.1:7781
 EOF
+[[ -n $EDGE_PID ]] || { echo "ams edge process not found under meridian dev" >&2; exit 1; }
 taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK" &
 PIDS+=($!)
+NGINX_PID=$!
 taskset -c "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg" -db &
 PIDS+=($!)
+HAPROXY_PID=$!
 for url in http://127.0.0.31:8080/demo/bytes/16 http://127.0.0.32:8080/demo/bytes/16; do
   for _ in $(seq 1 100); do curl -sf -o /dev/null "$url" && break; sleep 0.1; done
   curl -sf -o /dev/null "$url" || { echo "peer at $url did not come up" >&2; exit 1; }
@@ -141,6 +156,16 @@ done
 # ---------------------------------------------------------------- runs
 declare -A ADDR=([meridian]=127.0.0.11 [meridian_tunnel]=127.0.0.11 [nginx]=127.0.0.31 [haproxy]=127.0.0.32)
 declare -A PREFIX=([meridian]=/direct [meridian_tunnel]=/demo [nginx]=/demo [haproxy]=/demo)
+declare -A PID=([meridian]=$EDGE_PID [meridian_tunnel]=$EDGE_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
+TICK=$(getconf CLK_TCK)
+
+cpu_ticks() { # pid → utime + stime of it and its children (nginx's workers), in clock ticks
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1"); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
 RESULTS=$WORK/results.txt
 : >"$RESULTS"
 
@@ -152,27 +177,35 @@ run() { # proxy proto size
   local proxy=$1 proto=$2 size=$3 port=8080
   [[ $proto == https ]] && port=8443
   local url="$proto://${ADDR[$proxy]}:$port${PREFIX[$proxy]}/bytes/$size"
-  local out
+  local out t0 t1
+  t0=$(cpu_ticks "${PID[$proxy]}")
   out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency \
     -H "Host: edge.meridian.test" "$url" 2>&1)
-  local rps p99 errs
+  t1=$(cpu_ticks "${PID[$proxy]}")
+  local rps p99 errs reqs cpu
   rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
   p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  cpu=$(awk -v d=$((t1 - t0)) -v n="${reqs:-0}" -v hz="$TICK" 'BEGIN{ if (n+0 == 0) print 0; else printf "%.2f", d * 1e6 / hz / n }')
   errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
-  echo "run proxy=$proxy proto=$proto size=$size rps=$rps p99_ms=$p99 $errs"
-  echo "$proxy $proto $size $rps $p99" >>"$RESULTS"
+  echo "run proxy=$proxy proto=$proto size=$size rps=$rps p99_ms=$p99 cpu_us_per_req=$cpu $errs"
+  echo "$proxy $proto $size $rps $p99 $cpu" >>"$RESULTS"
 }
 
+enabled() { [[ " $PROXIES " == *" $1 "* ]]; }
+
 for round in $(seq 1 "$ROUNDS"); do
-  for proto in http https; do
-    for size in 16 65536; do
+  for proto in $PROTOS; do
+    for size in $SIZES; do
       # Rotate the order each round.
       case $((round % 3)) in
         1) order="meridian haproxy nginx meridian_tunnel" ;;
         2) order="haproxy nginx meridian_tunnel meridian" ;;
         0) order="nginx meridian_tunnel meridian haproxy" ;;
       esac
-      for proxy in $order; do run "$proxy" "$proto" "$size"; done
+      for proxy in $order; do
+        if enabled "$proxy"; then run "$proxy" "$proto" "$size"; fi
+      done
     done
   done
 done
@@ -182,28 +215,32 @@ med() { awk -v p="$1" -v pr="$2" -v s="$3" -v f="$4" '$1==p && $2==pr && $3==s {
 
 echo
 echo "medians over $ROUNDS rounds (c=$CONNS, ${DURATION}s each):"
-for proto in http https; do
-  for size in 16 65536; do
+for proto in $PROTOS; do
+  for size in $SIZES; do
     for proxy in meridian meridian_tunnel haproxy nginx; do
-      echo "median proxy=$proxy proto=$proto size=$size rps=$(med $proxy $proto $size 4) p99_ms=$(med $proxy $proto $size 5)"
+      enabled "$proxy" || continue
+      echo "median proxy=$proxy proto=$proto size=$size rps=$(med $proxy $proto $size 4) p99_ms=$(med $proxy $proto $size 5) cpu_us_per_req=$(med $proxy $proto $size 6)"
     done
   done
 done
 
 echo
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0 == 0) print "nan"; else printf "%.2f", a/b }'; }
-for proto in http https; do
+for proto in $PROTOS; do
   label=$proto
   [[ $proto == http ]] && label=http1
   for peer in haproxy nginx; do
-    for size in 16 65536; do
+    enabled meridian && enabled "$peer" || continue
+    for size in $SIZES; do
       sfx=""
       [[ $size == 65536 ]] && sfx="_64k"
       echo "ratio rps_${label}${sfx}_vs_${peer}=$(ratio "$(med meridian $proto $size 4)" "$(med $peer $proto $size 4)")"
       echo "ratio p99_${label}${sfx}_vs_${peer}=$(ratio "$(med meridian $proto $size 5)" "$(med $peer $proto $size 5)")"
+      echo "ratio cpu_per_req_${label}${sfx}_vs_${peer}=$(ratio "$(med meridian $proto $size 6)" "$(med $peer $proto $size 6)")"
     done
   done
-  for size in 16 65536; do
+  enabled meridian_tunnel && enabled haproxy || continue
+  for size in $SIZES; do
     sfx=""
     [[ $size == 65536 ]] && sfx="_64k"
     echo "extra rps_${label}${sfx}_tunnel_vs_haproxy=$(ratio "$(med meridian_tunnel $proto $size 4)" "$(med haproxy $proto $size 4)")"

@@ -28,7 +28,10 @@ use tokio::time::{Instant, Sleep};
 const POISON: &[u8] = b"SMUGGLING\x01 / HTTP/1.1\r\n\r\n";
 /// Longest chunk-size line (with extensions) or trailer section followed before stepping aside.
 const MAX_CHUNK_LINE: usize = 4096;
+/// Free space ensured in the guard's buffer before each read from the client.
 const READ_CHUNK: usize = 16 * 1024;
+/// Header slots parsed on the stack; a larger `max_headers` takes a heap array.
+const STACK_HEADERS: usize = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -73,16 +76,20 @@ impl Guard {
 
     /// Accepts `input`, appends what may be released to `out`. After an `Err` the connection is
     /// poisoned: the caller substitutes [`POISON`] and stops reading.
+    #[cfg(test)]
     pub(crate) fn feed(&mut self, input: &[u8], out: &mut BytesMut) -> Result<(), Smuggling> {
-        if self.state == State::Passthrough {
-            out.extend_from_slice(input);
-            return Ok(());
-        }
         self.held.extend_from_slice(input);
+        self.process(out)
+    }
+
+    /// Judges the bytes appended to `held` since the last call (the IO wrapper reads straight
+    /// into it, without a bounce buffer) and moves what may be released to `out`.
+    pub(crate) fn process(&mut self, out: &mut BytesMut) -> Result<(), Smuggling> {
         loop {
             let progressed = match self.state {
                 State::Passthrough => {
-                    out.extend_from_slice(&self.held.split());
+                    out.extend_from_slice(&self.held);
+                    self.held.clear();
                     return Ok(());
                 }
                 State::Rejected => return Ok(()),
@@ -93,7 +100,7 @@ impl Guard {
                     if self.held.len() < 2 {
                         false
                     } else if &self.held[..2] == b"\r\n" {
-                        out.extend_from_slice(&self.held.split_to(2));
+                        self.release_to(2, out);
                         self.state = State::ChunkSize;
                         true
                     } else {
@@ -103,7 +110,7 @@ impl Guard {
                 }
                 State::ChunkSize => match httparse::parse_chunk_size(&self.held) {
                     Ok(httparse::Status::Complete((used, size))) => {
-                        out.extend_from_slice(&self.held.split_to(used));
+                        self.release_to(used, out);
                         self.state = if size == 0 {
                             State::Trailers
                         } else {
@@ -119,11 +126,11 @@ impl Guard {
                 },
                 State::Trailers => {
                     if self.held.starts_with(b"\r\n") {
-                        out.extend_from_slice(&self.held.split_to(2));
+                        self.release_to(2, out);
                         self.state = State::Head;
                         true
                     } else if let Some(i) = find(&self.held, b"\r\n\r\n") {
-                        out.extend_from_slice(&self.held.split_to(i + 4));
+                        self.release_to(i + 4, out);
                         self.state = State::Head;
                         true
                     } else if self.held.len() > self.max_head {
@@ -140,12 +147,19 @@ impl Guard {
         }
     }
 
+    /// Moves the first `n` held bytes to `out`. (Copy and advance: `split_to` would turn the
+    /// buffer into a shared one, an allocation per call.)
+    fn release_to(&mut self, n: usize, out: &mut BytesMut) {
+        out.extend_from_slice(&self.held[..n]);
+        self.held.advance(n);
+    }
+
     /// Releases up to `n` body bytes; `done` once all are out, else `more(remaining)`.
     fn release(&mut self, n: u64, out: &mut BytesMut, done: State, more: fn(u64) -> State) -> bool {
         let take = usize::try_from(n)
             .unwrap_or(usize::MAX)
             .min(self.held.len());
-        out.extend_from_slice(&self.held.split_to(take));
+        self.release_to(take, out);
         let left = n - take as u64;
         self.state = if left == 0 { done } else { more(left) };
         left == 0
@@ -155,14 +169,24 @@ impl Guard {
     fn head(&mut self, out: &mut BytesMut) -> Result<bool, Smuggling> {
         // Leading empty lines before a request line are allowed (RFC 9112 §2.2).
         while self.held.starts_with(b"\r\n") {
-            out.extend_from_slice(&self.held.split_to(2));
+            self.release_to(2, out);
         }
         if self.held.is_empty() {
             return Ok(false);
         }
-        let mut headers = vec![httparse::EMPTY_HEADER; self.max_headers];
-        let mut req = httparse::Request::new(&mut headers);
-        let used = match req.parse(&self.held) {
+        // Uninitialised slots on the stack: no allocation or zeroing per request head.
+        let mut stack =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+        let mut heap = Vec::new();
+        let slots: &mut [std::mem::MaybeUninit<httparse::Header<'_>>] =
+            if self.max_headers <= STACK_HEADERS {
+                &mut stack[..self.max_headers]
+            } else {
+                heap.resize_with(self.max_headers, std::mem::MaybeUninit::uninit);
+                &mut heap
+            };
+        let mut req = httparse::Request::new(&mut []);
+        let used = match req.parse_with_uninit_headers(&self.held, slots) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) if self.held.len() <= self.max_head => return Ok(false),
             // Too long, too many headers, not HTTP/1 (the h2 preface), or malformed: hyper will
@@ -201,7 +225,7 @@ impl Guard {
             self.held.clear();
             return Err(e);
         }
-        out.extend_from_slice(&self.held.split_to(used));
+        self.release_to(used, out);
         self.state = match (chunked, length, lengths) {
             // After an upgrade request the bytes may be another protocol; the handler closes the
             // connection when the upgrade is declined, so nothing unchecked follows as HTTP.
@@ -271,24 +295,35 @@ impl<S> Guarded<S> {
     }
 
     /// Arms the relevant deadline; `Err` once it has passed.
+    ///
+    /// The timer is moved only to an *earlier* deadline: activity pushes the idle deadline back
+    /// on every request, and re-registering the timer each time cost a timer-wheel update per
+    /// request. A timer that fires before the current deadline is simply re-armed.
     fn check_timers(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         let deadline = match self.head_started {
             Some(t) if self.guard.in_partial_head() => t + self.limits.head_timeout,
             _ if self.guard.following() => self.last_activity + self.limits.idle_timeout,
             _ => return Ok(()),
         };
-        if self.timer.deadline() != deadline {
+        if deadline < self.timer.deadline() {
             self.timer.as_mut().reset(deadline);
         }
-        if self.timer.as_mut().poll(cx).is_ready() {
-            let what = if self.guard.in_partial_head() {
-                "request head not received in time"
-            } else {
-                "connection idle"
-            };
-            return Err(io::Error::new(io::ErrorKind::TimedOut, what));
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Ok(());
+            }
+            if self.timer.deadline() >= deadline {
+                break;
+            }
+            // Fired at an older, earlier deadline: wait for the current one.
+            self.timer.as_mut().reset(deadline);
         }
-        Ok(())
+        let what = if self.guard.in_partial_head() {
+            "request head not received in time"
+        } else {
+            "connection idle"
+        };
+        Err(io::Error::new(io::ErrorKind::TimedOut, what))
     }
 }
 
@@ -309,19 +344,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
             if this.poisoned {
                 return Poll::Ready(Ok(()));
             }
-            let mut tmp = [0u8; READ_CHUNK];
-            let mut rb = ReadBuf::new(&mut tmp);
-            if Pin::new(&mut this.inner)
-                .poll_read(cx, &mut rb)?
-                .is_pending()
-            {
+            // Straight into the guard's buffer (no zeroed bounce buffer, one copy less).
+            this.guard.held.reserve(READ_CHUNK);
+            let read = {
+                let fut = tokio::io::AsyncReadExt::read_buf(&mut this.inner, &mut this.guard.held);
+                std::pin::pin!(fut).poll(cx)?
+            };
+            let Poll::Ready(got) = read else {
                 this.check_timers(cx)?;
                 return Poll::Pending;
-            }
-            let got = rb.filled();
+            };
             let now = Instant::now();
             this.last_activity = now;
-            if got.is_empty() {
+            if got == 0 {
                 // EOF: whatever is held goes to hyper, which reports the incomplete message.
                 this.ready.extend_from_slice(&this.guard.held.split());
                 if this.ready.is_empty() {
@@ -330,7 +365,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                 this.poisoned = true;
                 continue;
             }
-            if let Err(e) = this.guard.feed(got, &mut this.ready) {
+            if let Err(e) = this.guard.process(&mut this.ready) {
                 tracing::debug!(reason = %e, "request smuggling attempt refused");
                 this.ready.extend_from_slice(POISON);
                 this.poisoned = true;

@@ -89,7 +89,9 @@ pub(crate) fn request_headers(src: &HeaderMap, ctx: &ForwardCtx<'_>) -> Headers 
     let push = |out: &mut Headers, name: &'static str, value: String| {
         out.push((Bytes::from_static(name.as_bytes()), Bytes::from(value)));
     };
-    push(&mut out, "host", ctx.host.to_owned());
+    // Shared by `host` and `x-forwarded-host` (one copy of the client's host per request).
+    let host = Bytes::copy_from_slice(ctx.host.as_bytes());
+    out.push((Bytes::from_static(b"host"), host.clone()));
     for (name, value) in src {
         let n = name.as_str();
         if is_hop_by_hop(n, &listed)
@@ -120,7 +122,10 @@ pub(crate) fn request_headers(src: &HeaderMap, ctx: &ForwardCtx<'_>) -> Headers 
             Bytes::from_static(b"upgrade"),
             Bytes::copy_from_slice(up.as_bytes()),
         ));
-        push(&mut out, "connection", "upgrade".into());
+        out.push((
+            Bytes::from_static(b"connection"),
+            Bytes::from_static(b"upgrade"),
+        ));
     }
     // gRPC needs `te: trailers` end to end; any other TE value is hop-by-hop.
     if src
@@ -132,7 +137,7 @@ pub(crate) fn request_headers(src: &HeaderMap, ctx: &ForwardCtx<'_>) -> Headers 
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         })
     {
-        push(&mut out, "te", "trailers".into());
+        out.push((Bytes::from_static(b"te"), Bytes::from_static(b"trailers")));
     }
 
     let ip = ctx.client_ip.to_string();
@@ -141,29 +146,48 @@ pub(crate) fn request_headers(src: &HeaderMap, ctx: &ForwardCtx<'_>) -> Headers 
         None => ip.clone(),
     };
     push(&mut out, "x-forwarded-for", xff);
-    push(&mut out, "x-forwarded-proto", ctx.proto.to_owned());
-    push(&mut out, "x-forwarded-host", ctx.host.to_owned());
+    out.push((
+        Bytes::from_static(b"x-forwarded-proto"),
+        Bytes::from_static(ctx.proto.as_bytes()),
+    ));
+    out.push((Bytes::from_static(b"x-forwarded-host"), host));
     let node = match ctx.client_ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(_) => format!("\"[{ip}]\""),
     };
-    let this = format!(
-        "for={node};host=\"{}\";proto={}",
-        ctx.host.replace('"', ""),
-        ctx.proto
-    );
+    let quoted_host = if ctx.host.contains('"') {
+        std::borrow::Cow::Owned(ctx.host.replace('"', ""))
+    } else {
+        std::borrow::Cow::Borrowed(ctx.host)
+    };
+    let this = format!("for={node};host=\"{quoted_host}\";proto={}", ctx.proto);
     let fwd = match joined(src, &header::FORWARDED) {
         Some(prev) => format!("{prev}, {this}"),
         None => this,
     };
     push(&mut out, "forwarded", fwd);
     let via = match joined(src, &header::VIA) {
-        Some(prev) => format!("{prev}, 1.1 meridian"),
-        None => "1.1 meridian".into(),
+        Some(prev) => Bytes::from(format!("{prev}, 1.1 meridian")),
+        None => Bytes::from_static(b"1.1 meridian"),
     };
-    push(&mut out, "via", via);
+    out.push((Bytes::from_static(b"via"), via));
     push(&mut out, "x-request-id", request_id(src));
     out
+}
+
+/// A header name from wire bytes; the forwarding headers the edge adds to every request are
+/// static names (`HeaderName::from_bytes` allocates a copy of any non-standard name).
+pub(crate) fn header_name(name: &[u8]) -> Option<HeaderName> {
+    const ADDED: [&str; 4] = [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+    ];
+    if let Some(n) = ADDED.iter().find(|n| n.as_bytes() == name) {
+        return Some(HeaderName::from_static(n));
+    }
+    HeaderName::from_bytes(name).ok()
 }
 
 /// Converts the agent's response headers for the client: invalid entries and hop-by-hop headers

@@ -588,16 +588,29 @@ fn origin_request(
 ) -> Result<Request<UpBody>, String> {
     let method =
         http::Method::from_bytes(&head.method).map_err(|e| format!("request method: {e}"))?;
-    let host = head
+    // Built from the head's shared bytes (no formatting and re-parsing per request).
+    let authority = head
         .headers
         .iter()
         .find(|(n, _)| n.as_ref() == b"host")
-        .and_then(|(_, v)| std::str::from_utf8(v).ok())
-        .filter(|h| h.parse::<http::uri::Authority>().is_ok())
-        .unwrap_or(&client.key.authority);
-    let path = std::str::from_utf8(&head.uri).map_err(|_| "request target is not UTF-8")?;
-    let uri: Uri = format!("{}://{host}{path}", client.key.scheme())
-        .parse()
+        .and_then(|(_, v)| http::uri::Authority::from_maybe_shared(v.clone()).ok())
+        .map_or_else(
+            || http::uri::Authority::try_from(client.key.authority.as_str()),
+            Ok,
+        )
+        .map_err(|e| format!("origin authority: {e}"))?;
+    let path = http::uri::PathAndQuery::from_maybe_shared(head.uri.clone())
+        .map_err(|e| format!("request target: {e}"))?;
+    let scheme = if client.key.tls {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    };
+    let uri = Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(path)
+        .build()
         .map_err(|e| format!("request target: {e}"))?;
     let mut req = Request::new(body);
     *req.method_mut() = method;
@@ -609,8 +622,8 @@ fn origin_request(
         if client.key.h2 && name.as_ref() == b"host" {
             continue;
         }
-        if let (Ok(n), Ok(v)) = (
-            http::HeaderName::from_bytes(name),
+        if let (Some(n), Ok(v)) = (
+            crate::headers::header_name(name),
             HeaderValue::from_maybe_shared(value.clone()),
         ) {
             headers.append(n, v);
@@ -747,6 +760,9 @@ pub(crate) async fn attempt(
                 drop(lease);
                 let trailers = collected.trailers().cloned();
                 let data = collected.to_bytes();
+                if trailers.is_none() {
+                    return Ok(Response::from_parts(parts, crate::forward::full(data)));
+                }
                 let mut frames = Vec::with_capacity(2);
                 if !data.is_empty() {
                     frames.push(Ok(hyper::body::Frame::data(data)));
