@@ -133,6 +133,140 @@ pub struct Config {
     /// other zone is ignored. Without the flag every zone a record names is served.
     #[arg(long = "record-zone", value_name = "ZONE")]
     pub record_zones: Vec<String>,
+
+    /// Weight of an edge within its region, `EDGE=WEIGHT` with the edge's id or address
+    /// (repeatable; default 1, 0 = only when the region has no other live edge). Setting any
+    /// weight makes answers weighted picks (see `--answers`).
+    #[arg(long = "edge-weight", value_name = "EDGE=WEIGHT")]
+    pub edge_weights: Vec<EdgeWeight>,
+
+    /// Addresses per geo answer, picked by weight in a rotation. Default: every live edge of
+    /// the chosen region, or 1 when `--edge-weight` is given.
+    #[arg(long)]
+    pub answers: Option<usize>,
+
+    /// Per-name policies, a TOML file of `[name."NAME"]` tables with any of `nets`, `maps`,
+    /// `nearest_limit_km`, `default_region`, `weights`, `answers` and `service`; a key given
+    /// replaces the flag's value for that name, the others inherit the flags. Every name in
+    /// the file is a geo name. Read at startup.
+    #[arg(long, value_name = "PATH")]
+    pub policy_file: Option<PathBuf>,
+}
+
+/// One `--edge-weight` flag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgeWeight {
+    /// An edge id or one of its addresses.
+    pub edge: String,
+    pub weight: u32,
+}
+
+impl FromStr for EdgeWeight {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid --edge-weight {s:?}: expected EDGE=WEIGHT, e.g. iad-1=3");
+        let (edge, weight) = s.rsplit_once('=').ok_or_else(bad)?;
+        let edge = edge.trim();
+        if edge.is_empty() {
+            return Err(bad());
+        }
+        Ok(Self {
+            edge: edge.to_owned(),
+            weight: weight.trim().parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// The `--policy-file` format: one table per name.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub name: std::collections::BTreeMap<String, NamePolicy>,
+}
+
+/// One name's policy in a [`PolicyFile`]; `None` fields inherit the flags.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamePolicy {
+    /// As `--geo-service`: a region without a healthy backend of it counts as down.
+    pub service: Option<String>,
+    /// As `--net`, e.g. `["198.51.100.0/24=ams,iad"]`.
+    pub nets: Option<Vec<String>>,
+    /// As `--map`, e.g. `["country:JP=sin,iad"]`.
+    pub maps: Option<Vec<String>>,
+    pub nearest_limit_km: Option<f64>,
+    pub default_region: Option<String>,
+    /// Edge id or address → weight within its region.
+    pub weights: Option<std::collections::BTreeMap<String, u32>>,
+    pub answers: Option<usize>,
+}
+
+/// A [`NamePolicy`] with its rules parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NameSpec {
+    pub name: String,
+    pub service: Option<String>,
+    pub nets: Option<Vec<NetRule>>,
+    pub steering: crate::gslb::Steering,
+}
+
+impl PolicyFile {
+    /// Reads and checks `path`; every error names the file and the name.
+    pub fn load(path: &std::path::Path, flags: &Config) -> Result<Vec<NameSpec>, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--policy-file {}: {e}", path.display()))?;
+        let file: Self =
+            toml::from_str(&text).map_err(|e| format!("--policy-file {}: {e}", path.display()))?;
+        file.specs(flags)
+            .map_err(|e| format!("--policy-file {}: {e}", path.display()))
+    }
+
+    /// Each name's policy: the flags' steering with the keys the file gives replaced.
+    pub fn specs(&self, flags: &Config) -> Result<Vec<NameSpec>, String> {
+        self.name
+            .iter()
+            .map(|(name, p)| {
+                let ctx = |e: String| format!("name {name:?}: {e}");
+                let nets = p
+                    .nets
+                    .as_ref()
+                    .map(|v| v.iter().map(|n| n.parse::<NetRule>()).collect())
+                    .transpose()
+                    .map_err(|e: NetRuleError| ctx(e.to_string()))?;
+                let mut steering = flags.steering();
+                if let Some(maps) = &p.maps {
+                    steering.maps = maps
+                        .iter()
+                        .map(|m| m.parse::<GeoMap>())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| ctx(e.to_string()))?;
+                }
+                if p.nearest_limit_km.is_some() {
+                    steering.nearest_limit_km = p.nearest_limit_km;
+                }
+                if p.default_region.is_some() {
+                    steering.default_region.clone_from(&p.default_region);
+                }
+                if let Some(w) = &p.weights {
+                    steering.weights = w.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                }
+                if let Some(n) = p.answers {
+                    if n == 0 {
+                        return Err(ctx("answers must be at least 1".into()));
+                    }
+                    steering.answers = Some(n);
+                }
+                Ok(NameSpec {
+                    name: name.clone(),
+                    service: p.service.clone(),
+                    nets,
+                    steering,
+                })
+            })
+            .collect()
+    }
 }
 
 /// One `--geo-service` flag.
@@ -194,6 +328,24 @@ impl Config {
             geo_services: Vec::new(),
             degraded_ttl: 5,
             record_zones: Vec::new(),
+            edge_weights: Vec::new(),
+            answers: None,
+            policy_file: None,
+        }
+    }
+
+    /// The steering the flags give every name without its own policy.
+    pub fn steering(&self) -> crate::gslb::Steering {
+        crate::gslb::Steering {
+            maps: self.maps.clone(),
+            nearest_limit_km: self.nearest_limit_km,
+            default_region: self.default_region.clone(),
+            weights: self
+                .edge_weights
+                .iter()
+                .map(|w| (w.edge.clone(), w.weight))
+                .collect(),
+            answers: self.answers,
         }
     }
 
@@ -408,5 +560,63 @@ mod tests {
         assert_eq!(cli.config.listen.len(), 2);
         assert_eq!(cli.config.nets.len(), 2);
         assert_eq!(cli.config.default_region.as_deref(), Some("ams"));
+    }
+
+    #[test]
+    fn policy_file_overrides_per_name_and_inherits_the_rest() {
+        let mut flags = Config::with_defaults();
+        flags.default_region = Some("ams".into());
+        flags.maps = vec!["country:DE=ams".parse().unwrap()];
+        flags.nearest_limit_km = Some(500.0);
+        let file: PolicyFile = toml::from_str(
+            r#"
+            [name.api]
+            nets = ["198.51.100.0/24=sin,iad"]
+            default_region = "iad"
+            weights = { "iad-1" = 3, "127.0.0.22" = 0 }
+            [name."www.meridian.test."]
+            answers = 2
+            service = "web"
+            "#,
+        )
+        .unwrap();
+        let specs = file.specs(&flags).unwrap();
+        let api = &specs[0];
+        assert_eq!(api.name, "api");
+        assert_eq!(api.nets.as_ref().unwrap()[0].regions, vec!["sin", "iad"]);
+        assert_eq!(api.steering.default_region.as_deref(), Some("iad"));
+        assert_eq!(api.steering.maps, flags.maps, "inherited");
+        assert_eq!(api.steering.nearest_limit_km, Some(500.0), "inherited");
+        assert_eq!(api.steering.weights.len(), 2);
+        let www = &specs[1];
+        assert_eq!(
+            (www.steering.answers, www.service.as_deref()),
+            (Some(2), Some("web"))
+        );
+        assert_eq!(www.nets, None);
+        assert_eq!(www.steering.default_region.as_deref(), Some("ams"));
+    }
+
+    #[test]
+    fn policy_file_errors_name_the_key_and_the_name() {
+        let flags = Config::with_defaults();
+        let err = toml::from_str::<PolicyFile>("[name.api]\nregion = \"ams\"\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `region`"), "{err}");
+        let file: PolicyFile = toml::from_str("[name.api]\nnets = [\"nope=ams\"]\n").unwrap();
+        let err = file.specs(&flags).unwrap_err();
+        assert!(
+            err.contains("name \"api\"") && err.contains("bad CIDR"),
+            "{err}"
+        );
+        let file: PolicyFile = toml::from_str("[name.api]\nanswers = 0\n").unwrap();
+        assert!(file.specs(&flags).unwrap_err().contains("at least 1"));
+        assert!("iad-1=x".parse::<EdgeWeight>().is_err());
+        assert_eq!(
+            "iad-1 = 3".parse::<EdgeWeight>(),
+            Ok(EdgeWeight {
+                edge: "iad-1".into(),
+                weight: 3
+            })
+        );
     }
 }

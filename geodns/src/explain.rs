@@ -95,8 +95,8 @@ pub fn explain_with(
 ) -> String {
     let mut health = HealthTracker::new(zone_config.hysteresis);
     health.observe(snap, Instant::now());
-    let policy = zone_config.policy.clone();
-    let zone = Zone::build(zone_config.clone(), &policy, snap, &health);
+    let policies = zone_config.policies.clone();
+    let zone = Zone::build(zone_config.clone(), &policies, snap, &health);
     let mut out = format!(
         "snapshot: revision {} from {from} (health as observed now; no hysteresis history), {} zone record sets\n",
         snap.revision,
@@ -129,6 +129,20 @@ pub fn explain_with(
     {
         out.push_str(&format!(
             "service: {service} (a region without a live agent of it counts as down)\n"
+        ));
+    }
+    if let Some(spec) = geo
+        .and_then(|i| zone_config.geo_policies.get(i))
+        .and_then(|&p| zone_config.name_specs.get(p.checked_sub(1)?))
+    {
+        out.push_str(&format!(
+            "name policy: --policy-file name {:?}{}\n",
+            spec.name,
+            if spec.nets.is_some() {
+                " (own nets)"
+            } else {
+                ""
+            }
         ));
     }
     if let Some(table) = geo.and_then(|i| zone.geo_table(i)).or(zone.table.as_ref()) {
@@ -285,5 +299,60 @@ mod tests {
             out.contains("www.customer.example. A: No Error ecs-scope=/24 [edge.meridian.test. 30, 127.0.0.12 30]"),
             "CNAME then the target's geo answer: {out}"
         );
+    }
+
+    #[test]
+    fn explains_a_names_own_policy_and_weights() {
+        let dir = std::env::temp_dir().join(format!("geodns-explain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("policy.toml");
+        std::fs::write(
+            &file,
+            "[name.api]\nnets = [\"192.0.2.0/24=iad\"]\nweights = { \"iad-1\" = 3 }\n",
+        )
+        .unwrap();
+        let mut c = Config::with_defaults();
+        c.nets = vec!["192.0.2.0/24=ams".parse().unwrap()];
+        c.policy_file = Some(file);
+        let zc = Arc::new(ZoneConfig::from_config(&c).unwrap());
+        let edge = |id: &str, region: &str, ip: &str| EdgeStatus {
+            info: EdgeInfo {
+                id: id.into(),
+                region: region.into(),
+                public_ips: vec![ip.parse().unwrap()],
+                http_addr: None,
+                https_addr: None,
+                tunnel_addr: None,
+                anycast: None,
+            },
+            alive: true,
+            last_seen_ms: 0,
+            agents: Vec::new(),
+        };
+        let snap = Snapshot {
+            revision: 3,
+            edges: vec![
+                edge("ams-1", "ams", "127.0.0.11"),
+                edge("iad-1", "iad", "127.0.0.12"),
+                edge("iad-2", "iad", "127.0.0.22"),
+            ],
+            ..Snapshot::default()
+        };
+        let ip = "192.0.2.9".parse().unwrap();
+        let out = explain_with(zc.clone(), &snap, "test", ip, Some("api"));
+        assert!(
+            out.contains("name policy: --policy-file name \"api\" (own nets)"),
+            "{out}"
+        );
+        assert!(out.contains("--net list iad"), "{out}");
+        assert!(out.contains("weights: iad-1=3 (others 1)"), "{out}");
+        assert!(
+            out.contains("api.meridian.test. A: No Error ecs-scope=/24 [127.0.0.1"),
+            "{out}"
+        );
+        // The flags' name keeps the flags' rule.
+        let out = explain_with(zc, &snap, "test", ip, None);
+        assert!(out.contains("--net list ams"), "{out}");
+        assert!(!out.contains("name policy"), "{out}");
     }
 }

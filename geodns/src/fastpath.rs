@@ -4,24 +4,30 @@
 //! costs more than the rest of a query's path together. Within one [`Zone`] (one snapshot, one
 //! health verdict, one policy) an answer is a pure function of the question, the query's flags
 //! and EDNS shape, and the *class* the client falls in (its ECS scope included), so the first
-//! query of each kind goes through [`respond`] and the bytes are kept; later ones copy them and
+//! query of each kind goes through [`respond`](crate::respond::respond) and the bytes are kept; later ones copy them and
 //! patch what is per-query: the ID, the question's letter case (0x20 randomisation) and the
 //! echoed ECS address. Anything the wire parser here does not fully understand takes the normal
-//! path, so the cache can only ever return what [`respond`] would have.
+//! path, so the cache can only ever return what `respond` would have.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::metrics::Labels;
-use crate::respond::{MAX_QUERY_LEN, Outcome, Transport, UDP_MAX_EDNS, UDP_MAX_PLAIN, respond};
+use crate::respond::{
+    MAX_QUERY_LEN, Outcome, Transport, UDP_MAX_EDNS, UDP_MAX_PLAIN, respond_in_slot,
+};
 use crate::zone::Zone;
 
 /// Entries per worker; when full the cache starts over (a flood of distinct names costs the
 /// normal path, never memory).
 pub const MAX_ENTRIES: usize = 4096;
-/// Longest key: a 255-byte name plus the fixed fields below.
-const MAX_KEY: usize = 255 + 32;
+/// Classifiers a key can hold (one class and scope each); zones with more names of distinct
+/// `nets` than this take the normal path.
+const MAX_KEYED_CLASSIFIERS: usize = 8;
+/// Longest key without the rotation slot: a 255-byte name, the 16-byte tail, then class and
+/// scope per classifier.
+const MAX_KEY: usize = 255 + 16 + 9 * MAX_KEYED_CLASSIFIERS;
 
 const TYPE_OPT: u16 = 41;
 const CLASS_IN: u16 = 1;
@@ -41,9 +47,12 @@ pub struct Answered {
     pub labels: Option<Labels>,
 }
 
-/// One cached reply: bytes as [`respond`] produced them and where the per-query parts go.
+/// One cached reply: bytes as `respond` produced them and where the per-query parts go. An
+/// entry with `rotated` set holds no reply: that key's answers depend on the rotation slot, and
+/// live under the key with the slot appended.
 #[derive(Debug)]
 struct Entry {
+    rotated: bool,
     reply: Box<[u8]>,
     /// Offset of the echoed ECS address bytes at the end of `reply`, if any.
     ecs_addr_at: Option<usize>,
@@ -70,6 +79,8 @@ pub struct AnswerCache {
     zone: Option<Arc<Zone>>,
     entries: HashMap<Box<[u8]>, Entry>,
     hits: u64,
+    /// This worker's weighted-answer rotation (no shared counter on the hot path).
+    rotation: usize,
 }
 
 impl AnswerCache {
@@ -85,14 +96,26 @@ impl AnswerCache {
             self.entries.clear();
             self.zone = Some(zone.clone());
         }
+        let slot = if zone.weighted {
+            self.rotation = (self.rotation + 1) % crate::gslb::ROTATION;
+            self.rotation
+        } else {
+            0
+        };
         let Some(q) = parse(packet) else {
-            return slow(zone, packet, src, out);
+            return slow(zone, packet, src, slot, out).0;
         };
         let client = q.ecs.map_or(src, |(_, addr)| addr).to_canonical();
-        let mut key = [0u8; MAX_KEY];
-        let Some(key) = build_key(&mut key, &q, zone, client) else {
-            return slow(zone, packet, src, out);
+        let mut buf = [0u8; MAX_KEY + 1];
+        let Some(len) = build_key(&mut buf, &q, zone, client) else {
+            return slow(zone, packet, src, slot, out).0;
         };
+        let mut key = buf.get(..len).unwrap_or_default();
+        if self.entries.get(key).is_some_and(|e| e.rotated) {
+            // Invariant: slots are below ROTATION (64); the buffer has a byte to spare.
+            buf[len] = slot as u8;
+            key = buf.get(..=len).unwrap_or_default();
+        }
         if let Some(e) = self.entries.get(key) {
             self.hits += 1;
             let start = out.len();
@@ -106,16 +129,31 @@ impl AnswerCache {
             };
         }
         let start = out.len();
-        let answered = slow(zone, packet, src, out);
+        let (answered, rotated) = slow(zone, packet, src, slot, out);
         if answered.replied && !answered.malformed {
             let reply = &out[start..];
             if let Some(ecs_addr_at) = cacheable(reply, &q) {
-                if self.entries.len() >= MAX_ENTRIES {
+                if self.entries.len() + 1 >= MAX_ENTRIES {
                     self.entries.clear();
+                }
+                if rotated && key.len() == len {
+                    self.entries.insert(
+                        key.into(),
+                        Entry {
+                            rotated: true,
+                            reply: Box::default(),
+                            ecs_addr_at: None,
+                            truncated: false,
+                            labels: None,
+                        },
+                    );
+                    buf[len] = slot as u8;
+                    key = buf.get(..=len).unwrap_or_default();
                 }
                 self.entries.insert(
                     key.into(),
                     Entry {
+                        rotated: false,
                         reply: reply.into(),
                         ecs_addr_at,
                         truncated: answered.truncated,
@@ -133,23 +171,32 @@ impl AnswerCache {
     }
 }
 
-fn slow(zone: &Zone, packet: &[u8], src: IpAddr, out: &mut Vec<u8>) -> Answered {
+/// The normal path; also says whether the answer depended on the rotation slot.
+fn slow(
+    zone: &Zone,
+    packet: &[u8],
+    src: IpAddr,
+    slot: usize,
+    out: &mut Vec<u8>,
+) -> (Answered, bool) {
     let Outcome {
         reply,
         malformed,
         truncated,
         labels,
-    } = respond(zone, packet, src, Transport::Udp);
+        rotated,
+    } = respond_in_slot(zone, packet, src, Transport::Udp, Some(slot));
     let replied = reply.as_ref().is_some_and(|r| {
         out.extend_from_slice(r);
         true
     });
-    Answered {
+    let answered = Answered {
         replied,
         malformed,
         truncated,
         labels,
-    }
+    };
+    (answered, rotated)
 }
 
 /// Copies the per-query parts into a cached reply: the ID, the question's case, the ECS address.
@@ -167,7 +214,7 @@ fn patch(reply: &mut [u8], q: &Question<'_>, ecs_addr_at: Option<usize>) {
     }
 }
 
-/// Whether `reply` (just built by [`respond`] for `q`) can serve later queries with the same
+/// Whether `reply` (just built by `respond` for `q`) can serve later queries with the same
 /// key, and where its ECS address is. The question must sit at offset 12 as sent, and an ECS
 /// echo must be the message's last bytes carrying the query's address; otherwise not cached.
 fn cacheable(reply: &[u8], q: &Question<'_>) -> Option<Option<usize>> {
@@ -187,27 +234,34 @@ fn cacheable(reply: &[u8], q: &Question<'_>) -> Option<Option<usize>> {
     ok.then_some(Some(at))
 }
 
-/// The cache key: lower-case name, then `key_tail`, then the client's class and ECS scope.
-fn build_key<'k>(
-    buf: &'k mut [u8; MAX_KEY],
+/// Writes the cache key and returns its length: lower-case name, then `key_tail`, then the
+/// client's class and ECS scope under each of the zone's classifiers (a name's answer, or a
+/// CNAME chain's, depends on one of them). Rotated answers append the slot.
+fn build_key(
+    buf: &mut [u8; MAX_KEY + 1],
     q: &Question<'_>,
     zone: &Zone,
     client: IpAddr,
-) -> Option<&'k [u8]> {
+) -> Option<usize> {
+    if zone.classifiers.len() > MAX_KEYED_CLASSIFIERS {
+        return None;
+    }
     let n = q.qname.len();
     let name = buf.get_mut(..n)?;
     name.copy_from_slice(q.qname);
     name.make_ascii_lowercase();
-    let (class, scope) = zone
-        .table
-        .as_ref()
-        .map_or((u64::MAX, 0), |t| t.client_class(client));
     let mut at = n;
-    for part in [&q.key_tail[..], &class.to_be_bytes(), &[scope]] {
-        buf.get_mut(at..at + part.len())?.copy_from_slice(part);
-        at += part.len();
+    let tail = &q.key_tail[..];
+    buf.get_mut(at..at + tail.len())?.copy_from_slice(tail);
+    at += tail.len();
+    for c in &zone.classifiers {
+        let (class, scope) = c.client_class(client);
+        for part in [&class.to_be_bytes()[..], &[scope]] {
+            buf.get_mut(at..at + part.len())?.copy_from_slice(part);
+            at += part.len();
+        }
     }
-    buf.get(..at)
+    (at <= MAX_KEY).then_some(at)
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -346,6 +400,7 @@ fn parse_ecs(data: &[u8]) -> Option<Ecs<'_>> {
 mod tests {
     use std::str::FromStr;
 
+    use crate::respond::respond;
     use coordinator_api::{EdgeInfo, EdgeStatus, Region, Snapshot};
     use hickory_proto::op::{Edns, Message, Query};
     use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
@@ -353,11 +408,15 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::gslb::AnswerTable;
     use crate::zone::ZoneConfig;
 
     fn zone() -> Arc<Zone> {
-        let mut c = Config::with_defaults();
+        zone_with(Config::with_defaults(), &[])
+    }
+
+    /// The dev-like zone from `c` (nets and default region set here), with `extra` edges
+    /// (id, region, ip), built the way the server builds it.
+    fn zone_with(mut c: Config, extra: &[(&str, &str, &str)]) -> Arc<Zone> {
         c.nets = [
             "192.0.2.0/24=ams",
             "198.51.100.0/24=iad",
@@ -368,9 +427,9 @@ mod tests {
         .collect();
         c.default_region = Some("ams".into());
         let cfg = Arc::new(ZoneConfig::from_config(&c).unwrap());
-        let edge = |region: &str, ip: &str| EdgeStatus {
+        let edge = |id: &str, region: &str, ip: &str| EdgeStatus {
             info: EdgeInfo {
-                id: format!("{region}-1"),
+                id: id.into(),
                 region: region.into(),
                 public_ips: vec![ip.parse().unwrap()],
                 http_addr: None,
@@ -391,15 +450,21 @@ mod tests {
         let snap = Snapshot {
             revision: 7,
             regions: vec![region("ams"), region("iad"), region("sin")],
-            edges: vec![
-                edge("ams", "127.0.0.11"),
-                edge("iad", "127.0.0.12"),
-                edge("sin", "2001:db8::13"),
-            ],
+            edges: [
+                ("ams-1", "ams", "127.0.0.11"),
+                ("iad-1", "iad", "127.0.0.12"),
+                ("sin-1", "sin", "2001:db8::13"),
+            ]
+            .iter()
+            .chain(extra)
+            .map(|(id, region, ip)| edge(id, region, ip))
+            .collect(),
             ..Snapshot::default()
         };
-        let table = AnswerTable::build(cfg.policy.clone(), &snap);
-        Arc::new(Zone::new(cfg, Some(table)))
+        let mut health = crate::health::HealthTracker::default();
+        health.observe(&snap, std::time::Instant::now());
+        let policies = cfg.policies.clone();
+        Arc::new(Zone::build(cfg, &policies, &snap, &health))
     }
 
     fn query(id: u16, name: &str, qtype: RecordType, edns: Option<(u16, Option<&str>)>) -> Vec<u8> {
@@ -518,6 +583,89 @@ mod tests {
         }
         // The second round (and most of the first) came from the cache.
         assert!(cache.hits() > asked / 2, "{} hits of {asked}", cache.hits());
+    }
+
+    #[test]
+    fn per_name_policies_and_weighted_rotation_cache_like_the_normal_path() {
+        let dir = std::env::temp_dir().join(format!("geodns-fastpath-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("policy.toml");
+        // `api` has its own nets (its own classifier); `www` rotates one weighted address.
+        std::fs::write(
+            &file,
+            r#"
+            [name.api]
+            nets = ["192.0.2.0/25=iad", "198.51.100.0/24=sin"]
+            default_region = "sin"
+            [name.www]
+            weights = { "iad-1" = 3, "iad-2" = 1 }
+            "#,
+        )
+        .unwrap();
+        let mut c = Config::with_defaults();
+        c.policy_file = Some(file);
+        let zone = zone_with(c, &[("iad-2", "iad", "127.0.0.22")]);
+        assert_eq!(zone.classifiers.len(), 2);
+        assert!(zone.weighted);
+        let mut cache = AnswerCache::default();
+        let src: IpAddr = "127.0.0.1".parse().unwrap();
+        let ask = |cache: &mut AnswerCache, name: &str, qtype, ecs, id| {
+            let q = query(id, name, qtype, Some((1232, ecs)));
+            let slot = (cache.rotation + 1) % crate::gslb::ROTATION;
+            let want = respond_in_slot(&zone, &q, src, Transport::Udp, Some(slot));
+            let got = cached(cache, &zone, &q, src);
+            match (&got, &want.reply) {
+                (Some(g), Some(w)) => assert_same(g, w),
+                _ => assert_eq!(got, want.reply, "{name} {qtype} {ecs:?}"),
+            }
+            got.map(|g| Message::from_vec(&g).unwrap())
+        };
+        for _ in 0..3 {
+            for name in [
+                "edge.meridian.test.",
+                "API.meridian.test.",
+                "www.meridian.test.",
+            ] {
+                for ecs in [
+                    None,
+                    Some("192.0.2.0/24"),
+                    Some("192.0.2.0/26"),
+                    Some("198.51.100.0/24"),
+                ] {
+                    for qtype in [RecordType::A, RecordType::AAAA] {
+                        ask(&mut cache, name, qtype, ecs, 7);
+                    }
+                }
+            }
+        }
+        // Unweighted names hit the cache even though the zone rotates.
+        assert!(cache.hits() >= 40, "{} hits", cache.hits());
+        // A full rotation of weighted answers: exactly 3:1, cached per slot.
+        let mut first = std::collections::BTreeMap::<String, usize>::new();
+        for round in 0..2 {
+            for i in 0..crate::gslb::ROTATION {
+                let m = ask(
+                    &mut cache,
+                    "www.meridian.test.",
+                    RecordType::A,
+                    Some("198.51.100.0/24"),
+                    9,
+                )
+                .unwrap();
+                assert_eq!(m.answers.len(), 1);
+                if round == 1 {
+                    *first.entry(m.answers[0].data.to_string()).or_default() += 1;
+                }
+                let _ = i;
+            }
+        }
+        assert_eq!(
+            first,
+            std::collections::BTreeMap::from([
+                ("127.0.0.12".into(), 48),
+                ("127.0.0.22".into(), 16)
+            ])
+        );
     }
 
     #[test]

@@ -22,15 +22,43 @@ use crate::prefix::PrefixTree;
 /// recovers. Also caps the SOA and negative TTL while any region is down.
 pub const DEGRADED_TTL: u32 = 5;
 
-/// Client-to-region policy from the configuration and the GeoIP database; independent of any
-/// snapshot. Rebuilt (off the query path) when the database file changes.
+/// Client classification: `--net` rules and the GeoIP database merged into one prefix tree.
+/// Shared by every policy with the same rules, because the tree (large with a real database) is
+/// what a policy costs.
 #[derive(Debug)]
-pub struct Policy {
+pub struct Classifier {
     tree: PrefixTree,
     /// What each tree value stands for: `--net` rule `i` is class `i`, database locations follow.
     classes: Vec<Class>,
     /// Preference list of each `--net` rule.
     rules: Vec<Vec<String>>,
+    db: Option<GeoDb>,
+}
+
+/// How one name steers once a client is classified: country/continent maps, nearness, the
+/// default region, and weights within a region.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Steering {
+    pub maps: Vec<GeoMap>,
+    pub nearest_limit_km: Option<f64>,
+    pub default_region: Option<String>,
+    /// Edge (id or address) → weight within its region (default 1; 0 takes it out of weighted
+    /// answers while another live edge of the region has weight).
+    pub weights: Vec<(String, u32)>,
+    /// Addresses per answer, picked by weight; `None`: every live edge of the region (or one,
+    /// when weights are set).
+    pub answers: Option<usize>,
+}
+
+/// Slots of the weighted rotation: each slot is one precomputed answer per region, and a query
+/// takes the next slot. Weights are honoured to within 1/ROTATION.
+pub const ROTATION: usize = 64;
+
+/// Client-to-region policy of one name: a [`Classifier`] and its [`Steering`]; independent of
+/// any snapshot. Rebuilt (off the query path) when the database file changes.
+#[derive(Debug)]
+pub struct Policy {
+    classifier: Arc<Classifier>,
     countries: HashMap<String, Vec<String>>,
     continents: HashMap<String, Vec<String>>,
     nearest_limit_km: Option<f64>,
@@ -38,7 +66,9 @@ pub struct Policy {
     ttl: u32,
     /// See [`DEGRADED_TTL`].
     degraded_ttl: u32,
-    db: Option<GeoDb>,
+    weights: HashMap<String, u32>,
+    /// Addresses per weighted answer; `None`: answers are not weighted.
+    answers: Option<usize>,
 }
 
 /// What decided a client's location.
@@ -61,21 +91,9 @@ pub struct Classified<'a> {
     pub scope: u8,
 }
 
-impl Policy {
-    /// A policy from `--net` rules only. Later rules for the same prefix replace earlier ones.
-    pub fn new(nets: &[NetRule], default_region: Option<String>, ttl: u32) -> Self {
-        Self::build(nets, &[], None, default_region, ttl, None)
-    }
-
+impl Classifier {
     /// Merges the `--net` rules (which win) and the database's networks into one prefix tree.
-    pub fn build(
-        nets: &[NetRule],
-        maps: &[GeoMap],
-        nearest_limit_km: Option<f64>,
-        default_region: Option<String>,
-        ttl: u32,
-        mut db: Option<GeoDb>,
-    ) -> Self {
+    pub fn build(nets: &[NetRule], mut db: Option<GeoDb>) -> Self {
         let mut tree = PrefixTree::default();
         let mut classes: Vec<Class> = (0..nets.len()).map(Class::Net).collect();
         if let Some(db) = db.as_mut() {
@@ -106,34 +124,12 @@ impl Policy {
                 tree.insert(rule.net, id, true);
             }
         }
-        let mut countries = HashMap::new();
-        let mut continents = HashMap::new();
-        for m in maps {
-            let target = match m.key {
-                GeoKey::Country => &mut countries,
-                GeoKey::Continent => &mut continents,
-            };
-            target.insert(m.code.clone(), m.regions.clone());
-        }
         Self {
             tree,
             classes,
             rules: nets.iter().map(|r| r.regions.clone()).collect(),
-            countries,
-            continents,
-            nearest_limit_km: nearest_limit_km.filter(|k| k.is_finite() && *k > 0.0),
-            default_region,
-            ttl,
-            degraded_ttl: DEGRADED_TTL,
             db,
         }
-    }
-
-    /// Sets the TTL of degraded answers (see [`DEGRADED_TTL`]); at least 1 s.
-    #[must_use]
-    pub fn with_degraded_ttl(mut self, ttl: u32) -> Self {
-        self.degraded_ttl = ttl.max(1);
-        self
     }
 
     /// Which class a client falls in and the ECS scope of that decision.
@@ -148,14 +144,110 @@ impl Policy {
         }
     }
 
-    /// The database, if one is loaded.
-    pub fn db(&self) -> Option<&GeoDb> {
-        self.db.as_ref()
+    /// The class `client` falls in (`u64::MAX`: none) and the ECS scope of that decision: two
+    /// clients with equal values get equal answers from every table over this classifier, which
+    /// is what the answer cache (`fastpath`) keys on.
+    pub fn client_class(&self, client: IpAddr) -> (u64, u8) {
+        let c = self.classify(client.to_canonical());
+        (c.class_index.map_or(u64::MAX, |i| i as u64), c.scope)
     }
 
     /// Distinct client classes (rules plus database locations) and tree size, for logs.
     pub fn size(&self) -> (usize, usize) {
         (self.classes.len(), self.tree.node_count())
+    }
+}
+
+impl Policy {
+    /// A policy from `--net` rules only. Later rules for the same prefix replace earlier ones.
+    pub fn new(nets: &[NetRule], default_region: Option<String>, ttl: u32) -> Self {
+        Self::build(nets, &[], None, default_region, ttl, None)
+    }
+
+    /// A policy over its own classifier of `nets` and `db`.
+    pub fn build(
+        nets: &[NetRule],
+        maps: &[GeoMap],
+        nearest_limit_km: Option<f64>,
+        default_region: Option<String>,
+        ttl: u32,
+        db: Option<GeoDb>,
+    ) -> Self {
+        let steering = Steering {
+            maps: maps.to_vec(),
+            nearest_limit_km,
+            default_region,
+            ..Steering::default()
+        };
+        Self::steer(Arc::new(Classifier::build(nets, db)), &steering, ttl)
+    }
+
+    /// A policy steering clients of `classifier` by `steering`.
+    pub fn steer(classifier: Arc<Classifier>, steering: &Steering, ttl: u32) -> Self {
+        let mut countries = HashMap::new();
+        let mut continents = HashMap::new();
+        for m in &steering.maps {
+            let target = match m.key {
+                GeoKey::Country => &mut countries,
+                GeoKey::Continent => &mut continents,
+            };
+            target.insert(m.code.clone(), m.regions.clone());
+        }
+        let weighted = !steering.weights.is_empty() || steering.answers.is_some();
+        Self {
+            classifier,
+            countries,
+            continents,
+            nearest_limit_km: steering
+                .nearest_limit_km
+                .filter(|k| k.is_finite() && *k > 0.0),
+            default_region: steering.default_region.clone(),
+            ttl,
+            degraded_ttl: DEGRADED_TTL,
+            weights: steering.weights.iter().cloned().collect(),
+            answers: weighted.then(|| steering.answers.unwrap_or(1).max(1)),
+        }
+    }
+
+    /// Sets the TTL of degraded answers (see [`DEGRADED_TTL`]); at least 1 s.
+    #[must_use]
+    pub fn with_degraded_ttl(mut self, ttl: u32) -> Self {
+        self.degraded_ttl = ttl.max(1);
+        self
+    }
+
+    /// Which class a client falls in and the ECS scope of that decision.
+    pub fn classify(&self, client: IpAddr) -> Classified<'_> {
+        self.classifier.classify(client)
+    }
+
+    pub fn classifier(&self) -> &Arc<Classifier> {
+        &self.classifier
+    }
+
+    /// Whether answers rotate over weighted picks ([`ROTATION`] slots) rather than list every
+    /// live edge.
+    pub fn weighted(&self) -> bool {
+        self.answers.is_some()
+    }
+
+    /// The database, if one is loaded.
+    pub fn db(&self) -> Option<&GeoDb> {
+        self.classifier.db.as_ref()
+    }
+
+    /// Distinct client classes (rules plus database locations) and tree size, for logs.
+    pub fn size(&self) -> (usize, usize) {
+        self.classifier.size()
+    }
+
+    /// The weight of an edge: by id, else by any of its addresses, else 1.
+    fn weight_of(&self, id: &str, ips: &[IpAddr]) -> u32 {
+        self.weights
+            .get(id)
+            .or_else(|| ips.iter().find_map(|ip| self.weights.get(&ip.to_string())))
+            .copied()
+            .unwrap_or(1)
     }
 }
 
@@ -173,6 +265,11 @@ pub struct RegionAnswer {
     alive_v6: Vec<Ipv6Addr>,
     all_v4: Vec<Ipv4Addr>,
     all_v6: Vec<Ipv6Addr>,
+    /// Weighted policies: per rotation slot, the live addresses to give (empty otherwise).
+    weighted_v4: Vec<Vec<Ipv4Addr>>,
+    weighted_v6: Vec<Vec<Ipv6Addr>>,
+    /// See [`Self::rotates`].
+    rotates: bool,
 }
 
 /// A region picked for a preference list.
@@ -208,6 +305,8 @@ pub struct Answer<'a> {
     /// ECS scope prefix length: how much of the client address this answer depends on.
     pub scope: u8,
     pub ttl: u32,
+    /// Rotation slot of a weighted answer.
+    variant: usize,
 }
 
 impl Answer<'_> {
@@ -221,7 +320,7 @@ impl Answer<'_> {
         if self.all() {
             &self.region.all_v4
         } else {
-            &self.region.alive_v4
+            slot(&self.region.weighted_v4, self.variant).unwrap_or(&self.region.alive_v4)
         }
     }
 
@@ -229,9 +328,15 @@ impl Answer<'_> {
         if self.all() {
             &self.region.all_v6
         } else {
-            &self.region.alive_v6
+            slot(&self.region.weighted_v6, self.variant).unwrap_or(&self.region.alive_v6)
         }
     }
+}
+
+/// Rotation slot `variant` of a weighted region, if it is weighted and has one.
+fn slot<T>(slots: &[Vec<T>], variant: usize) -> Option<&[T]> {
+    let s = slots.get(variant % slots.len().max(1))?;
+    (!s.is_empty()).then_some(s.as_slice())
 }
 
 impl AnswerTable {
@@ -261,6 +366,8 @@ impl AnswerTable {
         service: Option<&str>,
     ) -> Self {
         let mut by_name: BTreeMap<&str, RegionAnswer> = BTreeMap::new();
+        // Weighted policies: each region's live edges with their weights.
+        let mut weighted: HashMap<&str, Vec<WeightedEdge<'_>>> = HashMap::new();
         for r in &snapshot.regions {
             let coords = match (r.latitude, r.longitude) {
                 (Some(lat), Some(lon)) if lat.is_finite() && lon.is_finite() => Some((lat, lon)),
@@ -276,6 +383,15 @@ impl AnswerTable {
             let region = by_name
                 .entry(e.info.region.as_str())
                 .or_insert_with(|| RegionAnswer::empty(&e.info.region));
+            if policy.weighted() && e.alive {
+                weighted
+                    .entry(e.info.region.as_str())
+                    .or_default()
+                    .push(WeightedEdge {
+                        weight: policy.weight_of(&e.info.id, &e.info.public_ips),
+                        ips: &e.info.public_ips,
+                    });
+            }
             for ip in &e.info.public_ips {
                 match ip.to_canonical() {
                     IpAddr::V4(v4) => {
@@ -306,6 +422,18 @@ impl AnswerTable {
                 v.sort_unstable();
                 v.dedup();
             }
+            if let (Some(edges), Some(k)) = (weighted.get(r.name.as_str()), policy.answers) {
+                r.weighted_v4 = rotation(edges, k, |ip| match ip.to_canonical() {
+                    IpAddr::V4(v4) => Some(v4),
+                    IpAddr::V6(_) => None,
+                });
+                r.weighted_v6 = rotation(edges, k, |ip| match ip.to_canonical() {
+                    IpAddr::V6(v6) => Some(v6),
+                    IpAddr::V4(_) => None,
+                });
+                r.rotates = r.weighted_v4.windows(2).any(|w| w[0] != w[1])
+                    || r.weighted_v6.windows(2).any(|w| w[0] != w[1]);
+            }
         }
         let index: HashMap<&str, usize> = regions
             .iter()
@@ -317,6 +445,7 @@ impl AnswerTable {
         let default_order = order(&regions, &index, &default_list, None);
         let default_pick = pick(&regions, &default_order);
         let class_picks = policy
+            .classifier
             .classes
             .iter()
             .map(|c| {
@@ -344,16 +473,24 @@ impl AnswerTable {
         }
     }
 
-    /// The class `client` falls in (`u64::MAX`: none) and the ECS scope of that decision: two
-    /// clients with equal values get equal answers from this table, which is what the answer
-    /// cache (`fastpath`) keys on.
+    /// See [`Classifier::client_class`].
     pub fn client_class(&self, client: IpAddr) -> (u64, u8) {
-        let c = self.policy.classify(client.to_canonical());
-        (c.class_index.map_or(u64::MAX, |i| i as u64), c.scope)
+        self.policy.classifier.client_class(client)
+    }
+
+    /// The policy this table answers by.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
     }
 
     /// The answer for `client`; `None` only when the snapshot has no region at all.
     pub fn answer(&self, client: IpAddr) -> Option<Answer<'_>> {
+        self.answer_in_slot(client, 0)
+    }
+
+    /// The answer for `client` in rotation slot `variant` (see [`ROTATION`]; only weighted
+    /// policies have more than one).
+    pub fn answer_in_slot(&self, client: IpAddr, variant: usize) -> Option<Answer<'_>> {
         let c = self.policy.classify(client.to_canonical());
         let scope = c.scope;
         let pick = match c.class_index {
@@ -371,6 +508,7 @@ impl AnswerTable {
             fail_open: pick.fail_open,
             scope,
             ttl,
+            variant,
         })
     }
 
@@ -403,6 +541,7 @@ impl AnswerTable {
                     out,
                     "decided by: --net {net}={} (rule #{i})",
                     self.policy
+                        .classifier
                         .rules
                         .get(*i)
                         .map(|r| r.join(","))
@@ -478,6 +617,24 @@ impl AnswerTable {
         let _ = writeln!(out, "policy: {reason}");
         let _ = writeln!(out, "walk: {}", walk.join(" "));
         let _ = writeln!(out, "ecs scope: /{}", c.scope);
+        if let Some(k) = self.policy.answers {
+            let mut w: Vec<String> = self
+                .policy
+                .weights
+                .iter()
+                .map(|(e, w)| format!("{e}={w}"))
+                .collect();
+            w.sort();
+            let _ = writeln!(
+                out,
+                "weighted: {k} address(es) per answer, rotating over {ROTATION} slots; weights: {} (others 1)",
+                if w.is_empty() {
+                    "-".to_owned()
+                } else {
+                    w.join(" ")
+                }
+            );
+        }
         match self.answer(client) {
             Some(a) => {
                 let _ = writeln!(
@@ -518,7 +675,12 @@ fn class_order(
 ) -> (String, Vec<usize>) {
     match class {
         Class::Net(i) => {
-            let list = policy.rules.get(*i).map(Vec::as_slice).unwrap_or_default();
+            let list = policy
+                .classifier
+                .rules
+                .get(*i)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             (
                 format!("--net list {}", list.join(",")),
                 order(regions, index, list, None),
@@ -582,6 +744,12 @@ fn class_order(
 }
 
 impl RegionAnswer {
+    /// Whether answers steered here differ by rotation slot (a weighted policy and more than
+    /// one live edge to pick from).
+    pub fn rotates(&self) -> bool {
+        self.rotates
+    }
+
     fn empty(name: &str) -> Self {
         Self {
             name: name.to_owned(),
@@ -593,8 +761,82 @@ impl RegionAnswer {
             alive_v6: Vec::new(),
             all_v4: Vec::new(),
             all_v6: Vec::new(),
+            weighted_v4: Vec::new(),
+            weighted_v6: Vec::new(),
+            rotates: false,
         }
     }
+}
+
+/// A live edge of a weighted region.
+struct WeightedEdge<'a> {
+    weight: u32,
+    ips: &'a [IpAddr],
+}
+
+/// The [`ROTATION`] answers of one region for one address family: slot `i` holds the addresses
+/// of `k` distinct edges, starting with the `i`-th pick of a smooth weighted round robin, so
+/// over the slots each edge comes first in proportion to its weight. Edges of weight 0 only
+/// serve when every edge has weight 0. Empty when no edge has an address of the family.
+fn rotation<T: Copy>(
+    edges: &[WeightedEdge<'_>],
+    k: usize,
+    family: impl Fn(&IpAddr) -> Option<T>,
+) -> Vec<Vec<T>> {
+    let mut cands: Vec<(u64, Vec<T>)> = edges
+        .iter()
+        .map(|e| {
+            (
+                u64::from(e.weight),
+                e.ips.iter().filter_map(&family).collect(),
+            )
+        })
+        .filter(|(_, ips): &(u64, Vec<T>)| !ips.is_empty())
+        .collect();
+    if cands.is_empty() {
+        return Vec::new();
+    }
+    if cands.iter().all(|(w, _)| *w == 0) {
+        cands.iter_mut().for_each(|c| c.0 = 1);
+    }
+    cands.retain(|(w, _)| *w > 0);
+    // Smooth weighted round robin (as nginx): even spread, exact proportions per full cycle.
+    let total: i128 = cands.iter().map(|(w, _)| i128::from(*w)).sum();
+    let mut current = vec![0i128; cands.len()];
+    let mut seq = Vec::with_capacity(ROTATION);
+    for _ in 0..ROTATION {
+        let mut best = 0;
+        for (i, (w, _)) in cands.iter().enumerate() {
+            current[i] += i128::from(*w);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        seq.push(best);
+    }
+    let k = k.min(cands.len());
+    (0..ROTATION)
+        .map(|start| {
+            let mut chosen: Vec<usize> = Vec::with_capacity(k);
+            for &i in seq.iter().cycle().skip(start).take(ROTATION) {
+                if chosen.len() == k {
+                    break;
+                }
+                if !chosen.contains(&i) {
+                    chosen.push(i);
+                }
+            }
+            // Rarely-picked edges may not appear in one cycle: fill by weight.
+            let mut rest: Vec<usize> = (0..cands.len()).filter(|i| !chosen.contains(i)).collect();
+            rest.sort_by_key(|&i| std::cmp::Reverse(cands[i].0));
+            chosen.extend(rest.into_iter().take(k - chosen.len()));
+            chosen
+                .iter()
+                .flat_map(|&i| cands[i].1.iter().copied())
+                .collect()
+        })
+        .collect()
 }
 
 /// The full walk order for a preference list: the listed regions that exist, then every other
@@ -984,5 +1226,111 @@ mod tests {
         let e = t.explain(ip("198.51.100.1"));
         assert!(e.contains("nothing matched"), "{e}");
         assert!(e.contains("no record"), "{e}");
+    }
+
+    /// iad with three edges, the third IPv6-only.
+    fn weighted_snapshot() -> Snapshot {
+        let mut s = dev_snapshot([true; 3]);
+        s.edges.push(edge("iad-2", "iad", &["127.0.0.22"], true));
+        s.edges.push(edge("iad-6", "iad", &["2001:db8::26"], true));
+        s
+    }
+
+    fn weighted(weights: &[(&str, u32)], answers: Option<usize>) -> Arc<Policy> {
+        let nets: Vec<NetRule> = vec!["198.51.100.0/24=iad".parse().unwrap()];
+        let steering = Steering {
+            default_region: Some("ams".into()),
+            weights: weights.iter().map(|(e, w)| ((*e).into(), *w)).collect(),
+            answers,
+            ..Steering::default()
+        };
+        Arc::new(Policy::steer(
+            Arc::new(Classifier::build(&nets, None)),
+            &steering,
+            30,
+        ))
+    }
+
+    /// How often each address comes first over one full rotation.
+    fn firsts(t: &AnswerTable, client: &str) -> BTreeMap<Ipv4Addr, usize> {
+        let mut out = BTreeMap::new();
+        for slot in 0..ROTATION {
+            let a = t.answer_in_slot(ip(client), slot).unwrap();
+            *out.entry(a.v4()[0]).or_default() += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn weights_within_a_region_split_answers_in_proportion() {
+        let (a, b) = (Ipv4Addr::new(127, 0, 0, 12), Ipv4Addr::new(127, 0, 0, 22));
+        // By edge id and by address; one address per answer by default once weights are set.
+        let t = AnswerTable::build(
+            weighted(&[("iad-1", 3), ("127.0.0.22", 1)], None),
+            &weighted_snapshot(),
+        );
+        assert_eq!(
+            firsts(&t, "198.51.100.1"),
+            BTreeMap::from([(a, 48), (b, 16)])
+        );
+        let one = t.answer_in_slot(ip("198.51.100.1"), 5).unwrap();
+        assert_eq!(one.v4().len(), 1);
+        // AAAA rotates over the edges that have IPv6 only.
+        assert_eq!(one.v6(), &["2001:db8::26".parse::<Ipv6Addr>().unwrap()]);
+        // Unweighted regions and policies are untouched.
+        assert_eq!(t.answer(ip("192.0.2.1")).unwrap().region.name, "ams");
+        let plain = AnswerTable::build(dev_policy(&[]), &weighted_snapshot());
+        assert_eq!(plain.answer(ip("198.51.100.1")).unwrap().v4(), &[a, b]);
+    }
+
+    #[test]
+    fn answers_limit_rotates_evenly_and_weight_zero_drains() {
+        let (a, b) = (Ipv4Addr::new(127, 0, 0, 12), Ipv4Addr::new(127, 0, 0, 22));
+        let t = AnswerTable::build(weighted(&[], Some(1)), &weighted_snapshot());
+        assert_eq!(
+            firsts(&t, "198.51.100.1"),
+            BTreeMap::from([(a, 32), (b, 32)])
+        );
+        // Two per answer: both, in rotating order.
+        let t = AnswerTable::build(weighted(&[], Some(2)), &weighted_snapshot());
+        let mut orders: Vec<Vec<Ipv4Addr>> = (0..2)
+            .map(|s| {
+                t.answer_in_slot(ip("198.51.100.1"), s)
+                    .unwrap()
+                    .v4()
+                    .to_vec()
+            })
+            .collect();
+        orders.sort();
+        assert_eq!(orders, vec![vec![a, b], vec![b, a]]);
+        // Weight 0 drains an edge while another live one has weight ...
+        let t = AnswerTable::build(weighted(&[("iad-2", 0)], Some(2)), &weighted_snapshot());
+        assert_eq!(firsts(&t, "198.51.100.1"), BTreeMap::from([(a, 64)]));
+        assert_eq!(t.answer_in_slot(ip("198.51.100.1"), 3).unwrap().v4(), &[a]);
+        // ... and serves when it is the only one left.
+        let mut snap = weighted_snapshot();
+        snap.edges.retain(|e| e.info.id != "iad-1");
+        let t = AnswerTable::build(weighted(&[("iad-2", 0)], None), &snap);
+        assert_eq!(firsts(&t, "198.51.100.1"), BTreeMap::from([(b, 64)]));
+    }
+
+    #[test]
+    fn weighted_answers_skip_dead_edges_and_fail_open_lists_all() {
+        let (a, b) = (Ipv4Addr::new(127, 0, 0, 12), Ipv4Addr::new(127, 0, 0, 22));
+        let mut snap = weighted_snapshot();
+        snap.edges
+            .iter_mut()
+            .filter(|e| e.info.id == "iad-1")
+            .for_each(|e| e.alive = false);
+        let t = AnswerTable::build(weighted(&[("iad-1", 3)], None), &snap);
+        assert_eq!(firsts(&t, "198.51.100.1"), BTreeMap::from([(b, 64)]));
+        snap.edges.iter_mut().for_each(|e| e.alive = false);
+        let t = AnswerTable::build(weighted(&[("iad-1", 3)], None), &snap);
+        let a_all = t.answer_in_slot(ip("198.51.100.1"), 9).unwrap();
+        assert!(a_all.fail_open);
+        assert!(
+            a_all.v4().contains(&a) && a_all.v4().contains(&b),
+            "{a_all:?}"
+        );
     }
 }

@@ -42,6 +42,8 @@ pub struct Outcome {
     pub truncated: bool,
     /// What to count the query under, when it was parsed and answered.
     pub labels: Option<Labels>,
+    /// The answer came from a weighted rotation: it depends on the slot, not only the client.
+    pub rotated: bool,
 }
 
 impl Outcome {
@@ -51,12 +53,25 @@ impl Outcome {
             malformed: true,
             truncated: false,
             labels: None,
+            rotated: false,
         }
     }
 }
 
 /// Answers `packet`, received from `src` over `transport`, from `zone`. Never panics on input.
 pub fn respond(zone: &Zone, packet: &[u8], src: IpAddr, transport: Transport) -> Outcome {
+    respond_in_slot(zone, packet, src, transport, None)
+}
+
+/// [`respond`] with weighted answers taken from rotation slot `slot` (the answer cache picks
+/// the slot it keys on); `None` takes the zone's next one.
+pub fn respond_in_slot(
+    zone: &Zone,
+    packet: &[u8],
+    src: IpAddr,
+    transport: Transport,
+    slot: Option<usize>,
+) -> Outcome {
     if packet.len() > MAX_QUERY_LEN {
         return Outcome::dropped();
     }
@@ -77,6 +92,7 @@ pub fn respond(zone: &Zone, packet: &[u8], src: IpAddr, transport: Transport) ->
                 malformed: true,
                 truncated: false,
                 labels: None,
+                rotated: false,
             };
         }
     };
@@ -88,6 +104,7 @@ pub fn respond(zone: &Zone, packet: &[u8], src: IpAddr, transport: Transport) ->
             malformed: true,
             truncated: false,
             labels: None,
+            rotated: false,
         };
     }
     let max_len = match (transport, &request.edns) {
@@ -108,7 +125,9 @@ pub fn respond(zone: &Zone, packet: &[u8], src: IpAddr, transport: Transport) ->
         rcode: 0,
         region: None,
     };
-    let response = match build_response(zone, &request, src, &mut labels) {
+    let slot = slot.unwrap_or_else(|| zone.next_slot());
+    let mut rotated = false;
+    let response = match build_response(zone, &request, src, slot, &mut labels, &mut rotated) {
         Ok(r) => r,
         Err(rcode) => {
             malformed = rcode == ResponseCode::FormErr;
@@ -122,6 +141,7 @@ pub fn respond(zone: &Zone, packet: &[u8], src: IpAddr, transport: Transport) ->
         malformed,
         truncated,
         labels: Some(labels),
+        rotated,
     }
 }
 
@@ -202,7 +222,9 @@ fn build_response(
     zone: &Zone,
     request: &Message,
     src: IpAddr,
+    slot: usize,
     labels: &mut Labels,
+    rotated: &mut bool,
 ) -> Result<Message, ResponseCode> {
     if request.op_code != OpCode::Query {
         return Err(ResponseCode::NotImp);
@@ -251,10 +273,24 @@ fn build_response(
     let mut owner = qname.clone();
     let mut lowner = lname;
     for hop in 0..=MAX_CNAME_CHAIN {
-        match lookup(zone, in_zone, &owner, &lowner, qtype, client.addr, &mut r) {
+        match lookup(
+            zone,
+            in_zone,
+            &owner,
+            &lowner,
+            qtype,
+            (client.addr, slot),
+            &mut r,
+        ) {
             Step::Done { region, geo_scope } => {
                 if let Some(region) = region {
                     labels.region = Some(region);
+                    *rotated = cfg
+                        .geo_names
+                        .iter()
+                        .position(|n| *n == lowner)
+                        .and_then(|i| zone.geo_table(i)?.regions().get(region))
+                        .is_some_and(crate::gslb::RegionAnswer::rotates);
                 }
                 scope = scope.max(geo_scope);
                 break;
@@ -311,7 +347,7 @@ fn lookup(
     owner: &Name,
     lowner: &Name,
     qtype: RecordType,
-    client: IpAddr,
+    client: (IpAddr, usize),
     r: &mut Message,
 ) -> Step {
     let cfg = &zone.config;
@@ -434,10 +470,10 @@ fn add_geo_answers(
     table: &crate::gslb::AnswerTable,
     owner: &Name,
     qtype: RecordType,
-    client: IpAddr,
+    (client, slot): (IpAddr, usize),
     scope: &mut u8,
 ) -> Option<usize> {
-    let answer = table.answer(client)?;
+    let answer = table.answer_in_slot(client, slot)?;
     *scope = answer.scope;
     // RFC 8482: ANY gets one RRset (A, or AAAA for an IPv6-only region).
     let wants_v4 = qtype == RecordType::A || (qtype == RecordType::ANY && !answer.v4().is_empty());
@@ -546,7 +582,7 @@ mod tests {
 
     fn zone_with(snapshot: Option<&Snapshot>) -> Zone {
         let cfg = Arc::new(ZoneConfig::from_config(&dev_config()).unwrap());
-        let table = snapshot.map(|s| AnswerTable::build(cfg.policy.clone(), s));
+        let table = snapshot.map(|s| AnswerTable::build(cfg.policy().clone(), s));
         Zone::new(cfg, table)
     }
 

@@ -33,7 +33,7 @@ use crate::health::HealthTracker;
 use crate::metrics::{Labels, Metrics};
 use crate::respond::{MAX_QUERY_LEN, Outcome, Transport, respond, truncated_reply};
 use crate::rrl::{Decision, SharedLimiter};
-use crate::zone::{Zone, ZoneConfig, build_policy};
+use crate::zone::{Zone, ZoneConfig, build_policies};
 
 /// Sampled query-log entries waiting to be written; more are dropped.
 const QUERY_LOG_QUEUE: usize = 1024;
@@ -180,8 +180,13 @@ impl Server {
         // Listeners first, then the slow part (reading the GeoIP database).
         let zone_config =
             Arc::new(ZoneConfig::from_config(config).map_err(|e| Error::Config(e.to_string()))?);
-        let (classes, nodes) = zone_config.policy.size();
-        info!(classes, nodes, "client policy built");
+        let (classes, nodes) = zone_config.policy().size();
+        info!(
+            classes,
+            nodes,
+            policies = zone_config.policies.len(),
+            "client policy built"
+        );
         let state = Arc::new(ArcSwap::from_pointee(Zone::new(zone_config.clone(), None)));
         let stats = Arc::new(Stats::default());
         let _ = stats.metrics.set(Arc::new(Metrics::new(
@@ -255,7 +260,7 @@ impl Server {
             apply(
                 snap,
                 &zone_config,
-                &zone_config.policy,
+                &zone_config.policies,
                 &state,
                 &health,
                 &stats,
@@ -383,7 +388,7 @@ async fn follow_snapshots(
 ) {
     let mut tick = tokio::time::interval(zone_config.hysteresis.tick());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut policy = zone_config.policy.clone();
+    let mut policies = zone_config.policies.clone();
     let reload_every = Duration::from_secs(zone_config.source.geoip_reload_secs.max(1));
     let reloading =
         zone_config.source.geoip_db.is_some() && zone_config.source.geoip_reload_secs > 0;
@@ -397,15 +402,15 @@ async fn follow_snapshots(
                 if let Some(snap) = &last
                     && health.observe(snap, Instant::now())
                 {
-                    apply(snap, &zone_config, &policy, &state, &health, &stats);
+                    apply(snap, &zone_config, &policies, &state, &health, &stats);
                 }
                 continue;
             }
             _ = reload.tick(), if reloading => {
-                if let Some(p) = reload_policy(&zone_config, &policy).await {
-                    policy = p;
+                if let Some(p) = reload_policies(&zone_config, &policies).await {
+                    policies = p;
                     if let Some(snap) = &last {
-                        apply(snap, &zone_config, &policy, &state, &health, &stats);
+                        apply(snap, &zone_config, &policies, &state, &health, &stats);
                     }
                 }
                 continue;
@@ -420,7 +425,7 @@ async fn follow_snapshots(
                         _ = tick.tick() => if let Some(snap) = &last
                             && health.observe(snap, Instant::now())
                         {
-                            apply(snap, &zone_config, &policy, &state, &health, &stats);
+                            apply(snap, &zone_config, &policies, &state, &health, &stats);
                         }
                     }
                 }
@@ -431,7 +436,7 @@ async fn follow_snapshots(
             && !last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &snap))
         {
             health.observe(&snap, Instant::now());
-            apply(&snap, &zone_config, &policy, &state, &health, &stats);
+            apply(&snap, &zone_config, &policies, &state, &health, &stats);
             last = Some(snap);
         }
     }
@@ -439,22 +444,22 @@ async fn follow_snapshots(
 
 /// Re-reads `--geoip-db` if its modification time changed; `None` when unchanged or unreadable
 /// (a bad new file keeps the old policy serving).
-async fn reload_policy(
+async fn reload_policies(
     zone_config: &Arc<ZoneConfig>,
-    current: &Arc<Policy>,
-) -> Option<Arc<Policy>> {
+    current: &[Arc<Policy>],
+) -> Option<Vec<Arc<Policy>>> {
     let path = zone_config.source.geoip_db.clone()?;
-    let loaded = current.db().and_then(|db| db.mtime);
+    let loaded = current.first()?.db().and_then(|db| db.mtime);
     let now = geoip::mtime_of(&path);
     if now.is_none() || now == loaded {
         return None;
     }
-    let source = zone_config.source.clone();
-    match tokio::task::spawn_blocking(move || build_policy(&source)).await {
+    let zc = zone_config.clone();
+    match tokio::task::spawn_blocking(move || build_policies(&zc.source, &zc.name_specs)).await {
         Ok(Ok(p)) => {
-            let (classes, nodes) = p.size();
+            let (classes, nodes) = p.first().map_or((0, 0), Policy::size);
             info!(path = %path.display(), classes, nodes, "GeoIP database reloaded");
-            Some(Arc::new(p))
+            Some(p.into_iter().map(Arc::new).collect())
         }
         Ok(Err(e)) => {
             warn!(error = %e, "GeoIP database reload failed; keeping the previous one");
@@ -471,12 +476,12 @@ async fn reload_policy(
 fn apply(
     snap: &Snapshot,
     zone_config: &Arc<ZoneConfig>,
-    policy: &Arc<Policy>,
+    policies: &[Arc<Policy>],
     state: &ArcSwap<Zone>,
     health: &HealthTracker,
     stats: &Stats,
 ) {
-    let mut zone = Zone::build(zone_config.clone(), policy, snap, health);
+    let mut zone = Zone::build(zone_config.clone(), policies, snap, health);
     let verdicts: Vec<String> = health
         .verdicts()
         .map(|(n, v)| format!("{n}={v:?}"))
@@ -543,6 +548,7 @@ fn answer(
                 malformed: true,
                 truncated: false,
                 labels: None,
+                rotated: false,
             }
         }
     }

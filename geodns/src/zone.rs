@@ -9,9 +9,9 @@ use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, NS, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecoder, Restrict};
 
-use crate::config::Config;
+use crate::config::{Config, NameSpec, NetRule, PolicyFile};
 use crate::geoip::GeoDb;
-use crate::gslb::{AnswerTable, Policy};
+use crate::gslb::{AnswerTable, Classifier, Policy, Steering};
 use crate::health::{HealthTracker, Hysteresis};
 
 /// SOA timers (seconds). Secondaries are not supported, so refresh/retry/expire only need to be
@@ -31,7 +31,12 @@ pub struct ZoneConfig {
     pub ns_ip: IpAddr,
     /// TTL of static records and of answers while nothing is down.
     pub ttl: u32,
-    pub policy: Arc<Policy>,
+    /// The flags' policy first, then one per `--policy-file` name (see `geo_policies`).
+    pub policies: Vec<Arc<Policy>>,
+    /// Per entry of `geo_names`: its policy in `policies` (0: the flags').
+    pub geo_policies: Vec<usize>,
+    /// The `--policy-file` names, parsed (to rebuild the policies when the database changes).
+    pub name_specs: Vec<NameSpec>,
     pub hysteresis: Hysteresis,
     /// Per entry of `geo_names`: the service it is tied to (`--geo-service`), if any.
     pub geo_services: Vec<Option<String>>,
@@ -64,8 +69,13 @@ impl ZoneConfig {
         let hostmaster = Name::from_ascii("hostmaster")
             .and_then(|n| n.append_domain(&origin))
             .map_err(|e| bad("--zone", zone, &e))?;
+        let name_specs = match &config.policy_file {
+            Some(path) => PolicyFile::load(path, config).map_err(ZoneConfigError)?,
+            None => Vec::new(),
+        };
         let mut geo_names = Vec::new();
-        for g in &config.geo_names {
+        let spec_names = name_specs.iter().map(|s| &s.name);
+        for g in config.geo_names.iter().chain(spec_names) {
             let name = Name::parse(g.trim(), Some(&origin))
                 .map_err(|e| bad("--geo-name", g, &e))?
                 .to_lowercase();
@@ -94,6 +104,16 @@ impl ZoneConfig {
             }
         };
         let mut geo_services = vec![None; geo_names.len()];
+        let mut geo_policies = vec![0; geo_names.len()];
+        for (k, spec) in name_specs.iter().enumerate() {
+            let name = Name::parse(spec.name.trim(), Some(&origin))
+                .map_err(|e| bad("--policy-file name", &spec.name, &e))?
+                .to_lowercase();
+            if let Some(i) = geo_names.iter().position(|n| *n == name) {
+                geo_policies[i] = k + 1;
+                geo_services[i].clone_from(&spec.service);
+            }
+        }
         for gs in &config.geo_services {
             let name = Name::parse(gs.name.trim(), Some(&origin))
                 .map_err(|e| bad("--geo-service", &gs.name, &e))?
@@ -105,6 +125,12 @@ impl ZoneConfig {
                 )));
             };
             if let Some(slot) = geo_services.get_mut(i) {
+                if slot.as_ref().is_some_and(|s| *s != gs.service) {
+                    return Err(ZoneConfigError(format!(
+                        "--geo-service {:?}: {name} has another service in --policy-file",
+                        gs.name
+                    )));
+                }
                 *slot = Some(gs.service.clone());
             }
         }
@@ -116,7 +142,10 @@ impl ZoneConfig {
                 .to_lowercase();
             record_zones.push(name);
         }
-        let policy = Arc::new(build_policy(config)?);
+        let policies = build_policies(config, &name_specs)?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
         Ok(Self {
             origin,
             geo_names,
@@ -124,7 +153,9 @@ impl ZoneConfig {
             hostmaster,
             ns_ip,
             ttl: config.ttl,
-            policy,
+            policies,
+            geo_policies,
+            name_specs,
             geo_services,
             record_zones,
             hysteresis: Hysteresis {
@@ -137,24 +168,47 @@ impl ZoneConfig {
     }
 }
 
-/// Builds the client policy from the flags, reading `--geoip-db` if given (slow for real
-/// databases: call it after binding, or off the async runtime).
-pub fn build_policy(config: &Config) -> Result<Policy, ZoneConfigError> {
-    let db = match &config.geoip_db {
-        Some(path) => Some(
-            GeoDb::open(path, config.field_paths()).map_err(|e| ZoneConfigError(e.to_string()))?,
-        ),
-        None => None,
+impl ZoneConfig {
+    /// The flags' policy: names without their own, SOA TTLs, and `explain` by default.
+    pub fn policy(&self) -> &Arc<Policy> {
+        // Invariant: `from_config` always builds the flags' policy first.
+        &self.policies[0]
+    }
+}
+
+/// Builds the flags' policy and one per `--policy-file` name, reading `--geoip-db` once per
+/// distinct `nets` list (slow for real databases: call it after binding, or off the async
+/// runtime). Names that keep the flags' `nets` share its classifier.
+pub fn build_policies(config: &Config, specs: &[NameSpec]) -> Result<Vec<Policy>, ZoneConfigError> {
+    let classify = |nets: &[NetRule]| -> Result<Arc<Classifier>, ZoneConfigError> {
+        let db = match &config.geoip_db {
+            Some(path) => Some(
+                GeoDb::open(path, config.field_paths())
+                    .map_err(|e| ZoneConfigError(e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Arc::new(Classifier::build(nets, db)))
     };
-    Ok(Policy::build(
-        &config.nets,
-        &config.maps,
-        config.nearest_limit_km,
-        config.default_region.clone(),
-        config.ttl,
-        db,
-    )
-    .with_degraded_ttl(config.degraded_ttl))
+    let flags = classify(&config.nets)?;
+    let mut classifiers: Vec<(&[NetRule], Arc<Classifier>)> = vec![(&config.nets, flags.clone())];
+    let policy = |c: Arc<Classifier>, s: &Steering| {
+        Policy::steer(c, s, config.ttl).with_degraded_ttl(config.degraded_ttl)
+    };
+    let mut out = vec![policy(flags, &config.steering())];
+    for spec in specs {
+        let nets = spec.nets.as_deref().unwrap_or(&config.nets);
+        let c = match classifiers.iter().find(|(n, _)| *n == nets) {
+            Some((_, c)) => c.clone(),
+            None => {
+                let c = classify(nets)?;
+                classifiers.push((nets, c.clone()));
+                c
+            }
+        };
+        out.push(policy(c, &spec.steering));
+    }
+    Ok(out)
 }
 
 /// One immutable view of the zone, rebuilt on each snapshot and swapped atomically.
@@ -169,10 +223,16 @@ pub struct Zone {
     pub glue: Record,
     /// Per region of `table` (same order): answers steered there, for metrics.
     pub region_counters: Vec<Arc<std::sync::atomic::AtomicU64>>,
-    /// Tables of the services geo names are tied to (same policy and regions as `table`, other
-    /// health), and per geo name the index of its table here (`None`: `table`).
-    pub service_tables: Vec<AnswerTable>,
+    /// Tables of geo names with their own policy or service (same regions as `table`), and per
+    /// geo name the index of its table here (`None`: `table`).
+    pub name_tables: Vec<AnswerTable>,
     pub geo_tables: Vec<Option<usize>>,
+    /// The distinct classifiers behind the tables: what a client's answers depend on.
+    pub classifiers: Vec<Arc<Classifier>>,
+    /// Some table rotates weighted answers (see [`crate::gslb::ROTATION`]).
+    pub weighted: bool,
+    /// Next rotation slot for queries that do not bring their own (TCP, uncached UDP).
+    rotation: std::sync::atomic::AtomicUsize,
     /// Records from the coordinator, and the extra zones they bring.
     pub data: ZoneData,
 }
@@ -210,44 +270,82 @@ impl Zone {
         let glue = Record::from_rdata(config.ns_name.clone(), ttl, glue_data);
         Self {
             config,
-            table,
             soa,
             ns,
             glue,
             region_counters: Vec::new(),
-            service_tables: Vec::new(),
+            classifiers: table
+                .iter()
+                .map(|t| t.policy().classifier().clone())
+                .collect(),
+            weighted: table.as_ref().is_some_and(|t| t.policy().weighted()),
+            table,
+            name_tables: Vec::new(),
             geo_tables: Vec::new(),
+            rotation: Default::default(),
             data: ZoneData::default(),
         }
     }
 
-    /// The whole zone for `snap`: the geo table, one table per service a geo name is tied to,
-    /// and the coordinator's records. `health` has been fed `snap`.
+    /// The next rotation slot, for a query whose caller did not pick one.
+    pub fn next_slot(&self) -> usize {
+        if self.weighted {
+            self.rotation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    /// The whole zone for `snap`: the flags' table, one table per distinct (policy, service)
+    /// of the geo names, and the coordinator's records. `policies` are as
+    /// [`ZoneConfig::policies`] (rebuilt when the database changes); `health` has been fed
+    /// `snap`.
     pub fn build(
         config: Arc<ZoneConfig>,
-        policy: &Arc<Policy>,
+        policies: &[Arc<Policy>],
         snap: &Snapshot,
         health: &HealthTracker,
     ) -> Self {
-        let table = AnswerTable::build_with_health(policy.clone(), snap, health);
-        let mut services: Vec<&str> = Vec::new();
-        let geo_tables = config
-            .geo_services
-            .iter()
-            .map(|s| {
-                let s = s.as_deref()?;
-                Some(services.iter().position(|x| *x == s).unwrap_or_else(|| {
-                    services.push(s);
-                    services.len() - 1
+        let Some(flags) = policies.first() else {
+            return Self::new(config, None);
+        };
+        let table = AnswerTable::build_with_health(flags.clone(), snap, health);
+        let mut keys: Vec<(usize, &str)> = Vec::new();
+        let geo_tables = (0..config.geo_names.len())
+            .map(|i| {
+                let p = config.geo_policies.get(i).copied().unwrap_or(0);
+                let p = if p < policies.len() { p } else { 0 };
+                let s = config.geo_services.get(i).and_then(|s| s.as_deref());
+                if p == 0 && s.is_none() {
+                    return None;
+                }
+                let key = (p, s.unwrap_or(""));
+                Some(keys.iter().position(|k| *k == key).unwrap_or_else(|| {
+                    keys.push(key);
+                    keys.len() - 1
                 }))
             })
             .collect();
-        let service_tables = services
+        let name_tables: Vec<AnswerTable> = keys
             .iter()
-            .map(|s| AnswerTable::build_for_service(policy.clone(), snap, health, Some(s)))
+            .filter_map(|&(p, s)| {
+                let service = (!s.is_empty()).then_some(s);
+                let policy = policies.get(p)?.clone();
+                Some(AnswerTable::build_for_service(
+                    policy, snap, health, service,
+                ))
+            })
             .collect();
         let mut zone = Self::new(config, Some(table));
-        zone.service_tables = service_tables;
+        for t in &name_tables {
+            let c = t.policy().classifier();
+            if !zone.classifiers.iter().any(|x| Arc::ptr_eq(x, c)) {
+                zone.classifiers.push(c.clone());
+            }
+            zone.weighted |= t.policy().weighted();
+        }
+        zone.name_tables = name_tables;
         zone.geo_tables = geo_tables;
         zone.data = ZoneData::build(&zone, &snap.records);
         zone
@@ -256,7 +354,7 @@ impl Zone {
     /// The answer table for geo name number `i`.
     pub fn geo_table(&self, i: usize) -> Option<&AnswerTable> {
         match self.geo_tables.get(i).copied().flatten() {
-            Some(t) => self.service_tables.get(t),
+            Some(t) => self.name_tables.get(t),
             None => self.table.as_ref(),
         }
     }

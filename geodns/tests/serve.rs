@@ -661,6 +661,91 @@ async fn geoip_database_policies_over_real_packets() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
+/// Each name its own policy (`--policy-file`), over one database: maps, nearness limits, its
+/// own `nets`, and weights within a region, asked with real packets.
+#[tokio::test]
+async fn per_name_policies_and_weights_over_real_packets() {
+    let db = temp_path("city.mmdb");
+    std::fs::write(&db, geo_db("DE")).unwrap();
+    let policy = db.with_file_name("policy.toml");
+    std::fs::write(
+        &policy,
+        r#"
+        [name.api]
+        maps = ["country:DE=sin"]
+        [name.cdn]
+        nets = ["192.0.2.0/24=iad"]
+        weights = { "iad-1" = 3, "127.0.0.22" = 1 }
+        "#,
+    )
+    .unwrap();
+    let mut cfg = Config::with_defaults();
+    cfg.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.default_region = Some("ams".into());
+    cfg.geoip_db = Some(db.clone());
+    cfg.maps = vec!["country:DE=ams".parse().unwrap()];
+    cfg.policy_file = Some(policy);
+    let mut snap = dev_snapshot();
+    let mut second = snap.edges[1].clone();
+    second.info.id = "iad-2".into();
+    second.info.public_ips = vec!["127.0.0.22".parse().unwrap()];
+    snap.edges.push(second);
+    let s = start_with(cfg, Some(snap)).await;
+    // One socket: the kernel hands one client's packets to one worker, whose rotation is
+    // then walked slot by slot.
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let ask = |name: &'static str, ecs: &'static str| {
+        let (sock, addr) = (&sock, s.addr);
+        async move {
+            let q = query(name, RecordType::A, Some(ecs));
+            sock.send_to(&q.to_vec().unwrap(), addr).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let (n, _) = tokio::time::timeout(TIMEOUT, sock.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            let r = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(r.id, q.id);
+            (ips(&r), scope(&r))
+        }
+    };
+    let (ams, iad, sin) = ([127, 0, 0, 11], [127, 0, 0, 12], [127, 0, 0, 13]);
+    // Frankfurt (DE): the flags' map sends `edge` to ams, api's own map to sin; cdn's own
+    // --net beats the database for it alone, with that rule's scope.
+    assert_eq!(
+        ask("edge.meridian.test.", "192.0.2.10/32").await,
+        (vec![IpAddr::from(ams)], Some(25))
+    );
+    assert_eq!(
+        ask("api.meridian.test.", "192.0.2.10/32").await,
+        (vec![IpAddr::from(sin)], Some(25))
+    );
+    assert_eq!(ask("cdn.meridian.test.", "192.0.2.10/32").await.1, Some(24));
+    // cdn: one address per answer, 3:1 by weight over a full rotation (answers are cached
+    // per rotation slot, so the second lap is served from the cache and must agree).
+    let mut firsts = std::collections::BTreeMap::<IpAddr, usize>::new();
+    for _ in 0..2 * 64 {
+        let (got, _) = ask("cdn.meridian.test.", "192.0.2.10/32").await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        *firsts.entry(got[0]).or_default() += 1;
+    }
+    let want: std::collections::BTreeMap<IpAddr, usize> =
+        [(IpAddr::from(iad), 96), (IpAddr::from([127, 0, 0, 22]), 32)].into();
+    assert_eq!(firsts, want);
+    // The flags' name still lists every live edge of iad.
+    let (mut got, _) = ask("edge.meridian.test.", "198.51.100.1/32").await;
+    got.sort();
+    assert_eq!(got, vec![IpAddr::from(iad), IpAddr::from([127, 0, 0, 22])]);
+
+    s.shutdown.cancel();
+    tokio::time::timeout(TIMEOUT, s.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(db.parent().unwrap());
+}
+
 #[tokio::test]
 async fn missing_geoip_database_is_a_config_error() {
     let mut cfg = Config::with_defaults();
