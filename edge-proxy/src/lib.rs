@@ -35,6 +35,7 @@ mod routing;
 mod server;
 mod sni;
 mod state;
+mod tcp_services;
 mod tls;
 mod tunnel;
 mod upstream;
@@ -415,6 +416,15 @@ impl Edge {
                 tracker.clone(),
             ));
         }
+        // TCP ports from the coordinator (`Service::tcp_ports`), opened as snapshots name them.
+        tracker.spawn(tcp_services::follow(
+            shared.snapshots.clone(),
+            shared.clone(),
+            config.tunnel_listen.ip(),
+            config.tcp_services.iter().map(|t| t.port).collect(),
+            serving.clone(),
+            tracker.clone(),
+        ));
         if let Some(fb) = tunnel_tcp {
             tracker.spawn(tunnel::serve_tcp_fallback(
                 fb,

@@ -374,6 +374,18 @@ pub(crate) async fn serve_tcp(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    serve_tcp_until(l, shared, shutdown.clone(), shutdown, tracker).await;
+}
+
+/// [`serve_tcp`] that stops accepting at `stop` (a port the coordinator no longer lists) while
+/// open connections keep running until they end or `shutdown` drains them.
+pub(crate) async fn serve_tcp_until(
+    l: TcpServiceListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     let TcpServiceListener {
         listener,
         service,
@@ -383,7 +395,7 @@ pub(crate) async fn serve_tcp(
     let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     loop {
         let (sock, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {

@@ -251,6 +251,34 @@ struct ServiceFlags {
     /// Back to the edge's default budget (update).
     #[arg(long, conflicts_with = "retry_budget")]
     no_retry_budget: bool,
+    /// A raw TCP port every edge listens on for this service, `PORT[,proxy-protocol]` (repeat;
+    /// replaces the list on update): connections go to agents started with `--tcp`.
+    #[arg(long = "tcp-port", value_parser = parse_tcp_port)]
+    tcp_ports: Vec<coordinator_api::TcpPort>,
+    /// Remove every TCP port (update).
+    #[arg(long, conflicts_with = "tcp_ports")]
+    no_tcp_ports: bool,
+}
+
+/// `PORT[,proxy-protocol]` for `--tcp-port`.
+fn parse_tcp_port(s: &str) -> Result<coordinator_api::TcpPort, String> {
+    let mut parts = s.split(',');
+    let port = parts.next().unwrap_or_default();
+    let port = match port.parse::<u16>() {
+        Ok(p) if p > 0 => p,
+        _ => return Err(format!("{s:?}: expected PORT[,proxy-protocol], e.g. 6379")),
+    };
+    let mut t = coordinator_api::TcpPort {
+        port,
+        proxy_protocol: false,
+    };
+    for opt in parts {
+        match opt {
+            "proxy-protocol" => t.proxy_protocol = true,
+            _ => return Err(format!("unknown TCP port option {opt:?} (proxy-protocol)")),
+        }
+    }
+    Ok(t)
 }
 
 impl ServiceFlags {
@@ -282,6 +310,9 @@ impl ServiceFlags {
         }
         if self.retry_budget.is_some() || self.no_retry_budget {
             s.retry_budget = self.retry_budget;
+        }
+        if !self.tcp_ports.is_empty() || self.no_tcp_ports {
+            s.tcp_ports = self.tcp_ports;
         }
     }
 }
@@ -1289,6 +1320,16 @@ impl Out {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_port_flag() {
+        let t = parse_tcp_port("6379,proxy-protocol").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((t.port, t.proxy_protocol), (6379, true));
+        assert_eq!(parse_tcp_port("5432").map(|t| t.proxy_protocol), Ok(false));
+        for bad in ["0", "", "x", "70000", "6379,nope"] {
+            assert!(parse_tcp_port(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn split_targets() {

@@ -4,7 +4,8 @@
 //! - a passthrough host's client gets the ORIGIN's certificate and the origin's answer;
 //! - another host still gets the edge's certificate and normal HTTP routing;
 //! - with `proxy_protocol` the origin learns the client's real address from a PROXY v2 header,
-//!   as it does through `--tcp-service PORT=SERVICE,proxy-protocol`;
+//!   as it does through `--tcp-service PORT=SERVICE,proxy-protocol` and through a TCP port the
+//!   coordinator gives the service (`ctl service update --tcp-port`), opened and closed live;
 //! - junk and a trickled ClientHello are closed, and the edge keeps serving;
 //! - `/metrics` counts passthrough connections by service.
 
@@ -420,6 +421,49 @@ async fn sni_passthrough_to_a_tls_origin_with_proxy_protocol() {
         "{}",
         seen.response
     );
+
+    // The same as a coordinator-driven TCP port (`ctl service update --tcp-port`): every edge
+    // opens it on its tunnel IP, with no edge flag; removing it closes the listener.
+    let port = free_port(TUNNEL_IP, false);
+    let ctl = |args: &[&str]| {
+        let out = Command::new(meridian_bin())
+            .args(["ctl", "--coordinator", &format!("http://{api}")])
+            .args(args)
+            .env("MERIDIAN_ADMIN_TOKEN", ADMIN)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ctl(&[
+        "service",
+        "update",
+        "vault",
+        "--tcp-port",
+        &format!("{port},proxy-protocol"),
+    ]);
+    let coordinated: SocketAddr = format!("{TUNNEL_IP}:{port}").parse().unwrap();
+    let seen = eventually(WAIT, || async {
+        https(coordinated, SECURE, &origin_ca).await.ok()
+    })
+    .await
+    .expect("the coordinator's TCP port opened on the edge");
+    assert_eq!(seen.cert, origin_der);
+    assert!(
+        seen.response
+            .ends_with(&format!("origin sni={SECURE} client={}", seen.local)),
+        "{}",
+        seen.response
+    );
+    ctl(&["service", "update", "vault", "--no-tcp-ports"]);
+    eventually(WAIT, || async {
+        TcpStream::connect(coordinated).await.err().map(|_| ())
+    })
+    .await
+    .expect("the TCP port closed once the service dropped it");
 
     // The same port, another name: the edge's own certificate and normal HTTP routing.
     let seen = eventually(WAIT, || async {

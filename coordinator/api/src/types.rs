@@ -87,6 +87,20 @@ pub struct Service {
     /// certificate from the coordinator's tunnel CA naming the service ([`service_cert_uri`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_mtls: bool,
+    /// Raw TCP ports every edge listens on for this service (on its tunnel listener's IP); each
+    /// connection goes over the tunnel to an agent started with `--tcp`. The coordinator-driven
+    /// form of the edge's `--tcp-service` flag (which wins for a port both name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_ports: Vec<TcpPort>,
+}
+
+/// One raw TCP port of a service ([`Service::tcp_ports`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpPort {
+    pub port: u16,
+    /// Send a PROXY protocol v2 header (the client's address) to the origin first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
 }
 
 /// Retries an edge may add for one service within a sliding 10 s window: `percent` of the
