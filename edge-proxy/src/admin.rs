@@ -62,6 +62,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .metrics
                 .render(&shared.region, &shared.edge_id, &gauges);
             crate::backend::render_metrics(shared, &mut text);
+            shared.agents.render_transports(&mut text);
             reply(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         _ => reply(

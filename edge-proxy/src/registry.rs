@@ -36,16 +36,20 @@ pub(crate) struct AgentHandle {
     pub(crate) tag: String,
     /// Circuit breaker, for services that configure one.
     breaker: Mutex<crate::breaker::Breaker>,
+    /// Whether the agent reached us over the TCP fallback (QUIC inside TLS/TCP) rather than UDP.
+    pub(crate) via_tcp: bool,
 }
 
 impl AgentHandle {
     pub(crate) fn new(conn: quinn::Connection, info: AgentConn) -> Arc<Self> {
+        let via_tcp = tunnel_proto::io::fallback::MuxSocket::is_tcp_peer(&conn.remote_address());
         static NEXT: AtomicU64 = AtomicU64::new(1);
         Arc::new(Self {
             key: NEXT.fetch_add(1, Ordering::Relaxed),
             conn,
             tag: crate::upstream::backend_tag(&info.agent_id),
             breaker: Mutex::default(),
+            via_tcp,
             info,
             in_flight: AtomicUsize::new(0),
             origin_healthy: AtomicBool::new(true),
@@ -238,6 +242,28 @@ impl Registry {
             .load()
             .get(service)
             .is_some_and(|l| l.iter().any(|h| h.origin_healthy()))
+    }
+
+    /// Registered connections by transport: (QUIC over UDP, QUIC over the TCP fallback).
+    pub(crate) fn by_transport(&self) -> (usize, usize) {
+        let map = self.by_service.load();
+        let tcp = map
+            .values()
+            .flat_map(|l| l.iter())
+            .filter(|h| h.via_tcp)
+            .count();
+        let all = map.values().map(|l| l.len()).sum::<usize>();
+        (all - tcp, tcp)
+    }
+
+    /// `meridian_edge_agent_connections{transport}` for `/metrics`.
+    pub(crate) fn render_transports(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let (quic, tcp) = self.by_transport();
+        let _ = writeln!(
+            out,
+            "# HELP meridian_edge_agent_connections Agent connections registered now, by transport (tcp: QUIC inside TLS/TCP, for agents whose UDP is blocked).\n# TYPE meridian_edge_agent_connections gauge\nmeridian_edge_agent_connections{{transport=\"quic\"}} {quic}\nmeridian_edge_agent_connections{{transport=\"tcp\"}} {tcp}"
+        );
     }
 
     /// Every registered connection, for the heartbeat.

@@ -558,7 +558,7 @@ pub(crate) async fn accept_loop(
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            let remote = incoming.remote_address();
+            let remote = MuxSocket::real_peer(incoming.remote_address());
             if let Err(e) = session(incoming, &shared, &shutdown).await {
                 debug!(%remote, error = %e, "agent session ended");
             }
@@ -605,7 +605,11 @@ async fn session(
     shared: &Shared,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let remote: SocketAddr = incoming.remote_address();
+    // TCP-fallback agents appear to quinn under a fake `100::` address: log and report the
+    // connection's real peer instead.
+    let via_tcp = MuxSocket::is_tcp_peer(&incoming.remote_address());
+    let remote: SocketAddr = MuxSocket::real_peer(incoming.remote_address());
+    let transport = if via_tcp { "tcp" } else { "quic" };
     let conn = tokio::time::timeout(HELLO_TIMEOUT, incoming)
         .await
         .map_err(|_| SessionError::Timeout)??;
@@ -738,7 +742,7 @@ async fn session(
         },
     );
     shared.agents.add(handle.clone());
-    info!(%remote, agent_id, service = admitted.service, mtls = admitted.mtls, "agent connected");
+    info!(%remote, agent_id, service = admitted.service, mtls = admitted.mtls, transport, "agent connected");
 
     let end = control_loop(
         shared,

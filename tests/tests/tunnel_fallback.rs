@@ -4,6 +4,12 @@
 //! (same port), requests through the edge keep succeeding, its `/metrics` says `tcp`; once the
 //! rule is gone its re-probe moves it back to QUIC without failing a request.
 //!
+//! A rule in the agent's own namespace makes its UDP sends fail with EPERM: an agent started
+//! while UDP is blocked sees that and registers over TCP at once, far inside its
+//! `--quic-timeout` (10 s here). (A silent drop further away cannot be seen; the timeout stays
+//! for that.) The edge reports the agent's real address, not the fallback's `100::` pseudo-peer,
+//! and counts it under `meridian_edge_agent_connections{transport="tcp"}`.
+//!
 //! Needs root (namespaces), iproute2 and nftables; skips with the reason otherwise.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -27,6 +33,10 @@ const EDGE_HTTP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 4, 1));
 const HOST: &str = "edge.meridian.test";
 /// The agent's admin listener, on the namespace side of the veth.
 const AGENT_ADMIN: &str = "198.19.77.2:9790";
+/// A second agent's, started while UDP is blocked.
+const LATE_AGENT_ADMIN: &str = "198.19.77.2:9791";
+/// The extra edge's admin listener (`/metrics`).
+const EDGE_ADMIN: &str = "127.0.4.1:9792";
 
 /// The namespace and its veth pair, removed however the test ends.
 struct Netns;
@@ -139,7 +149,24 @@ fn why_skip() -> Option<String> {
 
 /// `(quic, tcp)` edge connections the agent reports on `/metrics`.
 async fn transports() -> Option<(u64, u64)> {
-    let addr: SocketAddr = AGENT_ADMIN.parse().ok()?;
+    transports_of(AGENT_ADMIN).await
+}
+
+/// The value of the metric line starting with `key` on the `/metrics` page at `admin`.
+async fn metric(admin: &str, key: &str) -> Option<u64> {
+    let addr: SocketAddr = admin.parse().ok()?;
+    let text = raw_http(
+        addr,
+        b"GET /metrics HTTP/1.1\r\nhost: edge\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].trim().parse().ok()
+}
+
+async fn transports_of(admin: &str) -> Option<(u64, u64)> {
+    let addr: SocketAddr = admin.parse().ok()?;
     let text = raw_http(
         addr,
         b"GET /metrics HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n",
@@ -219,6 +246,7 @@ async fn blocked_udp_falls_back_to_tcp_and_returns_to_quic() {
             .arg("--tls-key")
             .arg(net.path("edge.key"))
             .args(["--coordinator", "http://127.0.0.1:7700"])
+            .args(["--admin-listen", EDGE_ADMIN])
             .arg("--state-dir")
             .arg(net.path("edge-tunfb"))
             .env("MERIDIAN_NODE_TOKEN", net.read("node.token"))
@@ -308,10 +336,77 @@ async fn blocked_udp_falls_back_to_tcp_and_returns_to_quic() {
     }
     let log = std::fs::read_to_string(&agent_log).unwrap_or_default();
     assert!(
-        log.contains("UDP may be blocked"),
+        log.contains("UDP is blocked") || log.contains("UDP may be blocked"),
         "the agent says why it left QUIC\n{}",
         logs()
     );
+    // The edge shows where the agent really is, and counts it as a TCP agent.
+    let edge_text = std::fs::read_to_string(&edge_log).unwrap_or_default();
+    let connected: Vec<&str> = edge_text
+        .lines()
+        .filter(|l| l.contains("agent connected") && l.contains("tcp"))
+        .collect();
+    assert!(
+        !connected.is_empty()
+            && connected
+                .iter()
+                .all(|l| l.contains(NS_IP) && !l.contains("100::")),
+        "edge log names the agent's real address for the TCP fallback: {connected:?}"
+    );
+    assert_eq!(
+        metric(
+            EDGE_ADMIN,
+            "meridian_edge_agent_connections{transport=\"tcp\"} "
+        )
+        .await,
+        Some(1),
+        "edge /metrics counts the TCP agent"
+    );
+
+    // An agent started while UDP is blocked: its sends fail with EPERM, so it goes to TCP at
+    // once instead of waiting out its 10 s --quic-timeout.
+    let late_log = net.path("tun-fb-late-agent.log");
+    let started = Instant::now();
+    let late = ns.spawn(
+        &[
+            "agent",
+            "--edge",
+            &format!("{HOST_IP}:{TUNNEL_PORT}"),
+            "--server-name",
+            HOST,
+            "--ca",
+            &ca,
+            "--service",
+            "fb",
+            "--to",
+            "http://127.0.0.1:7795",
+            "--token",
+            &token,
+            "--regions",
+            "1",
+            "--admin-listen",
+            LATE_AGENT_ADMIN,
+            "--quic-timeout",
+            "10s",
+        ],
+        &late_log,
+    );
+    let mut on_tcp = false;
+    while started.elapsed() < Duration::from_secs(8) {
+        if transports_of(LATE_AGENT_ADMIN).await == Some((0, 1)) {
+            on_tcp = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    eprintln!("agent started with UDP blocked registered over TCP after {took:?}");
+    assert!(
+        on_tcp && took < Duration::from_secs(3),
+        "fallback took {took:?} (process start included); the QUIC timeout is 10 s\n{}",
+        tail(&late_log)
+    );
+    drop(late);
 
     // UDP back: the re-probe moves it to QUIC; requests during the switch all succeed.
     ns.unblock_udp();

@@ -167,6 +167,8 @@ impl Via {
 enum DialError {
     /// No handshake within the time allowed: with `auto`, a reason to try TCP.
     TimedOut(Duration),
+    /// Plain UDP to the edge failed visibly (`auto` only): try TCP without waiting.
+    UdpFailed(std::io::Error),
     Failed(String),
 }
 
@@ -174,6 +176,7 @@ impl std::fmt::Display for DialError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::TimedOut(d) => write!(f, "QUIC handshake timed out after {d:?}"),
+            Self::UdpFailed(e) => write!(f, "UDP to the edge fails: {e}"),
             Self::Failed(why) => f.write_str(why),
         }
     }
@@ -266,6 +269,50 @@ async fn dial_tcp(
         })
 }
 
+/// Send and receive errors that mean UDP to the edge cannot work: a local firewall dropping the
+/// packet (EPERM/EACCES on send), no route, or an ICMP "administratively prohibited" /
+/// unreachable from a filtering router (EHOSTUNREACH on the connected socket). Not ECONNREFUSED:
+/// a port-unreachable usually means the edge is restarting, and QUIC's retransmits reach it as
+/// soon as it is back, which a TCP dial that fails now would not.
+fn udp_unusable(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::PermissionDenied | K::HostUnreachable | K::NetworkUnreachable
+    )
+}
+
+/// Resolves with the error as soon as plain UDP to `addr` visibly fails; never resolves while it
+/// does not (a silent drop looks like a slow edge, so the QUIC timeout still decides). quinn only
+/// logs its send errors, so without this a local firewall rule costs the whole `--quic-timeout`.
+/// The probe is one byte, which QUIC endpoints discard as too short to be a packet.
+async fn udp_fails_at_once(addr: SocketAddr) -> std::io::Error {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let probe = async {
+        let socket = tokio::net::UdpSocket::bind(bind).await?;
+        socket.connect(addr).await?;
+        socket.send(&[0]).await?;
+        // Only an ICMP error (reported on the connected socket) ends this; answers are ignored.
+        let mut buf = [0u8; 64];
+        loop {
+            socket.recv(&mut buf).await?;
+        }
+    };
+    let r: std::io::Result<std::convert::Infallible> = probe.await;
+    match r {
+        Err(e) if udp_unusable(&e) => e,
+        // Anything else (EMFILE, ...) says nothing about the path: leave it to QUIC.
+        Err(e) => {
+            debug!(edge = %addr, error = %e, "UDP probe inconclusive");
+            std::future::pending().await
+        }
+    }
+}
+
 /// Dials `addr` over the transport the slot's state and `--transport` call for.
 async fn dial(
     shared: &Shared,
@@ -291,10 +338,28 @@ async fn dial(
     }
     let ep = endpoint_for(endpoint, addr)
         .map_err(|e| DialError::Failed(format!("binding a UDP socket: {e}")))?;
-    match dial_quic(shared, &ep, addr, &server_name).await {
+    // With `auto`, a UDP path that fails visibly (local firewall, ICMP reject) goes to TCP at
+    // once instead of after `--quic-timeout`.
+    let probe = async {
+        match shared.transport {
+            Transport::Auto => udp_fails_at_once(addr).await,
+            Transport::Quic | Transport::Tcp => std::future::pending().await,
+        }
+    };
+    let quic = tokio::select! {
+        r = dial_quic(shared, &ep, addr, &server_name) => r,
+        e = probe => Err(DialError::UdpFailed(e)),
+    };
+    match quic {
         Ok(c) => {
             *quic_failed_at = None;
             Ok((c, Via::Quic))
+        }
+        Err(DialError::UdpFailed(e)) => {
+            warn!(slot, edge = %addr, error = %e, "UDP to the edge fails at once: UDP is blocked; trying QUIC over TLS/TCP now");
+            let c = dial_tcp(shared, addr, &server_name).await?;
+            *quic_failed_at = Some(Instant::now());
+            Ok((c, Via::Tcp))
         }
         Err(DialError::TimedOut(after)) if shared.transport == Transport::Auto => {
             *quic_failed_at = Some(Instant::now());
@@ -742,5 +807,59 @@ async fn next_ctl(ctl: &mut Option<FrameReader>) -> Result<Option<Frame>, crate:
     match ctl {
         Some(r) => r.next().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::io::{Error, ErrorKind};
+    use std::time::Duration;
+
+    use super::{udp_fails_at_once, udp_unusable};
+
+    #[test]
+    fn which_udp_errors_mean_blocked() {
+        for kind in [
+            ErrorKind::PermissionDenied,
+            ErrorKind::HostUnreachable,
+            ErrorKind::NetworkUnreachable,
+        ] {
+            assert!(udp_unusable(&Error::from(kind)), "{kind:?}");
+        }
+        // A closed port: the edge may be restarting; QUIC keeps trying.
+        assert!(!udp_unusable(&Error::from(ErrorKind::ConnectionRefused)));
+        assert!(!udp_unusable(&Error::from_raw_os_error(24)), "EMFILE");
+    }
+
+    /// A send the kernel refuses (broadcast without SO_BROADCAST: EACCES, as a local firewall's
+    /// EPERM) is reported at once.
+    #[tokio::test]
+    async fn a_refused_send_is_reported_at_once() {
+        let e = tokio::time::timeout(
+            Duration::from_secs(1),
+            udp_fails_at_once("255.255.255.255:7443".parse().unwrap()),
+        )
+        .await
+        .expect("reported within a second");
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    }
+
+    /// A silent peer and a closed port leave the decision to the QUIC timeout.
+    #[tokio::test]
+    async fn silence_and_closed_ports_are_not_blocking() {
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        for addr in [silent.local_addr().unwrap(), closed_addr] {
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), udp_fails_at_once(addr))
+                    .await
+                    .is_err(),
+                "{addr}"
+            );
+        }
     }
 }

@@ -133,5 +133,25 @@ async fn one_endpoint_serves_udp_and_tcp_peers() {
         "one UDP and one TCP peer: {a} {b}"
     );
     assert_eq!(mux.tcp_peers(), 1);
+    // The fake address resolves to the TCP connection's real peer (the client's local address);
+    // UDP peers are their own address.
+    let (fake, udp_peer) = if MuxSocket::is_tcp_peer(&a) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert_eq!(MuxSocket::real_peer(fake), local);
+    assert_eq!(MuxSocket::real_peer(udp_peer), udp_peer);
     tokio::join!(echo_a_megabyte(&c1), echo_a_megabyte(&c2));
+    // Detached once the TCP connection ends: the fake address no longer resolves.
+    drop((c2, tcp_client));
+    let gone = async {
+        while mux.tcp_peers() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), gone)
+        .await
+        .expect("TCP peer detached");
+    assert_eq!(MuxSocket::real_peer(fake), fake);
 }

@@ -9,7 +9,7 @@
 //! A datagram that does not fit a peer's queue is dropped, as a congested UDP path would: QUIC
 //! recovers it, and a slow agent never blocks the endpoint's sends to the others.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::io::{self, IoSliceMut};
@@ -37,6 +37,13 @@ const READ_CHUNK: usize = 64 * 1024;
 const WRITE_BATCH: usize = 64 * 1024;
 
 type Datagram = (SocketAddr, Bytes);
+
+/// Pseudo-peer numbers, unique in the process (not per socket), so a fake address names one TCP
+/// connection even with several edges in one process, and [`REAL_PEERS`] can be global.
+static NEXT_PEER: AtomicU64 = AtomicU64::new(1);
+/// Fake address → the TCP connection's real peer address, while the connection is attached: for
+/// logs, the admin API and heartbeats, which should show where an agent really is.
+static REAL_PEERS: Mutex<BTreeMap<SocketAddr, SocketAddr>> = Mutex::new(BTreeMap::new());
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded values (a channel receiver, a peer map) stay consistent across a panic.
@@ -256,7 +263,6 @@ pub struct MuxSocket {
     inbound_tx: mpsc::Sender<Datagram>,
     inbound: Mutex<mpsc::Receiver<Datagram>>,
     peers: Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>,
-    next_peer: AtomicU64,
     /// Alternates which source `poll_recv` reads first, so neither starves the other.
     tcp_first: AtomicBool,
 }
@@ -278,7 +284,6 @@ impl MuxSocket {
             inbound_tx,
             inbound: Mutex::new(inbound),
             peers: Mutex::new(HashMap::new()),
-            next_peer: AtomicU64::new(1),
             tcp_first: AtomicBool::new(false),
         })
     }
@@ -292,6 +297,15 @@ impl MuxSocket {
     /// Whether `addr` is a TCP pseudo-peer's address (as opposed to a real UDP peer).
     pub fn is_tcp_peer(addr: &SocketAddr) -> bool {
         matches!(addr.ip(), std::net::IpAddr::V6(ip) if ip.segments()[..4] == [0x100, 0, 0, 0])
+    }
+
+    /// The real address of the TCP connection behind fake address `addr` while it is attached;
+    /// `addr` itself for UDP peers (and for TCP peers already gone).
+    pub fn real_peer(addr: SocketAddr) -> SocketAddr {
+        if !Self::is_tcp_peer(&addr) {
+            return addr;
+        }
+        lock(&REAL_PEERS).get(&addr).copied().unwrap_or(addr)
     }
 
     /// TCP connections currently attached.
@@ -312,18 +326,35 @@ impl MuxSocket {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
+        let id = NEXT_PEER.fetch_add(1, Ordering::Relaxed);
         let fake = Self::fake_addr(id, real_peer.port());
         let (tx, rx) = mpsc::channel(QUEUE);
         lock(&self.peers).insert(fake, tx);
-        let this = self.clone();
+        lock(&REAL_PEERS).insert(fake, real_peer);
+        // Moved into the future, so the peer is detached however it ends, even dropped unpolled.
+        let detach = Detach {
+            mux: self.clone(),
+            fake,
+        };
         let inbound = self.inbound_tx.clone();
         let fut = async move {
-            let r = pump(stream, fake, inbound, rx).await;
-            lock(&this.peers).remove(&fake);
-            r
+            let _detach = detach;
+            pump(stream, fake, inbound, rx).await
         };
         (fake, fut)
+    }
+}
+
+/// Removes a pseudo-peer from its socket and from [`REAL_PEERS`] when dropped.
+struct Detach {
+    mux: Arc<MuxSocket>,
+    fake: SocketAddr,
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        lock(&self.mux.peers).remove(&self.fake);
+        lock(&REAL_PEERS).remove(&self.fake);
     }
 }
 
