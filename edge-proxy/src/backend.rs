@@ -81,7 +81,7 @@ pub(crate) enum Unavailable {
 pub(crate) struct Facts {
     pub(crate) tried: bool,
     pub(crate) in_flight: usize,
-    /// The active health check (origins) says down.
+    /// The active health check (of an origin, or of an agent through the tunnel) says down.
     pub(crate) failing_checks: bool,
     /// The breaker would refuse a request now.
     pub(crate) breaker_open: bool,
@@ -200,7 +200,8 @@ pub(crate) fn pick(
                 let f = Facts {
                     tried: tried.contains(&a.key) || refused.contains(&a.key),
                     in_flight: a.in_flight(),
-                    failing_checks: false,
+                    // The edge's own check through the tunnel.
+                    failing_checks: !shared.agent_checks.passing(a.key),
                     breaker_open: breaker_open(&a.breaker()),
                     degraded: !a.origin_healthy() || ejected(a.key),
                 };
@@ -303,7 +304,13 @@ pub(crate) fn stick(
 /// Whether `service` has a backend that could serve now: an agent whose origin is healthy, or a
 /// direct origin passing its checks with its breaker not open (the anycast policy's question).
 pub(crate) fn has_healthy(shared: &Shared, service: &str) -> bool {
-    if shared.agents.has_healthy(service) {
+    // The registry's answer (the agents' own origin probes) first, then the edge's own checks.
+    if shared.agents.has_healthy(service)
+        && shared.agents.list(service).is_some_and(|l| {
+            l.iter()
+                .any(|a| a.origin_healthy() && shared.agent_checks.passing(a.key))
+        })
+    {
         return true;
     }
     let policies = shared.policies.load();

@@ -84,6 +84,8 @@ pub(crate) struct ServiceBalance {
     /// Cookie name for stickiness.
     pub(crate) sticky: Option<String>,
     pub(crate) breaker: Option<crate::breaker::Config>,
+    /// Active health checks: of direct origins by their handles, of agents through the tunnel.
+    pub(crate) health_check: Option<crate::health::Config>,
     /// In-flight limits per backend.
     pub(crate) soft_limit: Option<usize>,
     pub(crate) hard_limit: Option<usize>,
@@ -113,6 +115,7 @@ impl ServiceBalance {
         !self.origins.is_empty()
             || self.sticky.is_some()
             || self.breaker.is_some()
+            || self.health_check.is_some()
             || self.soft_limit.is_some()
             || self.hard_limit.is_some()
     }
@@ -136,6 +139,7 @@ impl ServiceBalance {
             origins,
             sticky: s.sticky.as_ref().map(|c| c.name.clone()),
             breaker: s.circuit_breaker.as_ref().map(Into::into),
+            health_check: s.health_check.as_ref().map(Into::into),
             soft_limit: limit(s.concurrency.as_ref().and_then(|c| c.soft)),
             hard_limit: limit(s.concurrency.as_ref().and_then(|c| c.hard)),
             spec: s.clone(),

@@ -382,6 +382,7 @@ impl Edge {
         let admin_task =
             admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), admin_stop.clone())));
         tracker.spawn(update_routes(snapshots, shared.clone(), serving.clone()));
+        tracker.spawn(health::supervise_agents(shared.clone(), serving.clone()));
         let conn_limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
         let timeouts = server::Timeouts {
             header_read: config.header_read_timeout,

@@ -1307,3 +1307,141 @@ async fn failing_backend_is_ejected_as_an_outlier() {
         assert!(m.contains(want), "missing {want} in\n{m}");
     }
 }
+
+/// A fake agent whose origin answers `/health` 200 or 503 by `healthy` and everything else 200
+/// naming the agent; counts (checks, other requests) and the Host each check carried.
+fn serve_checked(
+    conn: quinn::Connection,
+    name: &'static str,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+) -> (Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let checks = Arc::new(AtomicUsize::new(0));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (c, n) = (checks.clone(), hits.clone());
+    tokio::spawn(async move {
+        while let Ok((mut send, recv)) = conn.accept_bi().await {
+            let (c, n, healthy) = (c.clone(), n.clone(), healthy.clone());
+            tokio::spawn(async move {
+                let mut r = Reader::new(recv);
+                r.preamble().await;
+                let Some(Frame::RequestHead(head)) = r.next().await else {
+                    panic!("expected a request head")
+                };
+                while !matches!(r.next().await, Some(Frame::End) | None) {}
+                let status = if head.uri.as_ref() == b"/health" {
+                    assert_eq!(header(&head, "user-agent"), Some("meridian-health-check"));
+                    assert_eq!(header(&head, "host"), Some("app.test"), "the mount's host");
+                    c.fetch_add(1, Ordering::SeqCst);
+                    if healthy.load(Ordering::SeqCst) {
+                        200
+                    } else {
+                        503
+                    }
+                } else {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    200
+                };
+                write(
+                    &mut send,
+                    &Frame::ResponseHead(ResponseHead {
+                        status,
+                        headers: vec![(Bytes::from_static(b"x-agent"), Bytes::from(name))],
+                    }),
+                )
+                .await;
+                write(&mut send, &Frame::End).await;
+                let _ = send.finish();
+            });
+        }
+    });
+    (checks, hits)
+}
+
+/// Polls the edge's `/metrics` until it contains `line`.
+async fn wait_metric(admin: SocketAddr, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = get(admin, "admin", "/metrics").await.body;
+        if m.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw {line} in\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_checks_through_the_tunnel_take_an_agent_out_and_back() {
+    let mut snap = snapshot();
+    // Round robin, so "both serve" is exact rather than up to P2C's latency scores.
+    snap.services[0].lb_policy = coordinator_api::LbPolicy::RoundRobin;
+    snap.services[0].health_check = Some(coordinator_api::HealthCheck {
+        path: "/health".into(),
+        interval_ms: 50,
+        timeout_ms: 50,
+        rise: 2,
+        fall: 2,
+    });
+    let h = start_with(Some(snap), |c| {
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let admin = h.admin.unwrap();
+    let flag = || Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (a_ok, b_ok) = (flag(), flag());
+    let a = connect_agent_as(&h, "a", GOOD_TOKEN, &["web"]).await;
+    let (a_checks, _) = serve_checked(a.conn.clone(), "a", a_ok);
+    let b = connect_agent_as(&h, "b", GOOD_TOKEN, &["web"]).await;
+    let (b_checks, b_hits) = serve_checked(b.conn.clone(), "b", b_ok.clone());
+    let label = |n: &str| format!("service=\"web\",backend=\"{n}\",kind=\"agent\"");
+
+    // Both agents are probed through their tunnel connections, and both serve.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a_checks.load(Ordering::SeqCst) == 0 || b_checks.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no checks through the tunnel"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..20 {
+        let r = get(h.http, "app.test", &format!("/demo/{i}")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        seen.insert(r.header("x-agent").unwrap().to_owned());
+    }
+    assert_eq!(seen.len(), 2, "both serve: {seen:?}");
+
+    // b's origin fails the edge's check (b itself stays connected and would serve): after
+    // `fall` probes the edge sends it nothing.
+    b_ok.store(false, Ordering::SeqCst);
+    wait_metric(
+        admin,
+        &format!("meridian_edge_backend_check_passing{{{}}} 0", label("b")),
+    )
+    .await;
+    let before = b_hits.load(Ordering::SeqCst);
+    for i in 0..20 {
+        let r = get(h.http, "app.test", &format!("/demo/{i}")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-agent"), Some("a"));
+    }
+    assert_eq!(b_hits.load(Ordering::SeqCst), before, "no traffic to b");
+
+    // Back after `rise` passes.
+    b_ok.store(true, Ordering::SeqCst);
+    wait_metric(
+        admin,
+        &format!("meridian_edge_backend_check_passing{{{}}} 1", label("b")),
+    )
+    .await;
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..20 {
+        let r = get(h.http, "app.test", &format!("/demo/{i}")).await;
+        seen.insert(r.header("x-agent").unwrap().to_owned());
+    }
+    assert!(seen.contains("b"), "b serves again: {seen:?}");
+}
