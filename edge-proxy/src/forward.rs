@@ -193,8 +193,17 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
             // A retry that lands here was already charged to the budget.
             if !from_peer
                 && upgrade.is_none()
-                && let Some(resp) =
-                    via_peer(shared, &service, head, &client_uri, &mut body, body_empty).await
+                // Boxed, as `attempt_once` below: a rarely taken path's future would otherwise set
+                // the size of every request's future, which is moved (memcpy) on each await.
+                && let Some(resp) = Box::pin(via_peer(
+                    shared,
+                    &service,
+                    head,
+                    &client_uri,
+                    &mut body,
+                    body_empty,
+                ))
+                .await
             {
                 return resp;
             }
@@ -220,7 +229,7 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
                         Err(resp) => return resp,
                     },
                 };
-                attempt_once(
+                Box::pin(attempt_once(
                     &service,
                     lease,
                     &p,
@@ -228,7 +237,7 @@ async fn exchange(shared: &Shared, out: Outgoing) -> Response<RespBody> {
                     &mut upgrade,
                     idempotent,
                     max_body,
-                )
+                ))
                 .await
             }
             (crate::backend::Picked::Origin(lease), Frame::RequestHead(h)) => {
@@ -477,7 +486,25 @@ async fn attempt_once(
         }
     };
 
-    if let Err(e) = send.write_all(prelude).await {
+    // A request without a body (most GETs): prelude and `End` in one write, the stream finished
+    // at once, and no upload task (a spawn, a cancel token and two more writes per request).
+    let bodiless = upgrade.is_none() && body.as_ref().is_none_or(http_body::Body::is_end_stream);
+    let written = if bodiless {
+        body.take();
+        let mut end = BytesMut::with_capacity(tunnel_proto::FRAME_HEADER_LEN);
+        // `End` has no payload: it always encodes.
+        let _ = tunnel_proto::encode(&Frame::End, &mut end);
+        let r = send
+            .write_all_chunks(&mut [prelude.clone(), end.freeze()])
+            .await;
+        if r.is_ok() {
+            let _ = send.finish();
+        }
+        r
+    } else {
+        send.write_all(prelude).await
+    };
+    if let Err(e) = written {
         let failure = match &e {
             quinn::WriteError::Stopped(c) if c.into_inner() == u64::from(code::REFUSED) => {
                 Failure::NeverStarted
@@ -492,7 +519,9 @@ async fn attempt_once(
     let cancel = CancellationToken::new();
     let mut upgrade_send = None;
     let (too_large_tx, mut too_large) = tokio::sync::oneshot::channel::<()>();
-    if upgrade.is_some() {
+    if bodiless {
+        drop(too_large_tx);
+    } else if upgrade.is_some() {
         if let Err(e) = upload(&mut send, body.take(), max_body).await {
             let _ = send.reset(quinn::VarInt::from_u32(code::CANCELLED));
             return Ok(text(

@@ -273,6 +273,12 @@ async fn proxy_http(
         status: status.as_u16(),
         headers: headers::from_header_map(resp.headers(), switching),
     });
+    let small = http_body::Body::size_hint(resp.body())
+        .exact()
+        .is_some_and(|n| n <= SMALL_RESPONSE as u64);
+    if !switching && small {
+        return small_response(head, resp.into_body(), send, &mut stopped, source).await;
+    }
     if let Err(e) = write_frame(&mut send, &head).await {
         debug!(error = %e, "writing response head");
         source.abort();
@@ -317,6 +323,78 @@ async fn proxy_http(
         }
     }
     if write_frame(&mut send, &Frame::End).await.is_ok() {
+        finish(&mut send).await;
+    }
+    // The origin answered in full; any request body still arriving is no longer needed.
+    source.abort();
+}
+
+/// Responses of at most this many bytes (by an exact size hint, i.e. `Content-Length`) travel as
+/// one write.
+const SMALL_RESPONSE: usize = 16 * 1024;
+
+/// A small response in one stream write: head, body frames and `End` encoded together, then FIN.
+/// Separate writes cost a wake-up of the connection driver (and often a packet) each. The edge
+/// reads the same frames as from the streaming path.
+async fn small_response(
+    head: Frame,
+    mut body: hyper::body::Incoming,
+    mut send: quinn::SendStream,
+    stopped: &mut std::pin::Pin<&mut impl std::future::Future>,
+    source: BodySource,
+) {
+    let mut buf = bytes::BytesMut::with_capacity(1024);
+    if let Err(e) = tunnel_proto::encode(&head, &mut buf) {
+        debug!(error = %e, "encoding response head");
+        source.abort();
+        wire::reset(&mut send, code::ORIGIN);
+        return;
+    }
+    let mut failed = false;
+    loop {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            _ = stopped.as_mut() => {
+                source.abort();
+                return;
+            }
+        };
+        let encoded = match frame {
+            None => break,
+            Some(Err(e)) => {
+                warn!(error = %error_chain(&e), "origin response body failed");
+                failed = true;
+                break;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                // The size hint bounds the body (hyper enforces Content-Length): each piece fits
+                // one frame.
+                Ok(data) if data.is_empty() => Ok(()),
+                Ok(data) => tunnel_proto::encode(&Frame::Data(data), &mut buf),
+                Err(frame) => match frame.into_trailers() {
+                    Ok(t) => tunnel_proto::encode(
+                        &Frame::Trailers(headers::from_header_map(&t, false)),
+                        &mut buf,
+                    ),
+                    Err(_) => Ok(()),
+                },
+            },
+        };
+        if let Err(e) = encoded {
+            debug!(error = %e, "encoding response body");
+            failed = true;
+            break;
+        }
+    }
+    if !failed {
+        // `End` has no payload: it always encodes.
+        let _ = tunnel_proto::encode(&Frame::End, &mut buf);
+    }
+    let written = send.write_chunk(buf.freeze()).await;
+    if failed {
+        // As on the streaming path: what was read goes out, then the reset tells the edge.
+        wire::reset(&mut send, code::ORIGIN);
+    } else if written.is_ok() {
         finish(&mut send).await;
     }
     // The origin answered in full; any request body still arriving is no longer needed.
