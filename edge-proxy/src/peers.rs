@@ -47,6 +47,11 @@ pub(crate) struct Peer {
 /// Peers able to serve `service`, best first: edges of this region, then of nearer regions
 /// (great-circle distance between region coordinates), then of regions without coordinates;
 /// ties by edge id so every request makes the same choice. Sans-IO.
+///
+/// An edge qualifies when it reports an agent of the service whose origin passes its checks,
+/// or, for a service with direct origins (every edge fronts the same origin list), when it is
+/// in another region: this edge only asks when its own origins all fail here, and edges of its
+/// own region most likely see the same, while another region's network may still reach them.
 pub(crate) fn candidates(snap: &Snapshot, me: &str, my_region: &str, service: &str) -> Vec<Peer> {
     let coords = |name: &str| {
         snap.regions
@@ -55,10 +60,22 @@ pub(crate) fn candidates(snap: &Snapshot, me: &str, my_region: &str, service: &s
             .and_then(|r| Some((r.latitude?, r.longitude?)))
     };
     let here = coords(my_region);
+    let has_origins = snap
+        .services
+        .iter()
+        .any(|s| s.name == service && !s.origins.is_empty());
     let mut peers: Vec<(f64, Peer)> = snap
         .edges
         .iter()
-        .filter(|e| e.alive && e.info.id != me && e.agents.iter().any(|a| a.service == service))
+        .filter(|e| {
+            e.alive
+                && e.info.id != me
+                && (e
+                    .agents
+                    .iter()
+                    .any(|a| a.service == service && a.origin_healthy)
+                    || (has_origins && e.info.region != my_region))
+        })
         .filter_map(|e| {
             let addr = e.info.https_addr.as_deref()?.parse().ok()?;
             let rank = if e.info.region == my_region {
@@ -308,6 +325,32 @@ mod tests {
         assert!(
             candidates(&s, "sin-1", "sin", "api").is_empty(),
             "never itself"
+        );
+        assert!(candidates(&s, "ams-1", "ams", "other").is_empty());
+    }
+
+    #[test]
+    fn agents_with_failing_origins_do_not_count_and_origin_services_look_to_other_regions() {
+        let mut s = snap();
+        // iad's only web agent has a failing origin: sin is the nearest that can serve.
+        s.edges[2].agents[0].origin_healthy = false;
+        assert_eq!(
+            ids(&candidates(&s, "ams-1", "ams", "web")),
+            ["ams-2", "sin-1", "nowhere-1"]
+        );
+        // A service of direct origins only: no edge has an agent, yet every live edge of
+        // another region fronts the same origins, nearest first; this region's are skipped.
+        s.services.push(coordinator_api::Service {
+            name: "direct".into(),
+            origins: vec![coordinator_api::Origin {
+                url: "http://10.0.0.1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert_eq!(
+            ids(&candidates(&s, "ams-1", "ams", "direct")),
+            ["iad-1", "sin-1", "nowhere-1"]
         );
         assert!(candidates(&s, "ams-1", "ams", "other").is_empty());
     }
