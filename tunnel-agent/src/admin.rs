@@ -81,6 +81,8 @@ pub(crate) struct View {
     pub(crate) stats: Arc<Stats>,
     pub(crate) health: watch::Receiver<bool>,
     pub(crate) service: String,
+    /// With `--mtls`: the client certificate, for its expiry.
+    pub(crate) client_cert: Option<Arc<crate::client_cert::ClientCert>>,
 }
 
 impl View {
@@ -145,6 +147,14 @@ impl View {
             "1 when the last origin health verdict was healthy.",
             u64::from(*self.health.borrow()),
         );
+        if let Some(cert) = &self.client_cert {
+            metric(
+                "meridian_agent_client_cert_expiry_seconds",
+                "gauge",
+                "Unix time the current tunnel client certificate (--mtls) expires; 0 before the first.",
+                cert.not_after_ms.load(Ordering::Relaxed) / 1000,
+            );
+        }
         metric(
             "meridian_agent_ready",
             "gauge",
@@ -227,13 +237,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn mtls_agents_report_their_certificate_expiry() {
+        let (_tx, rx) = watch::channel(true);
+        let cert = Arc::new(crate::client_cert::ClientCert::default());
+        let view = View {
+            stats: Arc::new(Stats::default()),
+            health: rx,
+            service: "shop".into(),
+            client_cert: Some(cert.clone()),
+        };
+        let line = "meridian_agent_client_cert_expiry_seconds{service=\"shop\"}";
+        assert!(view.metrics().contains(&format!("{line} 0")));
+        cert.not_after_ms.store(1_800_000_123_456, Ordering::Relaxed);
+        assert!(view.metrics().contains(&format!("{line} 1800000123")));
+    }
+
+    #[test]
     fn ready_needs_a_registration_and_a_healthy_origin() {
         let (tx, rx) = watch::channel(true);
         let view = View {
             stats: Arc::new(Stats::default()),
             health: rx,
             service: "shop".into(),
+            client_cert: None,
         };
+        assert!(!view.metrics().contains("client_cert"), "only with --mtls");
         assert_eq!(view.respond("/ready").status(), 503);
         let reg = view.stats.registered(Via::Quic);
         assert_eq!(view.respond("/ready").status(), 200);

@@ -122,6 +122,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             stats,
             health: health_rx,
             service: config.service.clone(),
+            client_cert: mtls.as_ref().map(|(_, c)| c.clone()),
         };
         shared.tasks.spawn(admin::serve(
             listener,
