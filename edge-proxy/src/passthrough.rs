@@ -263,9 +263,24 @@ impl Passthrough {
             }
         }
         first.extend_from_slice(&hello);
-        let result =
+        // Agents first; a service without a connected agent goes to its https origins directly.
+        let has_agent = shared
+            .agents
+            .list(&target.service)
+            .is_some_and(|l| !l.is_empty());
+        let origins = if has_agent {
+            Vec::new()
+        } else {
+            let snap = shared.snapshots.borrow().clone();
+            snap.map(|s| tls_origins(&s.services, &target.service))
+                .unwrap_or_default()
+        };
+        let result = if origins.is_empty() {
             crate::tunnel::tcp_stream(stream, &first, &target.service, shared, &shared.draining)
-                .await;
+                .await
+        } else {
+            direct(stream, &first, &origins, &shared.draining).await
+        };
         shared
             .metrics
             .l4
@@ -273,6 +288,81 @@ impl Passthrough {
         if let Err(e) = result {
             debug!(%remote, service = %target.service, error = %e, "passthrough connection ended");
         }
+    }
+}
+
+/// `host:port` of a service's `https://` origins (port 443 when the URL has none): the TLS
+/// origins a passthrough connection may reach without an agent. Plain-HTTP origins cannot
+/// terminate the client's TLS and are left out.
+pub(crate) fn tls_origins(services: &[coordinator_api::Service], service: &str) -> Vec<String> {
+    let Some(s) = services.iter().find(|s| s.name == service) else {
+        return Vec::new();
+    };
+    s.origins
+        .iter()
+        .filter_map(|o| {
+            let rest = o.url.strip_prefix("https://")?;
+            let authority = rest.split('/').next().unwrap_or_default();
+            if authority.is_empty() {
+                return None;
+            }
+            // A port is present when the authority ends in `:digits` outside IPv6 brackets.
+            let has_port = authority
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            Some(if has_port {
+                authority.to_owned()
+            } else {
+                format!("{authority}:443")
+            })
+        })
+        .collect()
+}
+
+/// Time to connect to a direct origin before trying the next.
+const ORIGIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Drain period of an open passthrough connection after shutdown starts.
+const DIRECT_DRAIN: Duration = Duration::from_secs(10);
+
+/// Carries a passthrough connection straight to one of `origins` (tried from a random start),
+/// `first` written ahead of the client's bytes.
+async fn direct(
+    mut client: TcpStream,
+    first: &[u8],
+    origins: &[String],
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<(), crate::tunnel::TcpError> {
+    use tokio::io::AsyncWriteExt;
+    let start = rand::random_range(0..origins.len());
+    let mut last = None;
+    let mut origin = None;
+    for i in 0..origins.len() {
+        let addr = &origins[(start + i) % origins.len()];
+        match tokio::time::timeout(ORIGIN_CONNECT_TIMEOUT, TcpStream::connect(addr.as_str())).await
+        {
+            Ok(Ok(s)) => {
+                origin = Some(s);
+                break;
+            }
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = Some(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+    let Some(mut origin) = origin else {
+        return Err(last
+            .unwrap_or_else(|| std::io::ErrorKind::NotFound.into())
+            .into());
+    };
+    let _ = origin.set_nodelay(true);
+    let _ = client.set_nodelay(true);
+    origin.write_all(first).await?;
+    let drained = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DIRECT_DRAIN).await;
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut origin) => r.map(|_| ()).map_err(Into::into),
+        () = drained => Err(crate::tunnel::TcpError::Shutdown),
     }
 }
 
@@ -452,6 +542,37 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out, b"hello world");
+    }
+
+    #[test]
+    fn tls_origins_of_a_service() {
+        let svc = coordinator_api::Service {
+            name: "vault".into(),
+            origins: [
+                "https://10.0.0.5:8443",
+                "https://vault.internal",
+                "http://10.0.0.6:80",
+                "https://[2001:db8::1]",
+                "https://[2001:db8::2]:9443",
+            ]
+            .iter()
+            .map(|u| coordinator_api::Origin {
+                url: (*u).into(),
+                ..Default::default()
+            })
+            .collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            tls_origins(std::slice::from_ref(&svc), "vault"),
+            vec![
+                "10.0.0.5:8443",
+                "vault.internal:443",
+                "[2001:db8::1]:443",
+                "[2001:db8::2]:9443"
+            ]
+        );
+        assert!(tls_origins(&[svc], "other").is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - with `proxy_protocol` the origin learns the client's real address from a PROXY v2 header,
 //!   as it does through `--tcp-service PORT=SERVICE,proxy-protocol` and through a TCP port the
 //!   coordinator gives the service (`ctl service update --tcp-port`), opened and closed live;
+//! - a passthrough service without agents reaches its https origin URL directly;
 //! - junk and a trickled ClientHello are closed, and the edge keeps serving;
 //! - `/metrics` counts passthrough connections by service.
 
@@ -36,6 +37,8 @@ const CLIENT_IP: &str = "127.0.3.49";
 const SECURE: &str = "secure.example.test";
 const PP: &str = "pp.example.test";
 const EDGE_HOST: &str = "edge.meridian.test";
+/// A passthrough host whose service has no agent, only the origin's URL.
+const DIRECT: &str = "direct.example.test";
 
 /// PROXY protocol v2 signature.
 const PP2_SIG: [u8; 12] = [
@@ -229,7 +232,7 @@ async fn sni_passthrough_to_a_tls_origin_with_proxy_protocol() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let edge_der = cert(d, "edge", &[EDGE_HOST, TUNNEL_IP, "localhost"]);
-    let origin_der = cert(d, "origin", &[SECURE, PP]);
+    let origin_der = cert(d, "origin", &[SECURE, PP, DIRECT]);
     let (edge_ca, origin_ca) = (d.join("edge.pem"), d.join("origin.pem"));
 
     let api: SocketAddr = format!("{COORD_IP}:{}", free_port(COORD_IP, false))
@@ -464,6 +467,39 @@ async fn sni_passthrough_to_a_tls_origin_with_proxy_protocol() {
     })
     .await
     .expect("the TCP port closed once the service dropped it");
+
+    // A service with no agent, only an https origin URL: passthrough goes to it directly, PROXY
+    // header included.
+    admin
+        .create_service_spec(&Service {
+            name: "direct".into(),
+            origins: vec![Origin {
+                url: format!("https://127.0.0.1:{}", origin.port()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .add_mount(&mount(DIRECT, "direct", true, true))
+        .await
+        .unwrap();
+    let seen = eventually(WAIT, || async {
+        https(https_addr, DIRECT, &origin_ca)
+            .await
+            .ok()
+            .filter(|s| s.response.contains("origin sni="))
+    })
+    .await
+    .expect("passthrough to a direct origin");
+    assert_eq!(seen.cert, origin_der);
+    assert!(
+        seen.response
+            .ends_with(&format!("origin sni={DIRECT} client={}", seen.local)),
+        "{}",
+        seen.response
+    );
 
     // The same port, another name: the edge's own certificate and normal HTTP routing.
     let seen = eventually(WAIT, || async {
