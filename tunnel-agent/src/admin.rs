@@ -248,7 +248,8 @@ mod tests {
         };
         let line = "meridian_agent_client_cert_expiry_seconds{service=\"shop\"}";
         assert!(view.metrics().contains(&format!("{line} 0")));
-        cert.not_after_ms.store(1_800_000_123_456, Ordering::Relaxed);
+        cert.not_after_ms
+            .store(1_800_000_123_456, Ordering::Relaxed);
         assert!(view.metrics().contains(&format!("{line} 1800000123")));
     }
 
