@@ -675,6 +675,34 @@ async fn sqlite_api_tokens_and_audit() {
     with(&sqlite(&dir), api_tokens_and_audit).await;
 }
 
+/// `put_secret_if_absent` (the tunnel client CA): the first value written stays, whoever writes
+/// next through `a` or `b` (two coordinators sharing the backend, or one restarting), and it is
+/// not desired state: no revision moves.
+async fn secrets_first_writer_wins(a: &StoreHandle, b: &StoreHandle) {
+    let rev = with(a, |s| s.revision().unwrap()).await;
+    let first = with(a, |s| s.put_secret_if_absent("ca", "first").unwrap()).await;
+    assert_eq!(first, "first");
+    let second = with(b, |s| s.put_secret_if_absent("ca", "second").unwrap()).await;
+    assert_eq!(second, "first", "the first writer wins");
+    let other = with(b, |s| s.put_secret_if_absent("other", "x").unwrap()).await;
+    assert_eq!(other, "x");
+    assert_eq!(with(b, |s| s.revision().unwrap()).await, rev);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_secrets_first_writer_wins() {
+    let dir = TempDir::new("sqlite-secrets");
+    let a = sqlite(&dir);
+    secrets_first_writer_wins(&a, &a).await;
+    drop(a);
+    // And across a reopen (a restarted coordinator keeps its CA).
+    let again = with(&sqlite(&dir), |s| {
+        s.put_secret_if_absent("ca", "third").unwrap()
+    })
+    .await;
+    assert_eq!(again, "first");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_updates_replace_whole_objects() {
     let dir = TempDir::new("sqlite-updates");
@@ -746,6 +774,7 @@ async fn etcd_conformance() {
     compaction_resnapshots(&etcd(&cluster, "/c5").await).await;
     with(&etcd(&cluster, "/c7").await, dns_records).await;
     with(&etcd(&cluster, "/c8").await, splits_name_existing_services).await;
+    secrets_first_writer_wins(&etcd(&cluster, "/c9").await, &etcd(&cluster, "/c9").await).await;
 }
 
 fn free_addr() -> SocketAddr {
