@@ -494,6 +494,10 @@ fn updates_replace_whole_objects(s: &mut dyn Store) {
             hard: Some(20),
         }),
         require_mtls: true,
+        tcp_ports: vec![coordinator_api::TcpPort {
+            port: 6379,
+            proxy_protocol: true,
+        }],
     };
     let r1 = s.update_service(&web).unwrap();
     assert!(r1 > before);
