@@ -1126,24 +1126,6 @@ impl Store for EtcdStore {
         })
     }
 
-    fn load_observed(&self) -> Result<Option<String>, StoreError> {
-        let key = self.keys.observed();
-        self.run(|mut c| async move {
-            let r = c.get(key, None).await.map_err(backend)?;
-            r.kvs()
-                .first()
-                .map(|kv| kv.value_str().map(str::to_owned).map_err(backend))
-                .transpose()
-        })
-    }
-
-    fn changes_since(&self, after: Revision, limit: usize) -> Result<Vec<Change>, StoreError> {
-        let keys = self.keys.clone();
-        self.run(|c| changes_since(c, keys, after, limit))
-    }
-
-    fn compact(&mut self, revision: Revision) -> Result<(), StoreError> {
-        // Never past the latest desired change, like the SQLite log keeps its last row.
     fn put_secret_if_absent(&mut self, name: &str, value: &str) -> Result<String, StoreError> {
         let key = self.keys.secret(name);
         let value = value.to_owned();
@@ -1162,6 +1144,24 @@ impl Store for EtcdStore {
         })
     }
 
+    fn load_observed(&self) -> Result<Option<String>, StoreError> {
+        let key = self.keys.observed();
+        self.run(|mut c| async move {
+            let r = c.get(key, None).await.map_err(backend)?;
+            r.kvs()
+                .first()
+                .map(|kv| kv.value_str().map(str::to_owned).map_err(backend))
+                .transpose()
+        })
+    }
+
+    fn changes_since(&self, after: Revision, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let keys = self.keys.clone();
+        self.run(|c| changes_since(c, keys, after, limit))
+    }
+
+    fn compact(&mut self, revision: Revision) -> Result<(), StoreError> {
+        // Never past the latest desired change, like the SQLite log keeps its last row.
         let upto = revision.min(self.revision()?);
         if upto == 0 {
             return Ok(());

@@ -887,23 +887,6 @@ impl Store for SqliteStore {
             .optional()?)
     }
 
-    fn changes_since(&self, after: Revision, limit: usize) -> Result<Vec<Change>, StoreError> {
-        let tx = self.conn.unchecked_transaction()?;
-        let compacted = read_compacted(&tx)?;
-        if after < compacted {
-            return Err(StoreError::Compacted {
-                requested: after,
-                compacted,
-            });
-        }
-        let mut st = tx.prepare_cached(
-            "SELECT rev, kind, key, json FROM changes WHERE rev > ?1 ORDER BY rev LIMIT ?2",
-        )?;
-        let rows = st.query_map(
-            params![to_i64(after), i64::try_from(limit).unwrap_or(i64::MAX)],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
     fn put_secret_if_absent(&mut self, name: &str, value: &str) -> Result<String, StoreError> {
         // Created on first use rather than by a numbered migration: the table is independent
         // of the desired-state schema, and older binaries simply ignore it.
@@ -924,6 +907,23 @@ impl Store for SqliteStore {
         Ok(stored)
     }
 
+    fn changes_since(&self, after: Revision, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let compacted = read_compacted(&tx)?;
+        if after < compacted {
+            return Err(StoreError::Compacted {
+                requested: after,
+                compacted,
+            });
+        }
+        let mut st = tx.prepare_cached(
+            "SELECT rev, kind, key, json FROM changes WHERE rev > ?1 ORDER BY rev LIMIT ?2",
+        )?;
+        let rows = st.query_map(
+            params![to_i64(after), i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, Option<String>>(3)?,
