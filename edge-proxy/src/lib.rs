@@ -358,8 +358,8 @@ impl Edge {
             snapshots: snapshots.clone(),
             retry_budget: Default::default(),
             outliers: Default::default(),
-            coalescer: Default::default(),
             agent_checks: Default::default(),
+            coalescer: Default::default(),
             anycast: anycast.as_ref().map(|a| a.2.clone()),
             peers,
         });
