@@ -437,25 +437,8 @@ impl L4Metrics {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-
-    fn client_hello(name: &str) -> Vec<u8> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap_or_else(|e| panic!("{e}"))
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let server = rustls::pki_types::ServerName::try_from(name.to_owned())
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut conn =
-            rustls::ClientConnection::new(Arc::new(cfg), server).unwrap_or_else(|e| panic!("{e}"));
-        let mut out = Vec::new();
-        conn.write_tls(&mut out).unwrap_or_else(|e| panic!("{e}"));
-        out
-    }
+    use crate::sni::tests::client_hello;
 
     fn mount(host: &str, service: &str, passthrough: bool, proxy_protocol: bool) -> Mount {
         Mount {

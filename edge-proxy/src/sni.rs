@@ -105,13 +105,13 @@ fn client_hello_sni(h: &[u8]) -> Option<Option<String>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
 
-    /// A real ClientHello from rustls for `name`.
-    fn client_hello(name: &str) -> Vec<u8> {
+    /// A real ClientHello from rustls for `name` (also used by the passthrough tests).
+    pub(crate) fn client_hello(name: &str) -> Vec<u8> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

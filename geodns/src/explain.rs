@@ -315,20 +315,8 @@ mod tests {
         c.nets = vec!["192.0.2.0/24=ams".parse().unwrap()];
         c.policy_file = Some(file);
         let zc = Arc::new(ZoneConfig::from_config(&c).unwrap());
-        let edge = |id: &str, region: &str, ip: &str| EdgeStatus {
-            info: EdgeInfo {
-                id: id.into(),
-                region: region.into(),
-                public_ips: vec![ip.parse().unwrap()],
-                http_addr: None,
-                https_addr: None,
-                tunnel_addr: None,
-                anycast: None,
-            },
-            alive: true,
-            last_seen_ms: 0,
-            agents: Vec::new(),
-        };
+        let edge =
+            |id: &str, region: &str, ip: &str| crate::gslb::tests::edge(id, region, &[ip], true);
         let snap = Snapshot {
             revision: 3,
             edges: vec![

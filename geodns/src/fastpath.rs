@@ -401,7 +401,7 @@ mod tests {
     use std::str::FromStr;
 
     use crate::respond::respond;
-    use coordinator_api::{EdgeInfo, EdgeStatus, Region, Snapshot};
+    use coordinator_api::{Region, Snapshot};
     use hickory_proto::op::{Edns, Message, Query};
     use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
     use hickory_proto::rr::{Name, RecordType};
@@ -427,20 +427,8 @@ mod tests {
         .collect();
         c.default_region = Some("ams".into());
         let cfg = Arc::new(ZoneConfig::from_config(&c).unwrap());
-        let edge = |id: &str, region: &str, ip: &str| EdgeStatus {
-            info: EdgeInfo {
-                id: id.into(),
-                region: region.into(),
-                public_ips: vec![ip.parse().unwrap()],
-                http_addr: None,
-                https_addr: None,
-                tunnel_addr: None,
-                anycast: None,
-            },
-            alive: true,
-            last_seen_ms: 0,
-            agents: Vec::new(),
-        };
+        let edge =
+            |id: &str, region: &str, ip: &str| crate::gslb::tests::edge(id, region, &[ip], true);
         let region = |name: &str| Region {
             name: name.into(),
             latitude: None,

@@ -905,7 +905,7 @@ pub fn great_circle_km(a: (f64, f64), b: (f64, f64)) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use coordinator_api::{EdgeInfo, EdgeStatus, Region};
 
@@ -918,7 +918,8 @@ mod tests {
         }
     }
 
-    fn edge(id: &str, region: &str, ips: &[&str], alive: bool) -> EdgeStatus {
+    /// A snapshot edge (also used by the other modules' tests).
+    pub(crate) fn edge(id: &str, region: &str, ips: &[&str], alive: bool) -> EdgeStatus {
         EdgeStatus {
             info: EdgeInfo {
                 id: id.into(),
