@@ -45,21 +45,29 @@ impl Observed {
         self.version
     }
 
-    /// Restores the last persisted edge set after a restart. Each edge gets a full
-    /// `EDGE_DEAD_AFTER_MS` from `now` to heartbeat before it is declared dead, so a coordinator
-    /// that just restarted neither starts blind nor declares the whole network down.
+    /// Restores the last persisted edge set after a restart. Each edge that was alive gets a
+    /// full `EDGE_DEAD_AFTER_MS` from `now` to heartbeat before it is declared dead, so a
+    /// coordinator that just restarted neither starts blind nor declares the whole network down.
+    /// An edge saved dead stays dead until it heartbeats again.
     pub(crate) fn restore(&mut self, edges: Vec<EdgeStatus>, now: Instant) {
+        let dead_after = Duration::from_millis(EDGE_DEAD_AFTER_MS);
         for e in edges {
             if self.edges.len() >= MAX_EDGES {
                 break;
             }
+            // Backdated so the next tick agrees with the saved verdict instead of reviving it.
+            let last_seen = if e.alive {
+                now
+            } else {
+                now.checked_sub(dead_after).unwrap_or(now)
+            };
             self.edges.insert(
                 e.info.id.clone(),
                 Entry {
                     info: e.info,
                     agents: e.agents,
                     alive: e.alive,
-                    last_seen: now,
+                    last_seen,
                     last_seen_ms: e.last_seen_ms,
                 },
             );
@@ -290,6 +298,12 @@ mod tests {
         assert_eq!(o.agents().len(), 1);
         assert!(o.tick(t1 + Duration::from_millis(EDGE_DEAD_AFTER_MS)));
         assert!(o.agents().is_empty());
+
+        // Saved dead: restored dead, and the next tick does not revive it.
+        let mut again = Observed::default();
+        again.restore(o.edges(), t1 + Duration::from_secs(60));
+        assert!(!again.tick(t1 + Duration::from_secs(60)));
+        assert!(again.agents().is_empty() && !again.edges()[0].alive);
     }
 
     #[test]
