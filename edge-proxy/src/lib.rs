@@ -18,6 +18,7 @@ mod coalesce;
 mod config;
 mod error;
 mod forward;
+mod h1client;
 mod h1guard;
 mod headers;
 mod health;

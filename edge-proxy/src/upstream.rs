@@ -102,6 +102,8 @@ impl OriginKey {
 pub(crate) struct OriginClient {
     pub(crate) key: OriginKey,
     client: Client<OriginConnector, UpBody>,
+    /// Plain HTTP/1.1 origins: the lean client for safe requests without a body.
+    fast: Option<Arc<crate::h1client::H1Pool>>,
     stats: Arc<OriginPoolStats>,
 }
 
@@ -155,7 +157,20 @@ impl OriginClient {
             .set_host(false)
             .http2_only(key.h2 && !key.tls)
             .build(connector);
-        Ok(Self { key, client, stats })
+        let fast = (!key.tls && !key.h2).then(|| {
+            crate::h1client::H1Pool::new(
+                key.authority.as_str().into(),
+                MAX_IDLE_PER_HOST,
+                IDLE_TIMEOUT,
+                CONNECT_TIMEOUT,
+            )
+        });
+        Ok(Self {
+            key,
+            client,
+            fast,
+            stats,
+        })
     }
 
     /// Sends one request; the URI's authority is the virtual host, never where it is dialled.
@@ -644,6 +659,96 @@ fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// The method when a request can take the lean path (see `h1client`): a safe method, no request
+/// body, no upgrade, a plain HTTP/1.1 origin.
+fn fast_method(
+    origin: &OriginHandle,
+    head: &tunnel_proto::RequestHead,
+    body: &Option<Incoming>,
+    upgrade: &Option<hyper::upgrade::OnUpgrade>,
+) -> Option<http::Method> {
+    origin.client.fast.as_ref()?;
+    if upgrade.is_some()
+        || body
+            .as_ref()
+            .is_some_and(|b| !http_body::Body::is_end_stream(b))
+    {
+        return None;
+    }
+    match &head.method[..] {
+        b"GET" => Some(http::Method::GET),
+        b"HEAD" => Some(http::Method::HEAD),
+        b"OPTIONS" => Some(http::Method::OPTIONS),
+        _ => None,
+    }
+}
+
+/// One attempt on the lean path; the caller checked [`fast_method`].
+async fn attempt_fast(
+    fast: &Arc<crate::h1client::H1Pool>,
+    lease: OriginLease,
+    method: http::Method,
+    service: &str,
+    head: &tunnel_proto::RequestHead,
+    idempotent: bool,
+) -> Result<Response<crate::forward::RespBody>, AttemptError> {
+    use crate::h1client::H1Body;
+    use http::StatusCode;
+    let origin = lease.origin().clone();
+    let Some(wire) = crate::h1client::encode_head(
+        &head.method,
+        &head.uri,
+        head.headers.iter().map(|(n, v)| (n.as_ref(), v.as_ref())),
+        &origin.client.key.authority,
+    ) else {
+        return Ok(crate::forward::text(
+            StatusCode::BAD_REQUEST,
+            "request cannot be forwarded to an origin: invalid request line",
+        ));
+    };
+    let started = Instant::now();
+    let buffer_up_to = if idempotent { BUFFER_SMALL } else { 0 };
+    let resp = match fast.send(&method, &wire, buffer_up_to).await {
+        Ok(r) => r,
+        Err(e) => {
+            let failure = if e.never_started() {
+                crate::retry::Failure::NeverStarted
+            } else {
+                crate::retry::Failure::MaybeStarted
+            };
+            tracing::debug!(service, origin = %origin.id, error = %e, "origin request failed");
+            return Err(AttemptError {
+                failure,
+                response: crate::forward::text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("origin {} of service {service} failed: {e}", origin.id),
+                ),
+            });
+        }
+    };
+    let stats = origin.client.stats.kind(false);
+    if resp.opened {
+        stats.opened();
+    }
+    stats.request(resp.reused);
+    origin.observe_latency(started.elapsed());
+    let mut parts = resp.parts;
+    crate::headers::strip_hop_by_hop(&mut parts.headers);
+    let body = match resp.body {
+        H1Body::Full(data) => {
+            drop(lease);
+            crate::forward::full(data)
+        }
+        H1Body::Stream(inner) => LeasedBody {
+            inner,
+            _lease: lease,
+        }
+        .map_err(|e| Box::new(e) as BoxError)
+        .boxed_unsync(),
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
 /// One attempt on one origin. `body` is taken once the request starts; `None` with
 /// `body_empty` is a retry of a request without a body.
 #[allow(clippy::too_many_arguments)]
@@ -660,6 +765,13 @@ pub(crate) async fn attempt(
     use crate::retry::Failure;
     use http::StatusCode;
     let origin = lease.origin().clone();
+    if let (Some(fast), Some(method)) = (
+        &origin.client.fast,
+        fast_method(&origin, head, body, upgrade),
+    ) {
+        body.take();
+        return attempt_fast(fast, lease, method, service, head, idempotent).await;
+    }
     let fail = |failure, msg: String| AttemptError {
         failure,
         response: text(StatusCode::BAD_GATEWAY, msg),
@@ -794,19 +906,19 @@ pub(crate) async fn attempt(
 }
 
 /// An origin's response body, holding the origin's lease until it ends or is dropped.
-struct LeasedBody {
-    inner: Incoming,
+struct LeasedBody<B> {
+    inner: B,
     _lease: OriginLease,
 }
 
-impl http_body::Body for LeasedBody {
+impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for LeasedBody<B> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
         Pin::new(&mut self.get_mut().inner).poll_frame(cx)
     }
 

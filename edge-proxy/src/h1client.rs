@@ -1,0 +1,1036 @@
+//! A lean HTTP/1.1 client for plain-HTTP origins, used for safe requests without a body (GET,
+//! HEAD, OPTIONS: the bulk of edge traffic).
+//!
+//! Why not hyper-util's pooled client for these: it runs every connection in a task of its own
+//! and hands each request to it over a channel, so one proxied request costs several task
+//! switches and wake-ups on the edge's one worker, plus a pool checkout keyed by URI (the largest
+//! user-space cost after hyper's server in the profile in docs/benchmarks.md). Here the request's
+//! own task writes the head, parses the answer and, for small responses, reads the body whole;
+//! idle connections wait in a plain list. Everything else (bodies, upgrades, TLS, HTTP/2) keeps
+//! using hyper.
+//!
+//! Framing of the response body is the sans-IO [`BodyDecoder`]; the IO around it is thin.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use http_body::Frame;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Most bytes in a response head (status line and headers) or a chunked body's trailer section.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most headers in a response head.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line (size, extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Bytes asked of the kernel per read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Largest data frame handed on from a streamed body.
+const MAX_FRAME: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum H1Error {
+    /// Nothing was sent: the connection could not be made.
+    #[error("connect to {authority}: {source}")]
+    Connect {
+        authority: Arc<str>,
+        source: io::Error,
+    },
+    #[error("origin connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("origin closed the connection before a complete response head")]
+    ClosedBeforeHead,
+    #[error("origin sent a malformed response: {0}")]
+    Malformed(&'static str),
+}
+
+impl H1Error {
+    /// Whether the request certainly never reached the origin.
+    pub(crate) fn never_started(&self) -> bool {
+        matches!(self, Self::Connect { .. })
+    }
+}
+
+/// A connection with whatever bytes were read past the last response.
+#[derive(Debug)]
+struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+    served: bool,
+}
+
+#[derive(Debug)]
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// Idle keep-alive connections to one plain-HTTP origin address.
+#[derive(Debug)]
+pub(crate) struct H1Pool {
+    authority: Arc<str>,
+    idle: Mutex<Vec<Idle>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+/// A response head and its body as the client gets it.
+#[derive(Debug)]
+pub(crate) struct H1Response {
+    pub(crate) parts: http::response::Parts,
+    pub(crate) body: H1Body,
+    /// The connection had served a request before this one.
+    pub(crate) reused: bool,
+    /// A new connection was opened for this request.
+    pub(crate) opened: bool,
+}
+
+#[derive(Debug)]
+pub(crate) enum H1Body {
+    /// Read whole (`Content-Length` no larger than the caller's `buffer_up_to`, or no body).
+    Full(Bytes),
+    /// Read from the connection as the client consumes it.
+    Stream(StreamBody),
+}
+
+impl H1Pool {
+    pub(crate) fn new(
+        authority: Arc<str>,
+        max_idle: usize,
+        idle_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            authority,
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+            idle_timeout,
+            connect_timeout,
+        });
+        // Closes connections idle for too long even when no request comes to reuse them.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(reap(Arc::downgrade(&pool), idle_timeout));
+        }
+        pool
+    }
+
+    /// Idle connections held now.
+    #[cfg(test)]
+    fn idle_len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        // A panic while holding this lock cannot leave the list inconsistent (push/pop only).
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn checkout(&self, now: Instant) -> Option<Conn> {
+        let mut idle = self.lock();
+        while let Some(i) = idle.pop() {
+            if now.saturating_duration_since(i.since) < self.idle_timeout {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, conn: Conn) {
+        let mut idle = self.lock();
+        if idle.len() < self.max_idle {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, H1Error> {
+        let err = |source| H1Error::Connect {
+            authority: self.authority.clone(),
+            source,
+        };
+        let io = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&*self.authority))
+            .await
+            .map_err(|_| err(io::Error::new(io::ErrorKind::TimedOut, "timed out")))?
+            .map_err(err)?;
+        io.set_nodelay(true).map_err(err)?;
+        Ok(Conn {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            served: false,
+        })
+    }
+
+    /// Sends `head` (an already encoded request without a body, see [`encode_head`]) and reads
+    /// the response head; bodies of at most `buffer_up_to` bytes are read whole.
+    ///
+    /// A reused connection that the origin closed while it sat idle is retried once on a new one:
+    /// callers only send safe methods without a body here, so repeating them is harmless.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        method: &Method,
+        head: &[u8],
+        buffer_up_to: u64,
+    ) -> Result<H1Response, H1Error> {
+        if let Some(conn) = self.checkout(Instant::now()) {
+            match self.exchange(conn, method, head, buffer_up_to).await {
+                Err(Exchange::Stale) => {}
+                Err(Exchange::Failed(e)) => return Err(e),
+                Ok(r) => return Ok(r),
+            }
+        }
+        let conn = self.connect().await?;
+        match self.exchange(conn, method, head, buffer_up_to).await {
+            Ok(mut r) => {
+                r.opened = true;
+                Ok(r)
+            }
+            Err(Exchange::Stale) => Err(H1Error::ClosedBeforeHead),
+            Err(Exchange::Failed(e)) => Err(e),
+        }
+    }
+
+    async fn exchange(
+        self: &Arc<Self>,
+        mut conn: Conn,
+        method: &Method,
+        head: &[u8],
+        buffer_up_to: u64,
+    ) -> Result<H1Response, Exchange> {
+        let reused = conn.served;
+        // Bytes left over from the previous response mean the origin broke framing.
+        if !conn.buf.is_empty() {
+            return Err(Exchange::Failed(H1Error::Malformed(
+                "bytes after the end of a response",
+            )));
+        }
+        if let Err(e) = conn.io.write_all(head).await {
+            return Err(if reused {
+                Exchange::Stale
+            } else {
+                Exchange::Failed(e.into())
+            });
+        }
+        let parsed = loop {
+            match parse_head(&conn.buf) {
+                Ok(Some(p)) if p.status.is_informational() && p.status.as_u16() != 101 => {
+                    // 100 Continue and friends: skip, the real answer follows.
+                    conn.buf.advance(p.len);
+                    continue;
+                }
+                Ok(Some(p)) => break p,
+                Ok(None) => {}
+                Err(e) => return Err(Exchange::Failed(e)),
+            }
+            if conn.buf.len() >= MAX_HEAD {
+                return Err(Exchange::Failed(H1Error::Malformed(
+                    "response head too large",
+                )));
+            }
+            conn.buf.reserve(READ_CHUNK);
+            match tokio::io::AsyncReadExt::read_buf(&mut conn.io, &mut conn.buf).await {
+                Ok(0) if conn.buf.is_empty() && reused => return Err(Exchange::Stale),
+                Ok(0) => return Err(Exchange::Failed(H1Error::ClosedBeforeHead)),
+                Ok(_) => {}
+                Err(_) if conn.buf.is_empty() && reused => return Err(Exchange::Stale),
+                Err(e) => return Err(Exchange::Failed(e.into())),
+            }
+        };
+        if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Exchange::Failed(H1Error::Malformed(
+                "101 to a request that did not ask to switch",
+            )));
+        }
+        let head_bytes = conn.buf.split_to(parsed.len).freeze();
+        let headers = parsed.headers(&head_bytes).map_err(Exchange::Failed)?;
+        let decoder =
+            BodyDecoder::for_response(method, parsed.status, &headers).map_err(Exchange::Failed)?;
+        let keep_alive =
+            parsed.version_1_1 && !connection_close(&headers) && decoder != BodyDecoder::Close;
+        let mut builder = http::Response::builder().status(parsed.status);
+        if let Some(h) = builder.headers_mut() {
+            *h = headers;
+        }
+        let (parts, ()) = builder
+            .body(())
+            .map_err(|_| Exchange::Failed(H1Error::Malformed("response head")))?
+            .into_parts();
+        conn.served = true;
+        let mut r = H1Response {
+            parts,
+            body: H1Body::Full(Bytes::new()),
+            reused,
+            opened: false,
+        };
+        match decoder {
+            BodyDecoder::Done => {
+                if keep_alive {
+                    self.checkin(conn);
+                }
+            }
+            BodyDecoder::Length(n) if n <= buffer_up_to => {
+                // Small: read it whole (usually already in the buffer with the head).
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                while conn.buf.len() < n {
+                    conn.buf.reserve(n - conn.buf.len());
+                    let got = tokio::io::AsyncReadExt::read_buf(&mut conn.io, &mut conn.buf)
+                        .await
+                        .map_err(|e| Exchange::Failed(e.into()))?;
+                    if got == 0 {
+                        return Err(Exchange::Failed(H1Error::Malformed(
+                            "response body shorter than its Content-Length",
+                        )));
+                    }
+                }
+                r.body = H1Body::Full(conn.buf.split_to(n).freeze());
+                if keep_alive {
+                    self.checkin(conn);
+                }
+            }
+            decoder => {
+                r.body = H1Body::Stream(StreamBody {
+                    conn: Some(conn),
+                    decoder,
+                    pool: if keep_alive {
+                        Arc::downgrade(self)
+                    } else {
+                        Weak::new()
+                    },
+                    eof: false,
+                });
+            }
+        }
+        Ok(r)
+    }
+}
+
+enum Exchange {
+    /// A reused connection turned out closed before any response byte.
+    Stale,
+    Failed(H1Error),
+}
+
+async fn reap(pool: Weak<H1Pool>, idle_timeout: Duration) {
+    let mut every = tokio::time::interval(idle_timeout / 2);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        pool.lock()
+            .retain(|i| now.saturating_duration_since(i.since) < idle_timeout);
+    }
+}
+
+/// Encodes a request head without a body: request line, the given headers (invalid names or
+/// values are dropped, as `HeaderValue` parsing would), and `Host: fallback_host` when the
+/// headers carry none.
+pub(crate) fn encode_head<'a>(
+    method: &[u8],
+    target: &[u8],
+    headers: impl IntoIterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    fallback_host: &str,
+) -> Option<Vec<u8>> {
+    if !method.iter().all(|&b| is_token(b)) || method.is_empty() || !valid_target(target) {
+        return None;
+    }
+    let size: usize = headers
+        .clone()
+        .into_iter()
+        .map(|(n, v)| n.len() + v.len() + 4)
+        .sum();
+    let mut out = Vec::with_capacity(method.len() + target.len() + size + 64);
+    out.extend_from_slice(method);
+    out.push(b' ');
+    out.extend_from_slice(target);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut host = false;
+    for (name, value) in headers {
+        if name.is_empty() || !name.iter().all(|&b| is_token(b)) || !valid_value(value) {
+            continue;
+        }
+        host |= name.eq_ignore_ascii_case(b"host");
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(fallback_host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Some(out)
+}
+
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Field values: visible ASCII, obs-text and tabs, never CR, LF or NUL.
+fn valid_value(v: &[u8]) -> bool {
+    v.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+fn valid_target(t: &[u8]) -> bool {
+    !t.is_empty() && t.iter().all(|&b| b > 0x20 && b != 0x7f)
+}
+
+/// A parsed response head: where it ends and where its headers sit in the buffer.
+#[derive(Debug)]
+struct ParsedHead {
+    len: usize,
+    status: StatusCode,
+    version_1_1: bool,
+    /// (name, value) byte ranges within the head.
+    fields: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+}
+
+impl ParsedHead {
+    fn headers(&self, head: &Bytes) -> Result<HeaderMap, H1Error> {
+        let mut map = HeaderMap::with_capacity(self.fields.len());
+        for (n, v) in &self.fields {
+            let name = HeaderName::from_bytes(&head[n.clone()])
+                .map_err(|_| H1Error::Malformed("header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v.clone()))
+                .map_err(|_| H1Error::Malformed("header value"))?;
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+}
+
+/// Parses a response head at the start of `buf`: `Ok(None)` until it is complete.
+fn parse_head(buf: &[u8]) -> Result<Option<ParsedHead>, H1Error> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::Malformed("too many response headers"));
+        }
+        Err(_) => return Err(H1Error::Malformed("response head")),
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(H1Error::Malformed("status code"))?;
+    let base = buf.as_ptr() as usize;
+    let range = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    let fields = resp
+        .headers
+        .iter()
+        .map(|h| (range(h.name.as_bytes()), range(h.value)))
+        .collect();
+    Ok(Some(ParsedHead {
+        len,
+        status,
+        version_1_1: resp.version == Some(1),
+        fields,
+    }))
+}
+
+fn connection_close(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
+/// How a response body is delimited, and how much of it is left (sans-IO).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum BodyDecoder {
+    /// `Content-Length` bytes left.
+    Length(u64),
+    Chunked(ChunkState),
+    /// Until the origin closes the connection (which then is not reused).
+    Close,
+    Done,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// What [`BodyDecoder::decode`] found in the buffer.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// Read more (or, at EOF, see `decode`'s errors).
+    NeedMore,
+    End,
+}
+
+impl BodyDecoder {
+    /// RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304; chunked wins over a length; a length
+    /// must be one valid number; otherwise until close.
+    pub(crate) fn for_response(
+        method: &Method,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> Result<Self, H1Error> {
+        if method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok(Self::Done);
+        }
+        if let Some(te) = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+        {
+            let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
+            return if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                Ok(Self::Chunked(ChunkState::Size))
+            } else {
+                Ok(Self::Close)
+            };
+        }
+        let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+        match (lengths.next(), lengths.next()) {
+            (None, _) => Ok(Self::Close),
+            (Some(v), None) => {
+                let n = std::str::from_utf8(v.as_bytes())
+                    .ok()
+                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or(H1Error::Malformed("Content-Length"))?;
+                Ok(if n == 0 { Self::Done } else { Self::Length(n) })
+            }
+            (Some(_), Some(_)) => Err(H1Error::Malformed("several Content-Length headers")),
+        }
+    }
+
+    /// Takes the next piece of body out of `buf`; `eof` says the connection has closed.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Decoded, H1Error> {
+        loop {
+            match self {
+                Self::Done => return Ok(Decoded::End),
+                Self::Close => {
+                    if !buf.is_empty() {
+                        let n = buf.len().min(MAX_FRAME);
+                        return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                    }
+                    if eof {
+                        *self = Self::Done;
+                        return Ok(Decoded::End);
+                    }
+                    return Ok(Decoded::NeedMore);
+                }
+                Self::Length(left) => {
+                    if buf.is_empty() {
+                        if eof {
+                            return Err(H1Error::Malformed(
+                                "response body shorter than its Content-Length",
+                            ));
+                        }
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = buf
+                        .len()
+                        .min(MAX_FRAME)
+                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= n as u64;
+                    if *left == 0 {
+                        *self = Self::Done;
+                    }
+                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                }
+                Self::Chunked(state) => {
+                    let need_more = || {
+                        if eof {
+                            Err(H1Error::Malformed("chunked body cut short"))
+                        } else {
+                            Ok(Decoded::NeedMore)
+                        }
+                    };
+                    match state {
+                        ChunkState::Size => {
+                            let Some(end) = find_crlf(buf) else {
+                                if buf.len() > MAX_CHUNK_LINE {
+                                    return Err(H1Error::Malformed("chunk size line too long"));
+                                }
+                                return need_more();
+                            };
+                            let line = &buf[..end];
+                            let digits = line
+                                .split(|&b| b == b';')
+                                .next()
+                                .unwrap_or(b"")
+                                .trim_ascii();
+                            if digits.is_empty() || digits.len() > 16 {
+                                return Err(H1Error::Malformed("chunk size"));
+                            }
+                            let size = std::str::from_utf8(digits)
+                                .ok()
+                                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                                .ok_or(H1Error::Malformed("chunk size"))?;
+                            buf.advance(end + 2);
+                            *state = if size == 0 {
+                                ChunkState::Trailers
+                            } else {
+                                ChunkState::Data(size)
+                            };
+                        }
+                        ChunkState::Data(left) => {
+                            if buf.is_empty() {
+                                return need_more();
+                            }
+                            let n = buf
+                                .len()
+                                .min(MAX_FRAME)
+                                .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                            *left -= n as u64;
+                            if *left == 0 {
+                                *state = ChunkState::DataEnd;
+                            }
+                            return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                        }
+                        ChunkState::DataEnd => {
+                            if buf.len() < 2 {
+                                return need_more();
+                            }
+                            if &buf[..2] != b"\r\n" {
+                                return Err(H1Error::Malformed("chunk not followed by CRLF"));
+                            }
+                            buf.advance(2);
+                            *state = ChunkState::Size;
+                        }
+                        ChunkState::Trailers => {
+                            if buf.starts_with(b"\r\n") {
+                                buf.advance(2);
+                                *self = Self::Done;
+                                return Ok(Decoded::End);
+                            }
+                            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                            match httparse::parse_headers(buf, &mut slots) {
+                                Ok(httparse::Status::Complete((n, fields))) => {
+                                    let mut map = HeaderMap::with_capacity(fields.len());
+                                    for f in fields {
+                                        if let (Ok(name), Ok(value)) = (
+                                            HeaderName::from_bytes(f.name.as_bytes()),
+                                            HeaderValue::from_bytes(f.value),
+                                        ) {
+                                            map.append(name, value);
+                                        }
+                                    }
+                                    buf.advance(n);
+                                    *self = Self::Done;
+                                    return Ok(Decoded::Trailers(map));
+                                }
+                                Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {
+                                    return need_more();
+                                }
+                                _ => return Err(H1Error::Malformed("chunked trailers")),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// A response body read from its connection as the client consumes it; the connection goes back
+/// to the pool when the body has been read to its end (and never when it is dropped early).
+#[derive(Debug)]
+pub(crate) struct StreamBody {
+    conn: Option<Conn>,
+    decoder: BodyDecoder,
+    /// Dangling when the connection must not be reused.
+    pool: Weak<H1Pool>,
+    eof: bool,
+}
+
+impl http_body::Body for StreamBody {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.decoder.decode(&mut conn.buf, this.eof) {
+                Ok(Decoded::Data(d)) => {
+                    if this.decoder == BodyDecoder::Done {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Ok(Decoded::Trailers(t)) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+                Ok(Decoded::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::NeedMore) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            conn.buf.reserve(READ_CHUNK);
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.io),
+                cx,
+                &mut conn.buf
+            )) {
+                Ok(0) => this.eof = true,
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() || self.decoder == BodyDecoder::Done
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.decoder {
+            BodyDecoder::Length(n) => http_body::SizeHint::with_exact(n),
+            BodyDecoder::Done => http_body::SizeHint::with_exact(0),
+            _ => http_body::SizeHint::default(),
+        }
+    }
+}
+
+impl StreamBody {
+    fn finish(&mut self) {
+        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade())
+            && !self.eof
+        {
+            pool.checkin(conn);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    fn decode_all(d: &mut BodyDecoder, input: &[u8], step: usize) -> Result<Vec<u8>, H1Error> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        loop {
+            match d.decode(&mut buf, fed >= input.len())? {
+                Decoded::Data(b) => out.extend_from_slice(&b),
+                Decoded::Trailers(_) => {}
+                Decoded::End => return Ok(out),
+                Decoded::NeedMore => {
+                    let n = step.min(input.len() - fed);
+                    buf.extend_from_slice(&input[fed..fed + n]);
+                    fed += n;
+                }
+            }
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (n, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let get = Method::GET;
+        let ok = StatusCode::OK;
+        let f = |m: &Method, s, h: &[(&str, &str)]| BodyDecoder::for_response(m, s, &headers(h));
+        assert_eq!(
+            f(&Method::HEAD, ok, &[("content-length", "5")]).unwrap(),
+            BodyDecoder::Done
+        );
+        assert_eq!(
+            f(&get, StatusCode::NOT_MODIFIED, &[("content-length", "5")]).unwrap(),
+            BodyDecoder::Done
+        );
+        assert_eq!(
+            f(&get, ok, &[("content-length", "5")]).unwrap(),
+            BodyDecoder::Length(5)
+        );
+        assert_eq!(
+            f(&get, ok, &[("content-length", "0")]).unwrap(),
+            BodyDecoder::Done
+        );
+        assert_eq!(
+            f(
+                &get,
+                ok,
+                &[
+                    ("transfer-encoding", "gzip, chunked"),
+                    ("content-length", "3")
+                ]
+            )
+            .unwrap(),
+            BodyDecoder::Chunked(ChunkState::Size)
+        );
+        assert_eq!(
+            f(&get, ok, &[("transfer-encoding", "gzip")]).unwrap(),
+            BodyDecoder::Close
+        );
+        assert_eq!(f(&get, ok, &[]).unwrap(), BodyDecoder::Close);
+        for bad in ["", "-1", "1 2", "0x10", "+5"] {
+            assert!(f(&get, ok, &[("content-length", bad)]).is_err(), "{bad:?}");
+        }
+        assert!(
+            f(
+                &get,
+                ok,
+                &[("content-length", "5"), ("content-length", "5")]
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_sizes() {
+        let wire = b"5;ext=1\r\nhello\r\n1\r\n \r\n6\r\nworld!\r\n0\r\nx-sum: 9\r\n\r\n";
+        for step in [1, 2, 3, 7, 64] {
+            let mut d = BodyDecoder::Chunked(ChunkState::Size);
+            assert_eq!(decode_all(&mut d, wire, step).unwrap(), b"hello world!");
+            assert_eq!(d, BodyDecoder::Done);
+        }
+        // Trailers come out as a trailers frame.
+        let mut d = BodyDecoder::Chunked(ChunkState::Size);
+        let mut buf = BytesMut::from(&b"0\r\nx-sum: 9\r\n\r\n"[..]);
+        match d.decode(&mut buf, false).unwrap() {
+            Decoded::Trailers(t) => assert_eq!(t["x-sum"], "9"),
+            other => panic!("{other:?}"),
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn broken_bodies_are_errors_not_hangs() {
+        for bad in [
+            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"5\r\nhel",
+            b"fffffffffffffffff\r\n",
+        ] {
+            let mut d = BodyDecoder::Chunked(ChunkState::Size);
+            assert!(decode_all(&mut d, bad, 4).is_err(), "{bad:?}");
+        }
+        let mut d = BodyDecoder::Length(10);
+        assert!(decode_all(&mut d, b"short", 3).is_err());
+        let mut d = BodyDecoder::Close;
+        assert_eq!(
+            decode_all(&mut d, b"until close", 4).unwrap(),
+            b"until close"
+        );
+        // A length body stops at its length; what follows stays for the next response.
+        let mut d = BodyDecoder::Length(3);
+        let mut buf = BytesMut::from(&b"abcHTTP/1.1"[..]);
+        assert_eq!(
+            d.decode(&mut buf, false).unwrap(),
+            Decoded::Data(Bytes::from_static(b"abc"))
+        );
+        assert_eq!(&buf[..], b"HTTP/1.1");
+    }
+
+    #[test]
+    fn request_heads_drop_what_could_split_them() {
+        let h: Vec<(&[u8], &[u8])> = vec![
+            (b"host", b"a.test"),
+            (b"x-ok", b"v\tw"),
+            (b"x-bad", b"v\r\nInjected: 1"),
+            (b"bad name", b"v"),
+        ];
+        let out = encode_head(b"GET", b"/p?q=1", h.iter().copied(), "o:80").unwrap();
+        assert_eq!(
+            out,
+            b"GET /p?q=1 HTTP/1.1\r\nhost: a.test\r\nx-ok: v\tw\r\n\r\n".to_vec()
+        );
+        let none: Vec<(&[u8], &[u8])> = vec![];
+        let out = encode_head(b"HEAD", b"/", none.iter().copied(), "10.0.0.1:8080").unwrap();
+        assert_eq!(
+            out,
+            b"HEAD / HTTP/1.1\r\nhost: 10.0.0.1:8080\r\n\r\n".to_vec()
+        );
+        assert!(encode_head(b"GET", b"/a b", none.iter().copied(), "o").is_none());
+        assert!(encode_head(b"G T", b"/", none.iter().copied(), "o").is_none());
+    }
+
+    /// An origin that answers each request on a connection with the next canned response, and
+    /// reports how many connections it accepted.
+    async fn origin(
+        responses: Vec<&'static [u8]>,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let responses = responses.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for r in responses {
+                        // Read one request head.
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            let n = s.read(&mut chunk).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        buf.drain(..end);
+                        if r.is_empty() {
+                            return; // close without answering
+                        }
+                        s.write_all(r).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn pool(addr: &str) -> Arc<H1Pool> {
+        H1Pool::new(
+            addr.into(),
+            4,
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        )
+    }
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: t\r\n\r\n";
+
+    #[tokio::test]
+    async fn keep_alive_connections_are_reused_and_small_bodies_read_whole() {
+        let (addr, accepted) = origin(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nend",
+        ])
+        .await;
+        let p = pool(&addr);
+        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        assert!(r.opened && !r.reused);
+        assert_eq!(r.parts.headers["x-a"], "1");
+        assert!(matches!(r.body, H1Body::Full(ref b) if b == "hello"));
+        assert_eq!(p.idle_len(), 1);
+
+        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        assert!(r.reused && !r.opened);
+        let H1Body::Stream(body) = r.body else {
+            panic!("chunked bodies stream")
+        };
+        assert_eq!(p.idle_len(), 0, "busy until its body is read");
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "abc");
+        assert_eq!(p.idle_len(), 1, "back once the body ended");
+
+        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        assert!(matches!(r.body, H1Body::Full(ref b) if b == "end"));
+        assert_eq!(p.idle_len(), 0, "connection: close is not pooled");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_retried_on_a_new_one() {
+        // Each connection answers once, then closes at the next request.
+        let (addr, accepted) =
+            origin(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", b""]).await;
+        let p = pool(&addr);
+        for _ in 0..3 {
+            let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+            assert!(matches!(r.body, H1Body::Full(ref b) if b == "ok"));
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn failures_say_whether_the_request_left() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let e = pool(&addr).send(&Method::GET, GET, 1024).await.unwrap_err();
+        assert!(e.never_started(), "{e}");
+
+        let (addr, _) = origin(vec![b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n"]).await;
+        let e = pool(&addr).send(&Method::GET, GET, 1024).await.unwrap_err();
+        assert!(!e.never_started() && e.to_string().contains("Content-Length"));
+
+        let (addr, _) = origin(vec![b""]).await;
+        let e = pool(&addr).send(&Method::GET, GET, 1024).await.unwrap_err();
+        assert!(matches!(e, H1Error::ClosedBeforeHead), "{e}");
+    }
+
+    #[tokio::test]
+    async fn large_bodies_stream_and_an_abandoned_one_is_not_pooled() {
+        static BIG: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let big: &'static [u8] = BIG.get_or_init(|| {
+            let mut v = b"HTTP/1.1 200 OK\r\ncontent-length: 200000\r\n\r\n".to_vec();
+            v.extend(std::iter::repeat_n(b'x', 200_000));
+            v
+        });
+        let (addr, _) = origin(vec![big, big]).await;
+        let p = pool(&addr);
+        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        let H1Body::Stream(body) = r.body else {
+            panic!("large bodies stream")
+        };
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 200_000);
+        assert_eq!(p.idle_len(), 1);
+        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        drop(r);
+        assert_eq!(
+            p.idle_len(),
+            0,
+            "a half-read connection is closed, not reused"
+        );
+    }
+}
