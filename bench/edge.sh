@@ -4,6 +4,11 @@
 #   bench/edge.sh                 # defaults: 3 alternating rounds of 10 s per case
 #   ROUNDS=5 DURATION=20 CONNS=64 bench/edge.sh
 #   PROXIES="meridian haproxy" PROTOS=http SIZES=16 ROUNDS=5 DURATION=5 bench/edge.sh   # a subset
+#   MERIDIAN_BASE_BIN=/tmp/meridian-before bench/edge.sh   # also an edge from another build
+#
+# With MERIDIAN_BASE_BIN, an extra edge from that binary (region ams, 127.0.0.15, same coordinator,
+# same origin) runs as proxy `meridian_base` in the same rounds, and `ratio …_vs_meridian_base`
+# lines compare the two builds: A/B of a change, alternating, on the same noisy machine.
 #
 # Origin: `meridian demo-app` (127.0.0.1:7781, /bytes/N) as started by `meridian dev`.
 # Compared configuration: Meridian's edge fronting that origin directly (a service with
@@ -142,6 +147,23 @@ backend origin
   server o1 127.0.0.1:7781
 EOF
 [[ -n $EDGE_PID ]] || { echo "ams edge process not found under meridian dev" >&2; exit 1; }
+
+# An edge from another build, beside the dev network's ams edge (A/B of a change).
+BASE_PID=
+if [[ -n ${MERIDIAN_BASE_BIN:-} ]]; then
+  D=$WORK/.meridian-dev
+  MERIDIAN_WORKER_THREADS=${MERIDIAN_WORKER_THREADS:-1} MERIDIAN_NODE_TOKEN=$(cat "$D/node.token") \
+    taskset -c "$PROXY_CPU" "$MERIDIAN_BASE_BIN" edge --id ams-base --region ams \
+    --http-listen 127.0.0.15:8080 --https-listen 127.0.0.15:8443 --tunnel-listen 127.0.0.15:7443 \
+    --tls-cert "$D/edge.pem" --tls-key "$D/edge.key" --peer-ca "$D/ca.pem" \
+    --coordinator http://127.0.0.1:7700 --state-dir "$WORK/edge-base" >"$WORK/edge-base.log" 2>&1 &
+  PIDS+=($!)
+  BASE_PID=$!
+  for _ in $(seq 1 100); do curl -sf -o /dev/null -H "Host: edge.meridian.test" http://127.0.0.15:8080/direct/bytes/16 && break; sleep 0.1; done
+  curl -sf -o /dev/null -H "Host: edge.meridian.test" http://127.0.0.15:8080/direct/bytes/16 ||
+    { echo "base edge did not come up; see $WORK/edge-base.log" >&2; exit 1; }
+  PROXIES="$PROXIES meridian_base"
+fi
 taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK" &
 PIDS+=($!)
 NGINX_PID=$!
@@ -154,9 +176,9 @@ for url in http://127.0.0.31:8080/demo/bytes/16 http://127.0.0.32:8080/demo/byte
 done
 
 # ---------------------------------------------------------------- runs
-declare -A ADDR=([meridian]=127.0.0.11 [meridian_tunnel]=127.0.0.11 [nginx]=127.0.0.31 [haproxy]=127.0.0.32)
-declare -A PREFIX=([meridian]=/direct [meridian_tunnel]=/demo [nginx]=/demo [haproxy]=/demo)
-declare -A PID=([meridian]=$EDGE_PID [meridian_tunnel]=$EDGE_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
+declare -A ADDR=([meridian]=127.0.0.11 [meridian_tunnel]=127.0.0.11 [nginx]=127.0.0.31 [haproxy]=127.0.0.32 [meridian_base]=127.0.0.15)
+declare -A PREFIX=([meridian]=/direct [meridian_tunnel]=/demo [nginx]=/demo [haproxy]=/demo [meridian_base]=/direct)
+declare -A PID=([meridian]=$EDGE_PID [meridian_tunnel]=$EDGE_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [meridian_base]=$BASE_PID)
 TICK=$(getconf CLK_TCK)
 
 cpu_ticks() { # pid → utime + stime of it and its children (nginx's workers), in clock ticks
@@ -199,9 +221,9 @@ for round in $(seq 1 "$ROUNDS"); do
     for size in $SIZES; do
       # Rotate the order each round.
       case $((round % 3)) in
-        1) order="meridian haproxy nginx meridian_tunnel" ;;
-        2) order="haproxy nginx meridian_tunnel meridian" ;;
-        0) order="nginx meridian_tunnel meridian haproxy" ;;
+        1) order="meridian meridian_base haproxy nginx meridian_tunnel" ;;
+        2) order="haproxy meridian_base nginx meridian_tunnel meridian" ;;
+        0) order="nginx meridian meridian_tunnel haproxy meridian_base" ;;
       esac
       for proxy in $order; do
         if enabled "$proxy"; then run "$proxy" "$proto" "$size"; fi
@@ -217,7 +239,7 @@ echo
 echo "medians over $ROUNDS rounds (c=$CONNS, ${DURATION}s each):"
 for proto in $PROTOS; do
   for size in $SIZES; do
-    for proxy in meridian meridian_tunnel haproxy nginx; do
+    for proxy in meridian meridian_base meridian_tunnel haproxy nginx; do
       enabled "$proxy" || continue
       echo "median proxy=$proxy proto=$proto size=$size rps=$(med $proxy $proto $size 4) p99_ms=$(med $proxy $proto $size 5) cpu_us_per_req=$(med $proxy $proto $size 6)"
     done
@@ -229,7 +251,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0 == 0) print "nan"; else printf
 for proto in $PROTOS; do
   label=$proto
   [[ $proto == http ]] && label=http1
-  for peer in haproxy nginx; do
+  for peer in haproxy nginx meridian_base; do
     enabled meridian && enabled "$peer" || continue
     for size in $SIZES; do
       sfx=""
