@@ -65,6 +65,10 @@ pub struct Config {
     /// Time the origin has to send a response head before the client gets a 504.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub upstream_timeout: Duration,
+    /// An L4 connection (TCP service or TLS passthrough) that moves no byte either way for this
+    /// long is closed (HAProxy's `timeout tunnel`).
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub l4_idle_timeout: Duration,
     /// Largest request body accepted (413 beyond it); unlimited when not given.
     #[arg(long)]
     pub max_request_body: Option<u64>,
@@ -138,12 +142,13 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 10s or 2m"))?;
+        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 10s, 2m or 1h"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
+        _ => Err(format!("{s:?}: unit must be ms, s, m or h")),
     }
 }
 
@@ -168,6 +173,7 @@ impl Config {
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(30),
+            l4_idle_timeout: Duration::from_secs(3600),
             idle_timeout: Duration::from_secs(60),
             max_request_body: None,
             admin_listen: None,
@@ -227,6 +233,7 @@ mod tests {
         assert_eq!(c.max_connections, 10_000);
         assert!(Cli::try_parse_from(["edge", "--tunnel-listen", "0.0.0.0:1"]).is_err());
         assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.l4_idle_timeout, Duration::from_secs(3600));
         assert_eq!(c.max_request_body, None);
         assert!(c.bird_socket.is_none(), "anycast is opt-in");
         let c = Cli::try_parse_from([
@@ -278,7 +285,8 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("2h").is_err());
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("2d").is_err());
         assert!(parse_duration("ms").is_err());
     }
 }

@@ -23,6 +23,7 @@ mod h1guard;
 mod headers;
 mod health;
 mod heartbeat;
+mod l4idle;
 mod listen;
 mod metrics;
 mod outlier;
@@ -333,6 +334,7 @@ impl Edge {
             draining: shutdown.clone(),
             limits: state::Limits {
                 upstream_timeout: config.upstream_timeout,
+                l4_idle: config.l4_idle_timeout,
                 max_request_body: config.max_request_body,
             },
             region_header: ::http::HeaderValue::from_str(&config.region)

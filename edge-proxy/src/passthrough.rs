@@ -279,7 +279,14 @@ impl Passthrough {
             crate::tunnel::tcp_stream(stream, &first, &target.service, shared, &shared.draining)
                 .await
         } else {
-            direct(stream, &first, &origins, &shared.draining).await
+            direct(
+                stream,
+                &first,
+                &origins,
+                &shared.draining,
+                shared.limits.l4_idle,
+            )
+            .await
         };
         shared
             .metrics
@@ -327,10 +334,11 @@ const DIRECT_DRAIN: Duration = Duration::from_secs(10);
 /// Carries a passthrough connection straight to one of `origins` (tried from a random start),
 /// `first` written ahead of the client's bytes.
 async fn direct(
-    mut client: TcpStream,
+    client: TcpStream,
     first: &[u8],
     origins: &[String],
     shutdown: &tokio_util::sync::CancellationToken,
+    idle: Duration,
 ) -> Result<(), crate::tunnel::TcpError> {
     use tokio::io::AsyncWriteExt;
     let start = rand::random_range(0..origins.len());
@@ -356,6 +364,9 @@ async fn direct(
     let _ = origin.set_nodelay(true);
     let _ = client.set_nodelay(true);
     origin.write_all(first).await?;
+    let activity = crate::l4idle::Activity::new();
+    let mut client = crate::l4idle::Tracked::new(client, activity.clone());
+    let mut origin = crate::l4idle::Tracked::new(origin, activity.clone());
     let drained = async {
         shutdown.cancelled().await;
         tokio::time::sleep(DIRECT_DRAIN).await;
@@ -363,6 +374,7 @@ async fn direct(
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut origin) => r.map(|_| ()).map_err(Into::into),
         () = drained => Err(crate::tunnel::TcpError::Shutdown),
+        () = activity.idle(idle) => Err(crate::tunnel::TcpError::Idle(idle)),
     }
 }
 

@@ -15,6 +15,8 @@ use crate::routing::RouteTable;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits {
     pub(crate) upstream_timeout: std::time::Duration,
+    /// See `Config::l4_idle_timeout`.
+    pub(crate) l4_idle: std::time::Duration,
     pub(crate) max_request_body: Option<u64>,
 }
 

@@ -439,6 +439,8 @@ pub(crate) enum TcpError {
     Io(#[from] std::io::Error),
     #[error("edge shutting down")]
     Shutdown,
+    #[error("idle for {0:?}")]
+    Idle(Duration),
 }
 
 impl TcpError {
@@ -449,6 +451,7 @@ impl TcpError {
             Self::Open(_) | Self::Wire(_) => "tunnel_error",
             Self::Io(_) => "io_error",
             Self::Shutdown => "shutdown",
+            Self::Idle(_) => "idle_timeout",
         }
     }
 }
@@ -491,7 +494,7 @@ pub(crate) async fn tcp_stream(
         .agents
         .pick(service, None, crate::balance::Choice::P2c)
         .ok_or_else(|| TcpError::NoAgent(service.to_owned()))?;
-    let (mut send, mut recv) = lease.agent().conn.open_bi().await?;
+    let (mut send, recv) = lease.agent().conn.open_bi().await?;
     let mut head = bytes::BytesMut::new();
     tunnel_proto::encode_preamble(&mut head);
     tunnel_proto::encode(
@@ -505,6 +508,9 @@ pub(crate) async fn tcp_stream(
     send.write_all(&head).await.map_err(WireError::from)?;
 
     let (client_rd, mut client_wr) = sock.into_split();
+    let activity = crate::l4idle::Activity::new();
+    let client_rd = crate::l4idle::Tracked::new(client_rd, activity.clone());
+    let mut recv = crate::l4idle::Tracked::new(recv, activity.clone());
     let up = async {
         let mut client_rd = tokio::io::BufReader::with_capacity(TCP_COPY_BUF, client_rd);
         tokio::io::copy_buf(&mut client_rd, &mut send).await?;
@@ -522,12 +528,16 @@ pub(crate) async fn tcp_stream(
         shutdown.cancelled().await;
         tokio::time::sleep(DRAIN_TIMEOUT).await;
     };
+    let idle = shared.limits.l4_idle;
     let result = tokio::select! {
         r = both => r.map_err(TcpError::from),
         () = drained => Err(TcpError::Shutdown),
+        () = activity.idle(idle) => Err(TcpError::Idle(idle)),
     };
     if result.is_err() {
-        let _ = recv.stop(quinn::VarInt::from_u32(code::CANCELLED));
+        let _ = recv
+            .get_mut()
+            .stop(quinn::VarInt::from_u32(code::CANCELLED));
     }
     drop(lease);
     result

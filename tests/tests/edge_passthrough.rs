@@ -8,6 +8,7 @@
 //!   coordinator gives the service (`ctl service update --tcp-port`), opened and closed live;
 //! - a passthrough service without agents reaches its https origin URL directly;
 //! - junk and a trickled ClientHello are closed, and the edge keeps serving;
+//! - an L4 connection silent for `--l4-idle-timeout` is closed (and counted), a busy one is not;
 //! - `/metrics` counts passthrough connections by service.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -332,6 +333,7 @@ async fn sni_passthrough_to_a_tls_origin_with_proxy_protocol() {
             ])
             .args(["--coordinator", &format!("http://{api}")])
             .args(["--header-read-timeout", "1s"])
+            .args(["--l4-idle-timeout", "2s"])
             .args([
                 "--tcp-service",
                 &format!("{tcp_service}=vault,proxy-protocol"),
@@ -557,6 +559,44 @@ async fn sni_passthrough_to_a_tls_origin_with_proxy_protocol() {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     let seen = https(https_addr, SECURE, &origin_ca).await.unwrap();
     assert_eq!(seen.cert, origin_der);
+
+    // An L4 connection that goes silent is closed by the edge after --l4-idle-timeout (2 s),
+    // although the origin behind it would wait for the rest of the ClientHello forever; bytes
+    // keep it open past that.
+    let mut quiet = TcpStream::connect(tcp_service).await.unwrap();
+    quiet.write_all(&hello[..hello.len() / 2]).await.unwrap();
+    let t = Instant::now();
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), quiet.read_to_end(&mut sink))
+        .await
+        .expect("the edge closes an idle L4 connection")
+        .ok();
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(6),
+        "closed after {waited:?}, not after the 2 s idle timeout"
+    );
+    let mut busy = TcpStream::connect(tcp_service).await.unwrap();
+    for b in hello.iter().take(4) {
+        busy.write_all(&[*b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    let mut one = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), busy.read(&mut one))
+            .await
+            .is_err(),
+        "a connection with traffic every 0.9 s is still open after 3.6 s"
+    );
+    eventually(Duration::from_secs(5), || async {
+        metrics(admin_addr).await.lines().any(|l| {
+            l.starts_with(
+                "meridian_edge_l4_connections_total{kind=\"tcp\",service=\"vault\",outcome=\"idle_timeout\"}",
+            )
+        }).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("idle L4 closes counted:\n{}", metrics_now(admin_addr)));
 
     // Passthrough connections by service on /metrics (counted as each one ends).
     let counted = |m: &str| {
