@@ -1,13 +1,13 @@
-//! A lean HTTP/1.1 client for plain-HTTP origins, used for safe requests without a body (GET,
-//! HEAD, OPTIONS: the bulk of edge traffic).
+//! A lean HTTP/1.1 client for HTTP/1.1 origins (plain or TLS), used for safe requests without a
+//! body (GET, HEAD, OPTIONS: the bulk of edge traffic).
 //!
 //! Why not hyper-util's pooled client for these: it runs every connection in a task of its own
 //! and hands each request to it over a channel, so one proxied request costs several task
 //! switches and wake-ups on the edge's one worker, plus a pool checkout keyed by URI (the largest
 //! user-space cost after hyper's server in the profile in docs/benchmarks.md). Here the request's
 //! own task writes the head, parses the answer and, for small responses, reads the body whole;
-//! idle connections wait in a plain list. Everything else (bodies, upgrades, TLS, HTTP/2) keeps
-//! using hyper.
+//! idle connections wait in a plain list. Everything else (bodies, upgrades, HTTP/2) keeps using
+//! hyper.
 //!
 //! Framing of the response body is the sans-IO [`BodyDecoder`]; the IO around it is thin.
 
@@ -21,8 +21,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body::Frame;
-use tokio::io::AsyncWriteExt;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 /// Most bytes in a response head (status line and headers) or a chunked body's trailer section.
 const MAX_HEAD: usize = 64 * 1024;
@@ -58,10 +60,68 @@ impl H1Error {
     }
 }
 
+/// TLS to the origin: the connector (its config offers only `http/1.1` by ALPN) and the name.
+pub(crate) type TlsTo = (tokio_rustls::TlsConnector, ServerName<'static>);
+
+/// A connection to an origin, plain or TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Plain(_) => "Plain",
+            Self::Tls(_) => "Tls",
+        })
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A connection with whatever bytes were read past the last response.
 #[derive(Debug)]
 struct Conn {
-    io: TcpStream,
+    io: Stream,
     buf: BytesMut,
     served: bool,
 }
@@ -72,10 +132,10 @@ struct Idle {
     since: Instant,
 }
 
-/// Idle keep-alive connections to one plain-HTTP origin address.
-#[derive(Debug)]
+/// Idle keep-alive connections to one HTTP/1.1 origin identity.
 pub(crate) struct H1Pool {
     authority: Arc<str>,
+    tls: Option<TlsTo>,
     idle: Mutex<Vec<Idle>>,
     max_idle: usize,
     idle_timeout: Duration,
@@ -104,12 +164,14 @@ pub(crate) enum H1Body {
 impl H1Pool {
     pub(crate) fn new(
         authority: Arc<str>,
+        tls: Option<TlsTo>,
         max_idle: usize,
         idle_timeout: Duration,
         connect_timeout: Duration,
     ) -> Arc<Self> {
         let pool = Arc::new(Self {
             authority,
+            tls,
             idle: Mutex::new(Vec::new()),
             max_idle,
             idle_timeout,
@@ -160,11 +222,20 @@ impl H1Pool {
             authority: self.authority.clone(),
             source,
         };
-        let io = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&*self.authority))
+        let dial = async {
+            let tcp = TcpStream::connect(&*self.authority).await?;
+            tcp.set_nodelay(true)?;
+            Ok::<_, io::Error>(match &self.tls {
+                None => Stream::Plain(tcp),
+                Some((connector, name)) => {
+                    Stream::Tls(Box::new(connector.connect(name.clone(), tcp).await?))
+                }
+            })
+        };
+        let io = tokio::time::timeout(self.connect_timeout, dial)
             .await
             .map_err(|_| err(io::Error::new(io::ErrorKind::TimedOut, "timed out")))?
             .map_err(err)?;
-        io.set_nodelay(true).map_err(err)?;
         Ok(Conn {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
@@ -215,7 +286,12 @@ impl H1Pool {
                 "bytes after the end of a response",
             )));
         }
-        if let Err(e) = conn.io.write_all(head).await {
+        // TLS buffers records until flushed; for TCP the flush is free.
+        let written = async {
+            conn.io.write_all(head).await?;
+            conn.io.flush().await
+        };
+        if let Err(e) = written.await {
             return Err(if reused {
                 Exchange::Stale
             } else {
@@ -312,6 +388,15 @@ impl H1Pool {
             }
         }
         Ok(r)
+    }
+}
+
+impl std::fmt::Debug for H1Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Pool")
+            .field("authority", &self.authority)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -941,6 +1026,7 @@ mod tests {
     fn pool(addr: &str) -> Arc<H1Pool> {
         H1Pool::new(
             addr.into(),
+            None,
             4,
             Duration::from_secs(60),
             Duration::from_secs(1),
@@ -1007,6 +1093,73 @@ mod tests {
         let (addr, _) = origin(vec![b""]).await;
         let e = pool(&addr).send(&Method::GET, GET, 1024).await.unwrap_err();
         assert!(matches!(e, H1Error::ClosedBeforeHead), "{e}");
+    }
+
+    #[tokio::test]
+    async fn tls_origins_speak_http1_over_one_reused_connection() {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let cert = rcgen::generate_simple_self_signed(vec!["origin.test".into()]).unwrap();
+        let der = CertificateDer::from(cert.cert.der().to_vec());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = l.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut tls = acceptor.accept(tcp).await.unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    let n = tls.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\ntls")
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = (
+            tokio_rustls::TlsConnector::from(Arc::new(client)),
+            ServerName::try_from("origin.test").unwrap(),
+        );
+        let p = H1Pool::new(
+            addr.as_str().into(),
+            Some(tls),
+            4,
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        );
+        for i in 0..3 {
+            let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+            assert!(matches!(r.body, H1Body::Full(ref b) if b == "tls"));
+            assert_eq!(r.reused, i > 0);
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

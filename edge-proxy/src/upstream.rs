@@ -102,7 +102,7 @@ impl OriginKey {
 pub(crate) struct OriginClient {
     pub(crate) key: OriginKey,
     client: Client<OriginConnector, UpBody>,
-    /// Plain HTTP/1.1 origins: the lean client for safe requests without a body.
+    /// HTTP/1.1 origins (plain or TLS): the lean client for safe requests without a body.
     fast: Option<Arc<crate::h1client::H1Pool>>,
     stats: Arc<OriginPoolStats>,
 }
@@ -142,6 +142,17 @@ impl OriginClient {
         } else {
             None
         };
+        // HTTP/1.1 identities (plain, or TLS whose config offers only http/1.1) also get the
+        // lean client for safe requests without a body.
+        let fast = (!key.h2).then(|| {
+            crate::h1client::H1Pool::new(
+                key.authority.as_str().into(),
+                tls.clone(),
+                MAX_IDLE_PER_HOST,
+                IDLE_TIMEOUT,
+                CONNECT_TIMEOUT,
+            )
+        });
         let connector = OriginConnector {
             authority: key.authority.as_str().into(),
             tls,
@@ -157,14 +168,6 @@ impl OriginClient {
             .set_host(false)
             .http2_only(key.h2 && !key.tls)
             .build(connector);
-        let fast = (!key.tls && !key.h2).then(|| {
-            crate::h1client::H1Pool::new(
-                key.authority.as_str().into(),
-                MAX_IDLE_PER_HOST,
-                IDLE_TIMEOUT,
-                CONNECT_TIMEOUT,
-            )
-        });
         Ok(Self {
             key,
             client,
@@ -660,7 +663,7 @@ fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// The method when a request can take the lean path (see `h1client`): a safe method, no request
-/// body, no upgrade, a plain HTTP/1.1 origin.
+/// body, no upgrade, an HTTP/1.1 origin.
 fn fast_method(
     origin: &OriginHandle,
     head: &tunnel_proto::RequestHead,
