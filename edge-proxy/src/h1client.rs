@@ -63,10 +63,17 @@ impl H1Error {
 /// TLS to the origin: the connector (its config offers only `http/1.1` by ALPN) and the name.
 pub(crate) type TlsTo = (tokio_rustls::TlsConnector, ServerName<'static>);
 
-/// A connection to an origin, plain or TLS.
-enum Stream {
+/// A connection to an origin, plain or TLS (also under hyper-util's pool, see `upstream`).
+pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// TLS negotiated HTTP/2 by ALPN.
+    pub(crate) fn negotiated_h2(&self) -> bool {
+        matches!(self, Self::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2"))
+    }
 }
 
 impl std::fmt::Debug for Stream {
@@ -116,6 +123,36 @@ impl AsyncWrite for Stream {
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Connects to `authority` (TCP without Nagle, then TLS when given); no timeout of its own.
+pub(crate) async fn dial(authority: &str, tls: &Option<TlsTo>) -> io::Result<Stream> {
+    let tcp = TcpStream::connect(authority).await?;
+    tcp.set_nodelay(true)?;
+    Ok(match tls {
+        None => Stream::Plain(tcp),
+        Some((connector, name)) => {
+            Stream::Tls(Box::new(connector.connect(name.clone(), tcp).await?))
+        }
+    })
 }
 
 /// A connection with whatever bytes were read past the last response.
@@ -222,17 +259,7 @@ impl H1Pool {
             authority: self.authority.clone(),
             source,
         };
-        let dial = async {
-            let tcp = TcpStream::connect(&*self.authority).await?;
-            tcp.set_nodelay(true)?;
-            Ok::<_, io::Error>(match &self.tls {
-                None => Stream::Plain(tcp),
-                Some((connector, name)) => {
-                    Stream::Tls(Box::new(connector.connect(name.clone(), tcp).await?))
-                }
-            })
-        };
-        let io = tokio::time::timeout(self.connect_timeout, dial)
+        let io = tokio::time::timeout(self.connect_timeout, dial(&self.authority, &self.tls))
             .await
             .map_err(|_| err(io::Error::new(io::ErrorKind::TimedOut, "timed out")))?
             .map_err(err)?;
@@ -635,15 +662,11 @@ impl BodyDecoder {
                         }
                         return Ok(Decoded::NeedMore);
                     }
-                    let n = buf
-                        .len()
-                        .min(MAX_FRAME)
-                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    *left -= n as u64;
+                    let data = take(buf, left);
                     if *left == 0 {
                         *self = Self::Done;
                     }
-                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                    return Ok(Decoded::Data(data));
                 }
                 Self::Chunked(state) => {
                     let need_more = || {
@@ -685,15 +708,11 @@ impl BodyDecoder {
                             if buf.is_empty() {
                                 return need_more();
                             }
-                            let n = buf
-                                .len()
-                                .min(MAX_FRAME)
-                                .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                            *left -= n as u64;
+                            let data = take(buf, left);
                             if *left == 0 {
                                 *state = ChunkState::DataEnd;
                             }
-                            return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                            return Ok(Decoded::Data(data));
                         }
                         ChunkState::DataEnd => {
                             if buf.len() < 2 {
@@ -738,6 +757,16 @@ impl BodyDecoder {
             }
         }
     }
+}
+
+/// Splits off as much of the `left` body bytes as the buffer holds (at most one frame).
+fn take(buf: &mut BytesMut, left: &mut u64) -> Bytes {
+    let n = buf
+        .len()
+        .min(MAX_FRAME)
+        .min(usize::try_from(*left).unwrap_or(usize::MAX));
+    *left -= n as u64;
+    buf.split_to(n).freeze()
 }
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {

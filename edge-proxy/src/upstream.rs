@@ -29,8 +29,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
 use crate::balance::Ewma;
 use crate::breaker::Breaker;
@@ -249,20 +247,10 @@ impl tower_service::Service<Uri> for OriginConnector {
                 )
             };
             tokio::time::timeout(CONNECT_TIMEOUT, async {
-                let tcp = TcpStream::connect(&*this.authority).await?;
-                tcp.set_nodelay(true)?;
-                match &this.tls {
-                    None => {
-                        this.stats.kind(this.h2c).opened();
-                        Ok(OriginStream::Plain(TokioIo::new(tcp)))
-                    }
-                    Some((tls, name)) => {
-                        let s = tls.connect(name.clone(), tcp).await?;
-                        let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                        this.stats.kind(h2).opened();
-                        Ok(OriginStream::Tls(Box::new(TokioIo::new(s))))
-                    }
-                }
+                let s = crate::h1client::dial(&this.authority, &this.tls).await?;
+                // h2c is prior knowledge; over TLS, ALPN says.
+                this.stats.kind(this.h2c || s.negotiated_h2()).opened();
+                Ok(OriginStream(TokioIo::new(s)))
             })
             .await
             .map_err(|_| timed_out())?
@@ -270,21 +258,18 @@ impl tower_service::Service<Uri> for OriginConnector {
     }
 }
 
-/// A connection to an origin.
-enum OriginStream {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
-}
+/// A connection to an origin under hyper-util's pool: the lean client's stream in hyper's IO
+/// traits, telling hyper-util when TLS negotiated HTTP/2.
+struct OriginStream(TokioIo<crate::h1client::Stream>);
 
 impl Connection for OriginStream {
     fn connected(&self) -> Connected {
         // Called once per new connection; its `extra` is copied into each of its responses.
         let c = Connected::new().extra(Served(Arc::new(AtomicBool::new(false))));
-        match self {
-            Self::Tls(s) if s.inner().get_ref().1.alpn_protocol() == Some(b"h2") => {
-                c.negotiated_h2()
-            }
-            Self::Plain(_) | Self::Tls(_) => c,
+        if self.0.inner().negotiated_h2() {
+            c.negotiated_h2()
+        } else {
+            c
         }
     }
 }
@@ -295,10 +280,7 @@ impl hyper::rt::Read for OriginStream {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
     }
 }
 
@@ -308,24 +290,15 @@ impl hyper::rt::Write for OriginStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -333,17 +306,11 @@ impl hyper::rt::Write for OriginStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(s) => s.is_write_vectored(),
-            Self::Tls(s) => s.is_write_vectored(),
-        }
+        hyper::rt::Write::is_write_vectored(&self.0)
     }
 }
 
