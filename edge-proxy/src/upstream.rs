@@ -4,7 +4,9 @@
 //! services fronting the same origin share its connections, and a connection is never reused
 //! under another TLS identity (Pingora's lesson). Each identity is one hyper-util client whose
 //! connector always dials that identity's address, so the request URI can carry the client's
-//! host (HTTP/2 `:authority`) without steering the dial.
+//! host (HTTP/2 `:authority`) without steering the dial, plus, for HTTP/1.1 identities, the lean
+//! client (`h1client`) that carries safe requests without a body; the two keep separate idle
+//! connections to the same origin.
 //!
 //! [`OriginHandle`] is one origin of one service: in-flight count, latency EWMA, active health
 //! verdict and breaker, kept across snapshots while the origin's settings are unchanged.
