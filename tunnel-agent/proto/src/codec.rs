@@ -202,6 +202,18 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
     }
 }
 
+/// The 5-byte header of a `Data` frame whose payload is `len` bytes, for writers that send the
+/// payload as its own buffer instead of copying it behind the header (what [`encode`] does): a
+/// QUIC stream takes a list of buffers, so the body bytes need not be copied on the way out.
+pub fn data_header(len: usize) -> Result<[u8; FRAME_HEADER_LEN], EncodeError> {
+    check_limit(code::DATA, len, MAX_DATA_PAYLOAD)?;
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    header[0] = code::DATA;
+    // Checked against the limit above, far below u32::MAX.
+    header[1..].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    Ok(header)
+}
+
 /// Encodes one frame into a fresh buffer.
 pub fn encode_to_bytes(frame: &Frame) -> Result<Bytes, EncodeError> {
     let mut buf = BytesMut::new();
@@ -885,5 +897,26 @@ mod tests {
                 );
             }
         }
+    }
+    #[test]
+    fn data_header_plus_payload_is_the_encoded_frame() {
+        for len in [0usize, 1, 16, 64 * 1024, MAX_DATA_PAYLOAD] {
+            let payload = Bytes::from(vec![0xab; len]);
+            let mut whole = BytesMut::new();
+            encode(&Frame::Data(payload.clone()), &mut whole).unwrap();
+            let mut split = data_header(len).unwrap().to_vec();
+            split.extend_from_slice(&payload);
+            assert_eq!(&whole[..], &split[..], "len {len}");
+            // And it decodes back to the same frame.
+            let mut buf = BytesMut::from(&split[..]);
+            assert_eq!(
+                Decoder::new().decode(&mut buf).unwrap(),
+                Some(Frame::Data(payload))
+            );
+        }
+        assert!(matches!(
+            data_header(MAX_DATA_PAYLOAD + 1),
+            Err(EncodeError::FrameTooLarge { len, .. }) if len == MAX_DATA_PAYLOAD + 1
+        ));
     }
 }

@@ -19,7 +19,8 @@ pub mod io;
 
 pub use codec::{
     DecodeError, Decoder, EncodeError, FRAME_HEADER_LEN, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD,
-    MAX_HEAD_PAYLOAD, decode_preamble, encode, encode_preamble, encode_to_bytes, frame_type_limit,
+    MAX_HEAD_PAYLOAD, data_header, decode_preamble, encode, encode_preamble, encode_to_bytes,
+    frame_type_limit,
 };
 pub use dgram::{
     DATAGRAM_HEADER_LEN, DatagramError, MAX_DATAGRAM, TCP_ALPN, decode_datagram, encode_datagram,
