@@ -6,6 +6,7 @@
 
 pub mod clients;
 pub mod dev;
+pub mod durability;
 
 use std::path::PathBuf;
 

@@ -7,14 +7,11 @@
 use std::{
     net::{SocketAddr, TcpListener},
     process::{Child, Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     time::Duration,
 };
 
-use coordinator_api::{Client, CreateService, Mount};
+use coordinator_api::Client;
+use meridian_tests::durability::{present, write_burst_then_kill};
 use meridian_tests::{dev::eventually, meridian_bin};
 
 const ADMIN: &str = "mrd_api_durable_durabilitysecret";
@@ -58,80 +55,13 @@ async fn kill_9_during_a_write_burst_loses_no_acknowledged_write() {
     for round in 0..2 {
         let mut child = start(addr, data.path());
         ready(&c).await;
-        let acked: Arc<Mutex<Vec<String>>> = Arc::default();
-        let killed = Arc::new(AtomicBool::new(false));
-        let mut writers = Vec::new();
-        for w in 0..8 {
-            let c = c.clone();
-            let acked = acked.clone();
-            let killed = killed.clone();
-            writers.push(tokio::spawn(async move {
-                for i in 0.. {
-                    if killed.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let name = format!("r{round}-w{w}-{i}");
-                    let svc = c
-                        .create_service(&CreateService {
-                            name: name.clone(),
-                            lb_policy: Default::default(),
-                        })
-                        .await;
-                    if svc.is_err() {
-                        return;
-                    }
-                    acked.lock().unwrap().push(format!("service {name}"));
-                    let m = c
-                        .add_mount(&Mount {
-                            host: format!("{name}.test"),
-                            path_prefix: "/".into(),
-                            service: name.clone(),
-                            strip_prefix: false,
-                            ..Default::default()
-                        })
-                        .await;
-                    if m.is_err() {
-                        return;
-                    }
-                    acked.lock().unwrap().push(format!("mount {name}.test/"));
-                }
-            }));
-        }
-        // Kill once a good number of writes are acknowledged, with more still in flight.
-        eventually(Duration::from_secs(60), || async {
-            (acked.lock().unwrap().len() >= 150).then_some(())
-        })
-        .await
-        .expect("writes were not acknowledged");
-        child.kill().unwrap(); // SIGKILL
-        killed.store(true, Ordering::Relaxed);
-        child.wait().unwrap();
-        for w in writers {
-            w.await.unwrap();
-        }
-        let acked = acked.lock().unwrap().clone();
+        let acked = write_burst_then_kill(&c, round, 150, &mut child).await;
         total_acked += acked.len();
 
         let mut child = start(addr, data.path());
         ready(&c).await;
-        let services: std::collections::HashSet<String> = c
-            .list_services()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| format!("service {}", s.name))
-            .collect();
-        let mounts: std::collections::HashSet<String> = c
-            .list_mounts()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| format!("mount {}{}", m.host, m.path_prefix))
-            .collect();
-        let lost: Vec<&String> = acked
-            .iter()
-            .filter(|w| !services.contains(*w) && !mounts.contains(*w))
-            .collect();
+        let present = present(&c).await;
+        let lost: Vec<&String> = acked.iter().filter(|w| !present.contains(*w)).collect();
         assert!(
             lost.is_empty(),
             "round {round}: {} of {} acknowledged writes lost, e.g. {:?}",

@@ -8,18 +8,14 @@
 mod etcd_cluster;
 
 use std::{
-    collections::HashSet,
     net::{SocketAddr, TcpListener},
     process::{Child, Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     time::Duration,
 };
 
-use coordinator_api::{Client, CreateService, Mount};
+use coordinator_api::Client;
 use etcd_cluster::EtcdCluster;
+use meridian_tests::durability::{present, write_burst_then_kill};
 use meridian_tests::{dev::eventually, have_tool, meridian_bin};
 
 const ADMIN: &str = "mrd_api_etcddurable_etcddurabilitysecret";
@@ -70,75 +66,11 @@ async fn etcd_backed_kill_9_during_a_write_burst_loses_no_acknowledged_write() {
     for round in 0..2 {
         let mut child = start(addr, data.path(), &etcd);
         ready(&c).await;
-        let acked: Arc<Mutex<Vec<String>>> = Arc::default();
-        let killed = Arc::new(AtomicBool::new(false));
-        let mut writers = Vec::new();
-        for w in 0..8 {
-            let c = c.clone();
-            let acked = acked.clone();
-            let killed = killed.clone();
-            writers.push(tokio::spawn(async move {
-                for i in 0.. {
-                    if killed.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let name = format!("r{round}-w{w}-{i}");
-                    let svc = c
-                        .create_service(&CreateService {
-                            name: name.clone(),
-                            lb_policy: Default::default(),
-                        })
-                        .await;
-                    if svc.is_err() {
-                        return;
-                    }
-                    acked.lock().unwrap().push(format!("service {name}"));
-                    let m = c
-                        .add_mount(&Mount {
-                            host: format!("{name}.test"),
-                            path_prefix: "/".into(),
-                            service: name.clone(),
-                            strip_prefix: false,
-                            ..Default::default()
-                        })
-                        .await;
-                    if m.is_err() {
-                        return;
-                    }
-                    acked.lock().unwrap().push(format!("mount {name}.test/"));
-                }
-            }));
-        }
-        // Kill once a good number of writes are acknowledged, with more still in flight.
-        eventually(Duration::from_secs(60), || async {
-            (acked.lock().unwrap().len() >= 100).then_some(())
-        })
-        .await
-        .expect("writes were not acknowledged");
-        child.kill().unwrap(); // SIGKILL
-        killed.store(true, Ordering::Relaxed);
-        child.wait().unwrap();
-        for w in writers {
-            w.await.unwrap();
-        }
-        all_acked.extend(acked.lock().unwrap().iter().cloned());
+        all_acked.extend(write_burst_then_kill(&c, round, 100, &mut child).await);
 
         let mut child = start(addr, data.path(), &etcd);
         ready(&c).await;
-        let mut present: HashSet<String> = c
-            .list_services()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| format!("service {}", s.name))
-            .collect();
-        present.extend(
-            c.list_mounts()
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|m| format!("mount {}{}", m.host, m.path_prefix)),
-        );
+        let present = present(&c).await;
         let lost: Vec<&String> = all_acked.iter().filter(|w| !present.contains(*w)).collect();
         assert!(
             lost.is_empty(),
