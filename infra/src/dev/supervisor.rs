@@ -80,16 +80,19 @@ impl Supervisor {
     }
 
     /// SIGTERM in reverse start order (agents drain before edges, edges before the coordinator),
-    /// then SIGKILL whatever is still running after `grace`.
+    /// then SIGKILL whatever is still running once `grace` has passed. `grace` bounds the whole
+    /// shutdown, not each child: seven children each allowed the full grace in turn made one
+    /// Ctrl-C take far longer than anyone waits for.
     pub(crate) async fn shutdown(&mut self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
         while let Some((name, mut child)) = self.children.pop() {
             if let Some(pid) = child.id() {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
             }
-            match tokio::time::timeout(grace, child.wait()).await {
+            match tokio::time::timeout_at(deadline, child.wait()).await {
                 Ok(_) => {}
                 Err(_) => {
-                    eprintln!("[dev] {name} did not stop within {grace:?}; killing it");
+                    eprintln!("[dev] {name} still running {grace:?} after Ctrl-C; killing it");
                     let _ = child.kill().await;
                 }
             }
