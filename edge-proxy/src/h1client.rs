@@ -244,7 +244,12 @@ impl H1Pool {
         None
     }
 
+    /// Pools `conn` for the next request, unless the origin sent bytes past the response it
+    /// just finished (broken framing: the next answer on it could not be trusted).
     fn checkin(&self, conn: Conn) {
+        if !conn.buf.is_empty() {
+            return;
+        }
         let mut idle = self.lock();
         if idle.len() < self.max_idle {
             idle.push(Idle {
@@ -307,12 +312,6 @@ impl H1Pool {
         buffer_up_to: u64,
     ) -> Result<H1Response, Exchange> {
         let reused = conn.served;
-        // Bytes left over from the previous response mean the origin broke framing.
-        if !conn.buf.is_empty() {
-            return Err(Exchange::Failed(H1Error::Malformed(
-                "bytes after the end of a response",
-            )));
-        }
         // TLS buffers records until flushed; for TCP the flush is free.
         let written = async {
             conn.io.write_all(head).await?;
@@ -361,14 +360,10 @@ impl H1Pool {
             BodyDecoder::for_response(method, parsed.status, &headers).map_err(Exchange::Failed)?;
         let keep_alive =
             parsed.version_1_1 && !connection_close(&headers) && decoder != BodyDecoder::Close;
-        let mut builder = http::Response::builder().status(parsed.status);
-        if let Some(h) = builder.headers_mut() {
-            *h = headers;
-        }
-        let (parts, ()) = builder
-            .body(())
-            .map_err(|_| Exchange::Failed(H1Error::Malformed("response head")))?
-            .into_parts();
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = parsed.status;
+        *resp.headers_mut() = headers;
+        let (parts, ()) = resp.into_parts();
         conn.served = true;
         let mut r = H1Response {
             parts,
@@ -515,9 +510,9 @@ impl ParsedHead {
         let mut map = HeaderMap::with_capacity(self.fields.len());
         for (n, v) in &self.fields {
             let name = HeaderName::from_bytes(&head[n.clone()])
-                .map_err(|_| H1Error::Malformed("header name"))?;
+                .map_err(|_| H1Error::Malformed("invalid header name"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(v.clone()))
-                .map_err(|_| H1Error::Malformed("header value"))?;
+                .map_err(|_| H1Error::Malformed("invalid header value"))?;
             map.append(name, value);
         }
         Ok(map)
@@ -532,14 +527,14 @@ fn parse_head(buf: &[u8]) -> Result<Option<ParsedHead>, H1Error> {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(H1Error::Malformed("too many response headers"));
+            return Err(H1Error::Malformed("more than 128 response headers"));
         }
-        Err(_) => return Err(H1Error::Malformed("response head")),
+        Err(_) => return Err(H1Error::Malformed("unparsable status line or header")),
     };
     let status = resp
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or(H1Error::Malformed("status code"))?;
+        .ok_or(H1Error::Malformed("invalid status code"))?;
     let base = buf.as_ptr() as usize;
     let range = |s: &[u8]| {
         let start = s.as_ptr() as usize - base;
@@ -630,7 +625,7 @@ impl BodyDecoder {
                     .ok()
                     .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                     .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or(H1Error::Malformed("Content-Length"))?;
+                    .ok_or(H1Error::Malformed("invalid Content-Length"))?;
                 Ok(if n == 0 { Self::Done } else { Self::Length(n) })
             }
             (Some(_), Some(_)) => Err(H1Error::Malformed("several Content-Length headers")),
@@ -691,12 +686,12 @@ impl BodyDecoder {
                                 .unwrap_or(b"")
                                 .trim_ascii();
                             if digits.is_empty() || digits.len() > 16 {
-                                return Err(H1Error::Malformed("chunk size"));
+                                return Err(H1Error::Malformed("invalid chunk size"));
                             }
                             let size = std::str::from_utf8(digits)
                                 .ok()
                                 .and_then(|s| u64::from_str_radix(s, 16).ok())
-                                .ok_or(H1Error::Malformed("chunk size"))?;
+                                .ok_or(H1Error::Malformed("invalid chunk size"))?;
                             buf.advance(end + 2);
                             *state = if size == 0 {
                                 ChunkState::Trailers
@@ -749,7 +744,7 @@ impl BodyDecoder {
                                 Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {
                                     return need_more();
                                 }
-                                _ => return Err(H1Error::Malformed("chunked trailers")),
+                                _ => return Err(H1Error::Malformed("invalid chunked trailers")),
                             }
                         }
                     }
@@ -1018,16 +1013,32 @@ mod tests {
     async fn origin(
         responses: Vec<&'static [u8]>,
     ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        origin_over(responses, None).await
+    }
+
+    trait OriginIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+    impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> OriginIo for T {}
+
+    /// [`origin`], over TLS when `tls` is given.
+    async fn origin_over(
+        responses: Vec<&'static [u8]>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
             loop {
-                let (mut s, _) = l.accept().await.unwrap();
+                let (tcp, _) = l.accept().await.unwrap();
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let responses = responses.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
+                    let mut s: Box<dyn OriginIo> = match tls {
+                        Some(a) => Box::new(a.accept(tcp).await.unwrap()),
+                        None => Box::new(tcp),
+                    };
                     let mut buf = Vec::new();
                     for r in responses {
                         // Read one request head.
@@ -1108,6 +1119,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_with_bytes_past_its_response_is_not_reused() {
+        let (addr, accepted) =
+            origin(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokJUNK"]).await;
+        let p = pool(&addr);
+        for _ in 0..2 {
+            let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+            assert!(matches!(r.body, H1Body::Full(ref b) if b == "ok"));
+            assert!(
+                !r.reused,
+                "the next request gets a new connection, not an error"
+            );
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(p.idle_len(), 0);
+    }
+
+    #[tokio::test]
     async fn failures_say_whether_the_request_left() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
@@ -1138,32 +1166,8 @@ mod tests {
             .with_single_cert(vec![der.clone()], key)
             .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = l.accept().await.unwrap();
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let mut tls = acceptor.accept(tcp).await.unwrap();
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 1024];
-                loop {
-                    let n = tls.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\ntls")
-                            .await
-                            .unwrap();
-                    }
-                }
-            }
-        });
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\ntls";
+        let (addr, accepted) = origin_over(vec![OK, OK, OK], Some(acceptor)).await;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(der).unwrap();
         let mut client = rustls::ClientConfig::builder_with_provider(provider)

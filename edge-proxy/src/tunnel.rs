@@ -439,7 +439,7 @@ pub(crate) enum TcpError {
     Io(#[from] std::io::Error),
     #[error("edge shutting down")]
     Shutdown,
-    #[error("idle for {0:?}")]
+    #[error("no byte either way for {0:?} (--l4-idle-timeout)")]
     Idle(Duration),
 }
 

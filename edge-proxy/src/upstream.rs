@@ -631,15 +631,15 @@ fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// The method when a request can take the lean path (see `h1client`): a safe method, no request
-/// body, no upgrade, an HTTP/1.1 origin.
-fn fast_method(
-    origin: &OriginHandle,
+/// The lean client and the method when a request can take the lean path (see `h1client`): a
+/// safe method, no request body, no upgrade, an HTTP/1.1 origin.
+fn fast_path<'a>(
+    origin: &'a OriginHandle,
     head: &tunnel_proto::RequestHead,
     body: &Option<Incoming>,
     upgrade: &Option<hyper::upgrade::OnUpgrade>,
-) -> Option<http::Method> {
-    origin.client.fast.as_ref()?;
+) -> Option<(&'a Arc<crate::h1client::H1Pool>, http::Method)> {
+    let fast = origin.client.fast.as_ref()?;
     if upgrade.is_some()
         || body
             .as_ref()
@@ -647,15 +647,16 @@ fn fast_method(
     {
         return None;
     }
-    match &head.method[..] {
-        b"GET" => Some(http::Method::GET),
-        b"HEAD" => Some(http::Method::HEAD),
-        b"OPTIONS" => Some(http::Method::OPTIONS),
-        _ => None,
-    }
+    let method = match &head.method[..] {
+        b"GET" => http::Method::GET,
+        b"HEAD" => http::Method::HEAD,
+        b"OPTIONS" => http::Method::OPTIONS,
+        _ => return None,
+    };
+    Some((fast, method))
 }
 
-/// One attempt on the lean path; the caller checked [`fast_method`].
+/// One attempt on the lean path; the caller checked [`fast_path`].
 async fn attempt_fast(
     fast: &Arc<crate::h1client::H1Pool>,
     lease: OriginLease,
@@ -737,10 +738,7 @@ pub(crate) async fn attempt(
     use crate::retry::Failure;
     use http::StatusCode;
     let origin = lease.origin().clone();
-    if let (Some(fast), Some(method)) = (
-        &origin.client.fast,
-        fast_method(&origin, head, body, upgrade),
-    ) {
+    if let Some((fast, method)) = fast_path(&origin, head, body, upgrade) {
         body.take();
         return attempt_fast(fast, lease, method, service, head, idempotent).await;
     }
