@@ -9,6 +9,9 @@
 # Loopback only. Installs nothing: it says what to apt-get. Knobs (environment):
 #   ROUNDS=3 SECS=5 SERVER_CORE=1 CLIENT_CORE=0 CLIENTS=4 OUTSTANDING=200
 #   ECS=1 (send EDNS Client Subnet 198.51.100.0/24 so both geo servers look the client up)
+#   BASE_EX=DIR  also run DIR/serve_snapshot (another build's examples dir) as `meridian_base` in the
+#                same alternating rounds, and print ratio …_vs_meridian_base: an A/B of a change
+#                that the machine's noise does not swamp
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -21,6 +24,10 @@ ECS=${ECS:-1}
 P_MER=${P_MER:-25353}
 P_GD=${P_GD:-25354}
 P_KN=${P_KN:-25355}
+P_BASE=${P_BASE:-25356}
+BASE_EX=${BASE_EX:-}
+SERVERS=(meridian gdnsd knot)
+[[ -n $BASE_EX ]] && SERVERS=(meridian meridian_base gdnsd knot)
 
 missing=()
 for pair in dnsperf:dnsperf gdnsd:gdnsd knotd:knot taskset:util-linux cargo:cargo; do
@@ -125,11 +132,13 @@ ECS_ARGS=()
 # --- servers --------------------------------------------------------------------------------------
 start_server() { # name
     case $1 in
-    meridian)
-        taskset -c "$SERVER_CORE" "$EX/serve_snapshot" --snapshot "$WORK/snapshot.json" \
-            --listen "127.0.0.1:$P_MER" --geoip-db "$WORK/geo.mmdb" \
+    meridian | meridian_base)
+        local ex=$EX
+        [[ $1 == meridian_base ]] && ex=$BASE_EX
+        taskset -c "$SERVER_CORE" "$ex/serve_snapshot" --snapshot "$WORK/snapshot.json" \
+            --listen "127.0.0.1:$(port_of "$1")" --geoip-db "$WORK/geo.mmdb" \
             --map country:DE=iad,ams --map continent:NA=iad --default-region ams \
-            >"$WORK/meridian.log" 2>&1 &
+            >"$WORK/$1.log" 2>&1 &
         ;;
     gdnsd)
         RUNTIME_DIRECTORY="$WORK/gdnsd/run" STATE_DIRECTORY="$WORK/gdnsd/run" \
@@ -144,7 +153,7 @@ start_server() { # name
     PIDS+=("$SERVER_PID")
 }
 
-port_of() { case $1 in meridian) echo "$P_MER" ;; gdnsd) echo "$P_GD" ;; knot) echo "$P_KN" ;; esac; }
+port_of() { case $1 in meridian) echo "$P_MER" ;; meridian_base) echo "$P_BASE" ;; gdnsd) echo "$P_GD" ;; knot) echo "$P_KN" ;; esac; }
 
 wait_ready() { # name: poll with dig-free dnsperf one-shots until an answer comes back (10 s)
     local port
@@ -194,7 +203,7 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a
 # Every server must answer iad (127.0.0.12) for 198.51.100.0/24; each run prints its answer.
 declare -A QPS CPU
 for r in $(seq "$ROUNDS"); do
-    for s in meridian gdnsd knot; do
+    for s in "${SERVERS[@]}"; do
         read -r q c < <(run_one "$s")
         echo "round $r $s qps=$q cpu_us_per_query=$c" >&2
         QPS[$s]+="$q "
@@ -212,3 +221,9 @@ echo "ratio qps_vs_knot=$(awk -v a="$m" -v b="$k" 'BEGIN {printf "%.2f", a/b}')"
 # Meridian's CPU per query over the peer's: below 1 is better.
 echo "ratio cpu_per_query_vs_gdnsd=$(awk -v a="$mc" -v b="$gc" 'BEGIN {printf "%.2f", a/b}')"
 echo "ratio cpu_per_query_vs_knot=$(awk -v a="$mc" -v b="$kc" 'BEGIN {printf "%.2f", a/b}')"
+if [[ -n $BASE_EX ]]; then
+    b=$(med "${QPS[meridian_base]}") bc=$(med "${CPU[meridian_base]}")
+    echo "median meridian_base qps=$b cpu_us_per_query=$bc"
+    echo "ratio qps_vs_meridian_base=$(awk -v a="$m" -v b="$b" 'BEGIN {printf "%.2f", a/b}')"
+    echo "ratio cpu_per_query_vs_meridian_base=$(awk -v a="$mc" -v b="$bc" 'BEGIN {printf "%.2f", a/b}')"
+fi

@@ -332,6 +332,43 @@ async fn serve_helper_and_bind_errors() {
         .unwrap();
 }
 
+/// A wildcard listener must answer from the address the query was sent to: resolvers drop
+/// replies from any other source (a connected socket here does the same).
+#[tokio::test]
+async fn wildcard_listeners_answer_from_the_address_asked() {
+    let q = query("edge.meridian.test.", RecordType::A, None);
+    let bytes = q.to_vec().unwrap();
+    let mut cases = vec![("0.0.0.0:0", "127.0.0.2", "127.0.0.1:0")];
+    // Dual-stack: IPv6 and IPv4 (mapped) clients of one [::] socket, where the host has IPv6.
+    if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+        cases.push(("[::]:0", "::1", "[::1]:0"));
+        cases.push(("[::]:0", "127.0.0.3", "127.0.0.1:0"));
+    }
+    for (listen, asked, client) in cases {
+        let mut c = dev_config();
+        c.listen = vec![listen.parse().unwrap()];
+        let s = start_with(c, Some(dev_snapshot())).await;
+        let to = SocketAddr::new(asked.parse().unwrap(), s.addr.port());
+        let sock = UdpSocket::bind(client).await.unwrap();
+        sock.connect(to).await.unwrap();
+        sock.send(&bytes).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(TIMEOUT, sock.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no reply from {asked} (listening on {listen})"))
+            .unwrap();
+        let r = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!((r.id, r.response_code), (q.id, ResponseCode::NoError));
+        assert_eq!(ips(&r).len(), 1, "{listen} via {asked}: {r:?}");
+        s.shutdown.cancel();
+        tokio::time::timeout(TIMEOUT, s.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn tcp_connection_limit_and_idle_timeout() {
     let s = start(Some(dev_snapshot())).await;
