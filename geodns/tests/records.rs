@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
 
+mod common;
+
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -13,16 +15,14 @@ use std::time::Duration;
 use coordinator_api::{
     AgentConn, DnsRecord, DnsRecordType, EdgeInfo, EdgeStatus, Region, Service, Snapshot,
 };
-use geodns::{Config, Server};
+use geodns::Config;
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
 use hickory_proto::rr::{Name, RData, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
-const TIMEOUT: Duration = Duration::from_secs(5);
+use common::{Running, TIMEOUT, start_with};
 
 fn agent(service: &str, id: &str) -> AgentConn {
     AgentConn {
@@ -181,36 +181,8 @@ fn config() -> Config {
     c
 }
 
-struct Running {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
-    task: tokio::task::JoinHandle<Result<(), geodns::Error>>,
-}
-
 async fn start(config: Config, snap: Snapshot) -> Running {
-    let server = Server::bind(&config).await.unwrap();
-    let addr = server.local_addrs()[0];
-    let (tx, rx) = watch::channel(Some(Arc::new(snap)));
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(rx, shutdown.clone()));
-    Running {
-        addr,
-        shutdown,
-        snapshots: tx,
-        task,
-    }
-}
-
-impl Running {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(TIMEOUT, self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
+    start_with(config, Some(snap)).await
 }
 
 fn query(name: &str, qtype: RecordType, ecs: Option<&str>) -> Message {

@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
 
+mod common;
+
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-const TIMEOUT: Duration = Duration::from_secs(5);
+use common::{Running, TIMEOUT, start_with};
 
 fn dev_snapshot() -> Snapshot {
     let region = |name: &str, lat, lon| Region {
@@ -71,32 +73,8 @@ fn dev_config() -> Config {
     c
 }
 
-struct Running {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), geodns::Error>>,
-    stats: Arc<geodns::Stats>,
-    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
-}
-
 async fn start(snapshot: Option<Snapshot>) -> Running {
     start_with(dev_config(), snapshot).await
-}
-
-async fn start_with(config: Config, snapshot: Option<Snapshot>) -> Running {
-    let server = Server::bind(&config).await.unwrap();
-    let addr = server.local_addrs()[0];
-    let stats = server.stats();
-    let (tx, rx) = watch::channel(snapshot.map(Arc::new));
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(rx, shutdown.clone()));
-    Running {
-        addr,
-        shutdown,
-        task,
-        stats,
-        snapshots: tx,
-    }
 }
 
 fn query(name: &str, qtype: RecordType, ecs: Option<&str>) -> Message {
@@ -248,12 +226,7 @@ async fn answers_over_udp_and_tcp() {
 
     assert!(s.stats.malformed.load(std::sync::atomic::Ordering::Relaxed) >= 3);
     assert_eq!(s.stats.panics.load(std::sync::atomic::Ordering::Relaxed), 0);
-    s.shutdown.cancel();
-    tokio::time::timeout(TIMEOUT, s.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    s.stop().await;
 }
 
 #[tokio::test]
@@ -297,12 +270,7 @@ async fn follows_snapshot_changes() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    s.shutdown.cancel();
-    tokio::time::timeout(TIMEOUT, s.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    s.stop().await;
 }
 
 #[tokio::test]
@@ -360,12 +328,7 @@ async fn wildcard_listeners_answer_from_the_address_asked() {
         let r = Message::from_vec(&buf[..n]).unwrap();
         assert_eq!((r.id, r.response_code), (q.id, ResponseCode::NoError));
         assert_eq!(ips(&r).len(), 1, "{listen} via {asked}: {r:?}");
-        s.shutdown.cancel();
-        tokio::time::timeout(TIMEOUT, s.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        s.stop().await;
     }
 }
 
@@ -410,12 +373,7 @@ async fn tcp_connection_limit_and_idle_timeout() {
     )
     .await;
     assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 11])]);
-    s.shutdown.cancel();
-    tokio::time::timeout(TIMEOUT, s.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    s.stop().await;
 }
 
 /// The SOA serial is the snapshot revision: polls until the server answers from `revision`.
@@ -547,12 +505,7 @@ async fn failover_and_recovery_with_hysteresis_and_admin_override() {
     assert_eq!(ips(&r), vec![IpAddr::from(iad)], "fail open");
     assert_eq!(r.answers[0].ttl, 5, "fail open answers carry the short TTL");
 
-    s.shutdown.cancel();
-    tokio::time::timeout(TIMEOUT, s.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    s.stop().await;
 }
 
 /// The test GeoIP database over documentation prefixes.
@@ -689,12 +642,7 @@ async fn geoip_database_policies_over_real_packets() {
     assert_eq!(ask("192.0.2.10/32").await.0, vec![IpAddr::from(ams)]);
     assert_eq!(ask("198.51.100.7/24").await.0, vec![IpAddr::from(iad)]);
 
-    s.shutdown.cancel();
-    tokio::time::timeout(TIMEOUT, s.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    s.stop().await;
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
@@ -774,12 +722,7 @@ async fn per_name_policies_and_weights_over_real_packets() {
     got.sort();
     assert_eq!(got, vec![IpAddr::from(iad), IpAddr::from([127, 0, 0, 22])]);
 
-    s.shutdown.cancel();
-    tokio::time::timeout(TIMEOUT, s.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    s.stop().await;
     let _ = std::fs::remove_dir_all(db.parent().unwrap());
 }
 
@@ -853,12 +796,7 @@ async fn rate_limit_per_prefix_with_slip() {
         .await;
         assert_eq!(ips(&r), vec![IpAddr::from([127, 0, 0, 11])]);
     }
-    s.shutdown.cancel();
-    tokio::time::timeout(TIMEOUT, s.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    s.stop().await;
 }
 
 #[tokio::test]
@@ -891,12 +829,7 @@ async fn large_answers_truncate_over_udp_and_complete_over_tcp() {
     let r = tcp(&mut conn, &query("meridian.test.", RecordType::ANY, None)).await;
     assert_eq!(r.answers.len(), 1);
     assert!(s.stats.truncated.load(std::sync::atomic::Ordering::Relaxed) >= 2);
-    s.shutdown.cancel();
-    tokio::time::timeout(TIMEOUT, s.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    s.stop().await;
 }
 
 #[tokio::test]
