@@ -55,6 +55,14 @@ enum Command {
     Dns(DnsCommand),
 }
 
+impl Cli {
+    /// `--worker-threads`, else the role's default.
+    fn threads(&self) -> usize {
+        self.worker_threads
+            .unwrap_or_else(|| self.command.default_worker_threads())
+    }
+}
+
 impl Command {
     /// Worker threads when `--worker-threads` is not given. The agent runs beside the app it
     /// serves and its QUIC connections are driven by one task each anyway: one thread cut its
@@ -80,10 +88,7 @@ fn main() -> std::process::ExitCode {
         &cli.log,
         matches!(cli.command, Command::Ctl(_) | Command::Dns(_)),
     );
-    let threads = cli
-        .worker_threads
-        .unwrap_or_else(|| cli.command.default_worker_threads());
-    let mut builder = match threads {
+    let mut builder = match cli.threads() {
         1 => tokio::runtime::Builder::new_current_thread(),
         n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -178,4 +183,39 @@ fn init_tracing(filter: &str, quiet: bool) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_defaults_to_one_worker_thread_and_the_flag_wins() {
+        if std::env::var_os("MERIDIAN_WORKER_THREADS").is_some() {
+            return; // the environment would override every default
+        }
+        // The agent's settings its config validation requires at parse time.
+        let agent = [
+            "agent",
+            "--edge",
+            "127.0.0.1:9",
+            "--token",
+            "t",
+            "--service",
+            "s",
+            "--to",
+            "http://127.0.0.1:9",
+            "--ca",
+            "/dev/null",
+        ];
+        let threads = |pre: &[&str], post: &[&str]| {
+            let args = ["meridian"].iter().chain(pre).chain(&agent).chain(post);
+            Cli::try_parse_from(args).map(|c| c.threads()).ok()
+        };
+        assert_eq!(threads(&[], &[]), Some(1));
+        assert_eq!(threads(&["--worker-threads", "4"], &[]), Some(4));
+        assert_eq!(threads(&[], &["--worker-threads", "0"]), Some(0));
+        let demo = Cli::try_parse_from(["meridian", "demo-app"]).map(|c| c.threads());
+        assert_eq!(demo.ok(), Some(0));
+    }
 }
