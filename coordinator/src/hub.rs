@@ -365,6 +365,7 @@ mod tests {
                 https_addr: None,
                 tunnel_addr: None,
                 anycast: None,
+                healthy_services: None,
             },
             alive,
             last_seen_ms: 0,

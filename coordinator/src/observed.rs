@@ -212,6 +212,7 @@ mod tests {
                 https_addr: None,
                 tunnel_addr: Some("127.0.0.1:4433".into()),
                 anycast: None,
+                healthy_services: None,
             },
             agents: agents
                 .iter()

@@ -407,6 +407,7 @@ fn heartbeat(id: &str) -> EdgeHeartbeat {
             https_addr: None,
             tunnel_addr: Some("127.0.0.11:4433".into()),
             anycast: None,
+            healthy_services: None,
         },
         agents: vec![AgentConn {
             agent_id: "agent-1".into(),
@@ -1093,6 +1094,7 @@ async fn resumed_watch_gets_deltas_that_converge_to_the_snapshot() {
             https_addr: None,
             tunnel_addr: None,
             anycast: None,
+            healthy_services: None,
         },
         agents: vec![],
     })

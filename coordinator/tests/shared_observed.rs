@@ -86,6 +86,7 @@ fn heartbeat(c: &Client, id: &str, region: &str) -> CancellationToken {
             https_addr: None,
             tunnel_addr: None,
             anycast: None,
+            healthy_services: None,
         },
         agents: vec![AgentConn {
             agent_id: format!("agent-{region}"),

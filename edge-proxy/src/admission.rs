@@ -128,6 +128,7 @@ mod tests {
                 https_addr: None,
                 tunnel_addr: tunnel.map(Into::into),
                 anycast: None,
+                healthy_services: None,
             },
             alive,
             last_seen_ms: 0,

@@ -1,5 +1,5 @@
-//! Tells the coordinator this edge is alive, which agents it holds and whether its anycast VIP is
-//! announced.
+//! Tells the coordinator this edge is alive, which agents it holds, which services it can serve
+//! (for GSLB) and whether its anycast VIP is announced.
 //!
 //! Never fatal: when the coordinator is away the edge keeps serving on its last snapshot.
 
@@ -46,15 +46,32 @@ pub(crate) async fn run(
             vip: a.vip.clone(),
             announced: a.announced.load(Ordering::Relaxed),
         });
+        info.healthy_services = Some(healthy_services(&shared));
         let hb = EdgeHeartbeat {
             info,
             agents: shared.agents.agent_conns(),
         };
         send(&client, &hb, SEND_TIMEOUT).await;
     }
+    // Draining: nothing is served here any more.
+    let mut info = info;
+    info.healthy_services = Some(Vec::new());
     let hb = EdgeHeartbeat {
         info,
         agents: Vec::new(),
     };
     send(&client, &hb, Duration::from_secs(1)).await;
+}
+
+/// The services of the current snapshot this edge could serve now (see
+/// [`crate::backend::has_healthy`]), sorted so an unchanged verdict is an unchanged heartbeat.
+fn healthy_services(shared: &Shared) -> Vec<String> {
+    let policies = shared.policies.load();
+    let mut names: Vec<String> = policies
+        .keys()
+        .filter(|s| crate::backend::has_healthy(shared, s))
+        .cloned()
+        .collect();
+    names.sort_unstable();
+    names
 }

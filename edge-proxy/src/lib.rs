@@ -208,6 +208,7 @@ impl Edge {
             https_addr: https_addr.map(|a| advertise(a, &public_ips)),
             tunnel_addr: Some(advertise(tunnel_addr, &public_ips)),
             anycast: None,
+            healthy_services: None,
             public_ips,
         };
         Ok(Self {

@@ -271,6 +271,7 @@ mod tests {
                 https_addr: Some(format!("127.0.0.1:{port}")),
                 tunnel_addr: None,
                 anycast: None,
+                healthy_services: None,
             },
             alive,
             last_seen_ms: 0,

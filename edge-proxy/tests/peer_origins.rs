@@ -86,6 +86,7 @@ fn snapshot(origin: SocketAddr, peer: Option<(&str, &str, SocketAddr)>) -> Snaps
                     https_addr: Some(addr.to_string()),
                     tunnel_addr: None,
                     anycast: None,
+                    healthy_services: None,
                 },
                 alive: true,
                 last_seen_ms: 0,

@@ -44,6 +44,7 @@ fn fuzz_zone() -> std::sync::Arc<geodns::zone::Zone> {
                 https_addr: None,
                 tunnel_addr: None,
                 anycast: None,
+                healthy_services: None,
             },
             alive: id != "sin-2",
             last_seen_ms: 0,

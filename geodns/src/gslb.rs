@@ -929,6 +929,7 @@ pub(crate) mod tests {
                 https_addr: None,
                 tunnel_addr: None,
                 anycast: None,
+                healthy_services: None,
             },
             alive,
             last_seen_ms: 0,

@@ -134,9 +134,20 @@ impl HealthTracker {
             }
         }
         for e in snapshot.edges.iter().filter(|e| e.alive) {
-            for a in e.agents.iter().filter(|a| a.origin_healthy) {
+            // The edge's own verdict when it sends one (it also covers direct origins and its
+            // checks of agents); else its agents whose origin passes.
+            let serving: Vec<&str> = match &e.info.healthy_services {
+                Some(names) => names.iter().map(String::as_str).collect(),
+                None => e
+                    .agents
+                    .iter()
+                    .filter(|a| a.origin_healthy)
+                    .map(|a| a.service.as_str())
+                    .collect(),
+            };
+            for service in serving {
                 if let Some(live) = per_service
-                    .get_mut(a.service.as_str())
+                    .get_mut(service)
                     .and_then(|m| m.get_mut(e.info.region.as_str()))
                 {
                     *live = true;
@@ -283,6 +294,7 @@ mod tests {
                 https_addr: None,
                 tunnel_addr: None,
                 anycast: None,
+                healthy_services: None,
             },
             alive,
             last_seen_ms: 0,
@@ -475,6 +487,32 @@ mod tests {
         t.observe(&s, t0);
         assert_eq!(t.verdict_for("ams", Some("web")), Verdict::Down);
         assert_eq!(t.verdict_for("ams", Some("api")), Verdict::Up);
+    }
+
+    #[test]
+    fn an_edges_own_verdict_wins_over_its_agents_and_covers_direct_origins() {
+        let t0 = Instant::now();
+        let served = |names: &[&str]| Some(names.iter().map(|n| n.to_string()).collect());
+        // `origin` has no agent anywhere (direct origins): up where an edge says it serves it.
+        let mut s = snap_with_agents(true);
+        s.services.push(coordinator_api::Service {
+            name: "origin".into(),
+            ..Default::default()
+        });
+        s.edges[0].info.healthy_services = served(&["api", "origin"]);
+        s.edges[1].info.healthy_services = served(&["api", "web"]);
+        let mut t = HealthTracker::new(Hysteresis::default());
+        t.observe(&s, t0);
+        assert_eq!(t.verdict_for("ams", Some("origin")), Verdict::Up);
+        assert_eq!(t.verdict_for("iad", Some("origin")), Verdict::Down);
+        // ams holds a healthy `web` agent, but the edge's own checks of it fail: not served.
+        assert_eq!(t.verdict_for("ams", Some("web")), Verdict::Down);
+        assert_eq!(t.verdict_for("iad", Some("web")), Verdict::Up);
+        // A draining edge (empty list) serves nothing, agents or not.
+        s.edges[1].info.healthy_services = served(&[]);
+        let mut t = HealthTracker::new(Hysteresis::default());
+        t.observe(&s, t0);
+        assert_eq!(t.verdict_for("iad", Some("api")), Verdict::Down);
     }
 
     #[test]

@@ -63,6 +63,7 @@ fn snapshot() -> Snapshot {
             https_addr: None,
             tunnel_addr: None,
             anycast: None,
+            healthy_services: None,
         },
         alive: true,
         last_seen_ms: 0,

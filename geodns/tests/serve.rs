@@ -37,6 +37,7 @@ fn dev_snapshot() -> Snapshot {
             https_addr: None,
             tunnel_addr: None,
             anycast: None,
+            healthy_services: None,
         },
         alive: true,
         last_seen_ms: 0,

@@ -55,7 +55,7 @@ enum Cmd {
     Region(RegionCmd),
     /// List regions.
     Regions,
-    /// Edges with liveness and agent counts.
+    /// Edges with liveness, agent counts and the services each can serve now.
     Edges,
     /// Agent connections, with the edge and region holding each.
     Agents,
@@ -1036,6 +1036,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                     "TUNNEL",
                     "AGENTS",
                     "ANYCAST",
+                    "SERVING",
                 ],
                 |e| {
                     vec![
@@ -1061,6 +1062,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                                 format!("{} {state}", a.vip)
                             },
                         ),
+                        // The services this edge can serve by its own checks.
+                        e.info
+                            .healthy_services
+                            .as_ref()
+                            .map_or_else(|| "-".to_owned(), |s| s.join(",")),
                     ]
                 },
             )

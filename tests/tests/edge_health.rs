@@ -1,6 +1,7 @@
 //! Active health checks of direct origins (issue 3) under `meridian dev`: an origin whose health
 //! path fails `fall` times gets no traffic, and passes back in after `rise` passes; set with
-//! `meridian ctl service create --health-check`.
+//! `meridian ctl service create --health-check`. The edges' heartbeats say whether they can serve
+//! the service, which GSLB reads.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -134,6 +135,43 @@ async fn failing_origin_gets_no_traffic_and_rise_brings_it_back() {
         b.hits.load(Ordering::SeqCst),
         before,
         "no traffic to a failing origin"
+    );
+
+    // The edges tell the coordinator (and so GeoDNS) whether they can serve `hc`: not while
+    // both origins fail their checks, again once one passes.
+    let serving = |want: bool| {
+        let net = &net;
+        async move {
+            let edges = net.ctl(&["edges"]);
+            let all = edges.as_array()?.iter().all(|e| {
+                let list = e["info"]["healthy_services"].as_array();
+                list.is_some_and(|l| l.iter().any(|s| s == "hc")) == want
+            });
+            all.then_some(())
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || serving(true))
+            .await
+            .is_some(),
+        "every edge reports hc as served: {}",
+        net.ctl(&["edges"])
+    );
+    a.healthy.store(false, Ordering::SeqCst);
+    assert!(
+        eventually(Duration::from_secs(10), || serving(false))
+            .await
+            .is_some(),
+        "an edge still reports hc as served with both origins failing: {}",
+        net.ctl(&["edges"])
+    );
+    a.healthy.store(true, Ordering::SeqCst);
+    assert!(
+        eventually(Duration::from_secs(10), || serving(true))
+            .await
+            .is_some(),
+        "hc not reported as served again after a passed its checks: {}",
+        net.ctl(&["edges"])
     );
 
     b.healthy.store(true, Ordering::SeqCst);

@@ -85,6 +85,7 @@ async fn records_from_ctl_are_served_with_cname_chasing_into_the_edge_zone() {
                             https_addr: None,
                             tunnel_addr: None,
                             anycast: None,
+                            healthy_services: None,
                         },
                         agents: Vec::new(),
                     };

@@ -3,7 +3,8 @@
 //! disconnects (the ams edge stays alive, holding `web`), `api.<zone>` sends ams's clients to iad
 //! with the short degraded TTL while `edge.<zone>` keeps answering ams; when the agent is back,
 //! `api` returns to ams after the rise window. An agent that stays connected while its origin
-//! fails its health check counts as gone too.
+//! fails its health check counts as gone too, and an edge's own verdict (which covers services
+//! served by direct origins, with no agent) decides for that edge when it sends one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -64,16 +65,22 @@ async fn a_services_last_agent_leaving_a_region_moves_only_that_name() {
     }
     // The agents each edge reports; the test changes ams's.
     let ams_agents = Arc::new(Mutex::new(vec![agent("web", "ams"), agent("api", "ams")]));
+    // What the ams edge says it can serve by its own checks (`None`: an older edge).
+    let ams_serving: Arc<Mutex<Option<Vec<String>>>> = Arc::new(Mutex::new(None));
     let stop = Arc::new(AtomicBool::new(false));
     let beat = {
-        let (stop, ams_agents) = (stop.clone(), ams_agents.clone());
+        let (stop, ams_agents, ams_serving) =
+            (stop.clone(), ams_agents.clone(), ams_serving.clone());
         let node = Client::new(url.clone(), NODE).unwrap();
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let ams = ams_agents.lock().unwrap().clone();
+                let serving = ams_serving.lock().unwrap().clone();
                 let iad = vec![agent("web", "iad"), agent("api", "iad")];
-                for (region, ip, agents) in [("ams", "127.0.5.21", ams), ("iad", "127.0.5.22", iad)]
-                {
+                for (region, ip, agents, serving) in [
+                    ("ams", "127.0.5.21", ams, serving),
+                    ("iad", "127.0.5.22", iad, None),
+                ] {
                     let hb = EdgeHeartbeat {
                         info: EdgeInfo {
                             id: format!("{region}-1"),
@@ -83,6 +90,7 @@ async fn a_services_last_agent_leaving_a_region_moves_only_that_name() {
                             https_addr: None,
                             tunnel_addr: None,
                             anycast: None,
+                            healthy_services: serving,
                         },
                         agents,
                     };
@@ -180,6 +188,26 @@ async fn a_services_last_agent_leaving_a_region_moves_only_that_name() {
         "no rise window"
     );
     assert_eq!(r.answers[0].ttl, 30);
+
+    // A service served by direct origins has no agent at all: the edge's own verdict keeps ams
+    // up for api while its checks pass, past the fall window, and moves api away when they fail.
+    *ams_serving.lock().unwrap() = Some(vec!["api".into(), "web".into()]);
+    ams_agents.lock().unwrap().retain(|a| a.service != "api");
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let r = dns_udp(dns, &api_q).await.unwrap();
+        assert_eq!(
+            answer_ips(&r),
+            vec![ams],
+            "api left ams while the edge served it"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    *ams_serving.lock().unwrap() = Some(vec!["web".into()]);
+    let r = eventually(WAIT, || answers(iad, &api_q))
+        .await
+        .expect("api stayed at ams after the edge stopped serving it");
+    assert_eq!(r.answers[0].ttl, 5);
 
     stop.store(true, Ordering::Relaxed);
     let _ = beat.await;

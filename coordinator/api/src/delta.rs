@@ -383,6 +383,7 @@ mod tests {
                 https_addr: None,
                 tunnel_addr: None,
                 anycast: None,
+                healthy_services: None,
             },
             alive: true,
             last_seen_ms: 7,

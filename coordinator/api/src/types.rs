@@ -325,6 +325,12 @@ pub struct EdgeInfo {
     /// Anycast announcement, for edges that announce a VIP over BGP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anycast: Option<AnycastState>,
+    /// Services this edge can serve now by its own checks (an agent whose origin passes, or a
+    /// direct origin passing its health check with its breaker closed), sorted. GSLB reads it
+    /// because direct origins appear nowhere else in the heartbeat. `None` from older edges:
+    /// then only the agents count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_services: Option<Vec<String>>,
 }
 
 /// Whether an edge's anycast VIP is in the routing table, as its routing daemon confirmed.

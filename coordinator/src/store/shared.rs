@@ -262,6 +262,7 @@ mod tests {
                 https_addr: None,
                 tunnel_addr: None,
                 anycast: None,
+                healthy_services: None,
             },
             agents: vec![],
         }
