@@ -82,6 +82,21 @@ async fn names(net: &DevNetwork, n: usize) -> Vec<String> {
     out
 }
 
+/// Waits (10 s) until every edge's heartbeat, as `ctl edges` shows it, says `hc` is served
+/// (`want`) or not.
+async fn all_edges_serve_hc(net: &DevNetwork, want: bool, what: &str) {
+    let done = eventually(Duration::from_secs(10), || async {
+        let edges = net.ctl(&["edges"]);
+        let all = edges.as_array()?.iter().all(|e| {
+            let list = e["info"]["healthy_services"].as_array();
+            list.is_some_and(|l| l.iter().any(|s| s == "hc")) == want
+        });
+        all.then_some(())
+    })
+    .await;
+    assert!(done.is_some(), "{what}: {}", net.ctl(&["edges"]));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_origin_gets_no_traffic_and_rise_brings_it_back() {
     let net = DevNetwork::start();
@@ -139,40 +154,16 @@ async fn failing_origin_gets_no_traffic_and_rise_brings_it_back() {
 
     // The edges tell the coordinator (and so GeoDNS) whether they can serve `hc`: not while
     // both origins fail their checks, again once one passes.
-    let serving = |want: bool| {
-        let net = &net;
-        async move {
-            let edges = net.ctl(&["edges"]);
-            let all = edges.as_array()?.iter().all(|e| {
-                let list = e["info"]["healthy_services"].as_array();
-                list.is_some_and(|l| l.iter().any(|s| s == "hc")) == want
-            });
-            all.then_some(())
-        }
-    };
-    assert!(
-        eventually(Duration::from_secs(10), || serving(true))
-            .await
-            .is_some(),
-        "every edge reports hc as served: {}",
-        net.ctl(&["edges"])
-    );
+    all_edges_serve_hc(&net, true, "every edge reports hc as served").await;
     a.healthy.store(false, Ordering::SeqCst);
-    assert!(
-        eventually(Duration::from_secs(10), || serving(false))
-            .await
-            .is_some(),
-        "an edge still reports hc as served with both origins failing: {}",
-        net.ctl(&["edges"])
-    );
+    all_edges_serve_hc(&net, false, "an edge reports hc with both origins failing").await;
     a.healthy.store(true, Ordering::SeqCst);
-    assert!(
-        eventually(Duration::from_secs(10), || serving(true))
-            .await
-            .is_some(),
-        "hc not reported as served again after a passed its checks: {}",
-        net.ctl(&["edges"])
-    );
+    all_edges_serve_hc(
+        &net,
+        true,
+        "hc not reported again after a passed its checks",
+    )
+    .await;
 
     b.healthy.store(true, Ordering::SeqCst);
     let back = eventually(Duration::from_secs(5), || async {
