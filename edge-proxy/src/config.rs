@@ -66,7 +66,7 @@ pub struct Config {
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub upstream_timeout: Duration,
     /// An L4 connection (TCP service or TLS passthrough) that moves no byte either way for this
-    /// long is closed (HAProxy's `timeout tunnel`).
+    /// long is closed (HAProxy's `timeout tunnel`); 0 turns the limit off.
     #[arg(long, value_parser = parse_duration, default_value = "1h")]
     pub l4_idle_timeout: Duration,
     /// Largest request body accepted (413 beyond it); unlimited when not given.

@@ -42,9 +42,14 @@ impl Activity {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout
     }
 
-    /// Resolves once nothing was read either way for `timeout`. Sleeps until the current
-    /// deadline and re-checks, so traffic costs no timer work.
+    /// Resolves once nothing was read either way for `timeout`; never for a zero `timeout`
+    /// (`--l4-idle-timeout 0` turns the limit off, as an unset `timeout tunnel` does in HAProxy,
+    /// instead of cutting every connection at once). Sleeps until the current deadline and
+    /// re-checks, so traffic costs no timer work.
     pub(crate) async fn idle(&self, timeout: Duration) {
+        if timeout.is_zero() {
+            return std::future::pending().await;
+        }
         loop {
             let deadline = self.deadline(timeout);
             if Instant::now() >= deadline {
@@ -140,5 +145,12 @@ mod tests {
         let t1 = Instant::now();
         act.idle(timeout).await;
         assert_eq!(t1.elapsed(), timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_timeout_never_fires() {
+        let act = Activity::new();
+        let fired = tokio::time::timeout(Duration::from_secs(86_400), act.idle(Duration::ZERO));
+        assert!(fired.await.is_err(), "0 turns the idle limit off");
     }
 }
