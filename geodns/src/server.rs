@@ -49,7 +49,8 @@ pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_QUERIES_PER_TCP_CONNECTION: usize = 1000;
 /// UDP receive threads per socket (each answers inline, so this is the parallelism).
 const MAX_UDP_WORKERS: usize = 4;
-/// How long a UDP thread blocks for a datagram before it looks at the shutdown token.
+/// How long a UDP thread blocks for a datagram before it looks at the shutdown token, and at
+/// most for send buffer space before it drops a reply.
 const UDP_SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 /// Control-message space per datagram: packet info (v4 and v6 on dual-stack sockets), the
 /// receive-offload segment size and the ECN byte quinn-udp asks for, with room to spare.
@@ -368,8 +369,10 @@ async fn bind_pair(
     let mut last_err = None;
     for _ in 0..attempts {
         // Blocking: each UDP thread sleeps in `recvmmsg` like gdnsd's, with no readiness polling.
+        // A send waits at most as long for buffer space, then that reply is dropped (counted).
         let udp = std::net::UdpSocket::bind(addr)
             .and_then(|u| u.set_read_timeout(Some(UDP_SHUTDOWN_POLL)).map(|()| u))
+            .and_then(|u| u.set_write_timeout(Some(UDP_SHUTDOWN_POLL)).map(|()| u))
             .map_err(|source| Error::Bind {
                 addr,
                 proto: "udp",
@@ -808,7 +811,7 @@ fn send_grouped(
             segment_size: (group.len() > 1).then_some(first.len),
             src_ip: first.from,
         };
-        // A blocking socket: the call waits for buffer space instead of reporting "would block".
+        // A blocking socket: the call waits (up to the write timeout) for buffer space.
         if let Err(e) = io.try_send(sock.into(), &transmit) {
             stats.io_errors.fetch_add(1, Ordering::Relaxed);
             debug!(to = %first.to, error = %e, "udp send failed");
