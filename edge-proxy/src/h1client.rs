@@ -1,13 +1,14 @@
-//! A lean HTTP/1.1 client for HTTP/1.1 origins (plain or TLS), used for safe requests without a
-//! body (GET, HEAD, OPTIONS: the bulk of edge traffic).
+//! The connection pool of an HTTP/1.1 origin (plain or TLS), and a lean client on it for safe
+//! requests without a body (GET, HEAD, OPTIONS: the bulk of edge traffic).
 //!
 //! Why not hyper-util's pooled client for these: it runs every connection in a task of its own
 //! and hands each request to it over a channel, so one proxied request costs several task
 //! switches and wake-ups on the edge's one worker, plus a pool checkout keyed by URI (the largest
 //! user-space cost after hyper's server in the profile in docs/benchmarks.md). Here the request's
 //! own task writes the head, parses the answer and, for small responses, reads the body whole;
-//! idle connections wait in a plain list. Everything else (bodies, upgrades, HTTP/2) keeps using
-//! hyper.
+//! idle connections wait in a plain list. Requests with a body or an upgrade take hyper's HTTP/1
+//! client on a connection from the same list ([`H1Pool::send_streaming`]), so an origin has one
+//! pool whatever its requests are; HTTP/2 origins stay with hyper-util (see `upstream`).
 //!
 //! Framing of the response body is the sans-IO [`BodyDecoder`]; the IO around it is thin.
 
@@ -51,12 +52,18 @@ pub(crate) enum H1Error {
     ClosedBeforeHead,
     #[error("origin sent a malformed response: {0}")]
     Malformed(&'static str),
+    /// A request with a body or an upgrade, carried by hyper's HTTP/1 client.
+    #[error("origin exchange: {0}")]
+    Exchange(#[from] hyper::Error),
+    /// The connection closed before the request was written (hyper handed it back).
+    #[error("origin closed a new connection before the request was sent: {0}")]
+    Unsent(hyper::Error),
 }
 
 impl H1Error {
     /// Whether the request certainly never reached the origin.
     pub(crate) fn never_started(&self) -> bool {
-        matches!(self, Self::Connect { .. })
+        matches!(self, Self::Connect { .. } | Self::Unsent(_))
     }
 }
 
@@ -426,6 +433,169 @@ enum Exchange {
     /// A reused connection turned out closed before any response byte.
     Stale,
     Failed(H1Error),
+}
+
+/// A response from [`H1Pool::send_streaming`].
+#[derive(Debug)]
+pub(crate) struct Streamed {
+    pub(crate) response: http::Response<PooledBody>,
+    pub(crate) reused: bool,
+    pub(crate) opened: bool,
+}
+
+impl H1Pool {
+    /// Sends a request the lean path does not carry (a body to stream, an upgrade) with hyper's
+    /// HTTP/1 client, on a connection from the same idle list: an origin has one pool of
+    /// connections whatever its requests are. The connection goes back to the list when the
+    /// exchange ended cleanly (see [`keep_or_close`]); after an upgrade it belongs to the upgrade.
+    ///
+    /// `req` carries an origin-form target and a `Host` header. A pooled connection the origin
+    /// closed while it sat idle hands the unsent request back (hyper's `TrySendError`), which is
+    /// then sent on the next one, so only requests that may have left fail.
+    pub(crate) async fn send_streaming<B>(
+        self: &Arc<Self>,
+        mut req: http::Request<B>,
+        upgrade: bool,
+    ) -> Result<Streamed, H1Error>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        loop {
+            let (conn, reused) = match self.checkout(Instant::now()) {
+                Some(conn) => (conn, true),
+                None => (self.connect().await?, false),
+            };
+            let (mut tx, driver) = hyper::client::conn::http1::Builder::new()
+                .max_headers(MAX_HEADERS)
+                .handshake::<_, B>(hyper_util::rt::TokioIo::new(conn.io))
+                .await?;
+            let (verdict_tx, verdict_rx) = tokio::sync::oneshot::channel();
+            if upgrade {
+                tokio::spawn(async move {
+                    if let Err(e) = driver.with_upgrades().await {
+                        tracing::debug!(error = %e, "origin connection ended with an error");
+                    }
+                });
+            } else {
+                tokio::spawn(keep_or_close(driver, verdict_rx, Arc::downgrade(self)));
+            }
+            let resp = match tx.try_send_request(req).await {
+                Ok(resp) => resp,
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => {
+                        req = unsent;
+                        continue;
+                    }
+                    Some(_) => return Err(H1Error::Unsent(e.into_error())),
+                    None => return Err(e.into_error().into()),
+                },
+            };
+            let keep = !upgrade
+                && resp.version() == http::Version::HTTP_11
+                && !resp.status().is_informational()
+                && !connection_close(resp.headers());
+            let response = resp.map(|inner| PooledBody {
+                inner,
+                verdict: Some((keep, verdict_tx)),
+            });
+            return Ok(Streamed {
+                response,
+                reused,
+                opened: !reused,
+            });
+        }
+    }
+}
+
+/// Drives one exchange of [`H1Pool::send_streaming`], then pools the connection if hyper left it
+/// idle (the request went out whole: otherwise the driver errs), nothing was read past the
+/// response, and the response body said the connection may stay and was read to its end.
+async fn keep_or_close<B>(
+    driver: hyper::client::conn::http1::Connection<hyper_util::rt::TokioIo<Stream>, B>,
+    verdict: tokio::sync::oneshot::Receiver<bool>,
+    pool: Weak<H1Pool>,
+) where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let parts = match driver.without_shutdown().await {
+        Ok(parts) => parts,
+        Err(e) => {
+            tracing::debug!(error = %e, "origin connection ended with an error");
+            return;
+        }
+    };
+    if verdict.await == Ok(true)
+        && parts.read_buf.is_empty()
+        && let Some(pool) = pool.upgrade()
+    {
+        pool.checkin(Conn {
+            io: parts.io.into_inner(),
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            served: true,
+        });
+    }
+}
+
+/// A response body from [`H1Pool::send_streaming`] (or from hyper-util's HTTP/2 client, without
+/// a verdict): tells the connection's driver, once, whether the body was read to its end.
+#[derive(Debug)]
+pub(crate) struct PooledBody {
+    inner: hyper::body::Incoming,
+    /// Whether the response allows reuse, and where the verdict goes.
+    verdict: Option<(bool, tokio::sync::oneshot::Sender<bool>)>,
+}
+
+impl PooledBody {
+    /// A body whose connection is not this module's to pool.
+    pub(crate) fn unpooled(inner: hyper::body::Incoming) -> Self {
+        Self {
+            inner,
+            verdict: None,
+        }
+    }
+
+    fn verdict(&mut self, ended: bool) {
+        if let Some((keep, tx)) = self.verdict.take() {
+            let _ = tx.send(keep && ended);
+        }
+    }
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            None => this.verdict(true),
+            Some(Err(_)) => this.verdict(false),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Consumers may stop at `is_end_stream` without polling the final `None`.
+        let ended = http_body::Body::is_end_stream(&self.inner);
+        self.verdict(ended);
+    }
 }
 
 async fn reap(pool: Weak<H1Pool>, idle_timeout: Duration) {
@@ -855,7 +1025,8 @@ impl StreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
+    use http_body_util::{BodyExt, Empty};
+    use std::convert::Infallible;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -1218,5 +1389,180 @@ mod tests {
             0,
             "a half-read connection is closed, not reused"
         );
+    }
+
+    /// A hyper origin: `POST` echoes its body, `/ws` switches protocols and echoes raw bytes,
+    /// `/big` answers 200 000 bytes, anything else `get`. Counts accepted and closed connections.
+    async fn echo_origin() -> (String, [Arc<std::sync::atomic::AtomicUsize>; 2]) {
+        use hyper::body::Incoming;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (count, ended) = (accepted.clone(), closed.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = l.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let ended = ended.clone();
+                let svc =
+                    hyper::service::service_fn(|mut req: http::Request<Incoming>| async move {
+                        let body = if req.uri().path() == "/ws" {
+                            let up = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                let mut io = hyper_util::rt::TokioIo::new(up.await.unwrap());
+                                let mut b = [0u8; 64];
+                                let n = io.read(&mut b).await.unwrap();
+                                io.write_all(&b[..n]).await.unwrap();
+                            });
+                            let mut resp =
+                                http::Response::new(http_body_util::Full::new(Bytes::new()));
+                            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                            resp.headers_mut()
+                                .insert(header::UPGRADE, HeaderValue::from_static("echo"));
+                            resp.headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                            return Ok::<_, hyper::Error>(resp);
+                        } else if req.method() == Method::POST {
+                            req.into_body().collect().await?.to_bytes()
+                        } else if req.uri().path() == "/big" {
+                            Bytes::from(vec![b'x'; 200_000])
+                        } else {
+                            Bytes::from_static(b"get")
+                        };
+                        Ok(http::Response::new(http_body_util::Full::new(body)))
+                    });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .with_upgrades()
+                        .await;
+                    ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, [accepted, closed])
+    }
+
+    fn request<B>(method: Method, path: &str, body: B) -> http::Request<B> {
+        let mut req = http::Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = path.parse().unwrap();
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("t"));
+        req
+    }
+
+    /// The driver pools a connection once the exchange is over, a moment after the body ends.
+    async fn until_idle(p: &H1Pool, n: usize) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while p.idle_len() != n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{} idle connections, not {n}", p.idle_len()));
+    }
+
+    #[tokio::test]
+    async fn streamed_bodies_and_lean_requests_share_one_connection() {
+        let (addr, [accepted, closed]) = echo_origin().await;
+        let p = pool(&addr);
+        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        assert!(matches!(r.body, H1Body::Full(ref b) if b == "get"));
+        assert_eq!(p.idle_len(), 1);
+
+        // An upload streamed in three frames rides the connection the GET left idle.
+        let frames =
+            ["one,", "two,", "three"].map(|s| Ok::<_, Infallible>(Frame::data(Bytes::from(s))));
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let r = p
+            .send_streaming(request(Method::POST, "/echo", body), false)
+            .await
+            .unwrap();
+        assert!(r.reused && !r.opened);
+        let echoed = r.response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(echoed, "one,two,three");
+        until_idle(&p, 1).await;
+
+        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        assert!(r.reused && matches!(r.body, H1Body::Full(ref b) if b == "get"));
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        // A response abandoned half-read closes its connection instead of pooling it.
+        let r = p
+            .send_streaming(request(Method::GET, "/big", Empty::<Bytes>::new()), false)
+            .await
+            .unwrap();
+        assert!(r.reused);
+        drop(r);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while closed.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the abandoned connection is closed");
+        assert_eq!(p.idle_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unsent_request_moves_past_a_connection_closed_while_idle() {
+        // The origin closes each connection right after its one response.
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (addr, accepted) = origin(vec![OK]).await;
+        let p = pool(&addr);
+        p.send(&Method::GET, GET, 1024).await.unwrap();
+        assert_eq!(p.idle_len(), 1);
+        // Let the origin's close arrive: the next read on the idle connection sees it.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        let mut probe = [0u8; 1];
+        let idle = p.checkout(Instant::now()).unwrap();
+        let Stream::Plain(tcp) = &idle.io else {
+            panic!("plain")
+        };
+        assert_eq!(tcp.peek(&mut probe).await.unwrap(), 0, "origin closed it");
+        p.checkin(idle);
+        let r = p
+            .send_streaming(request(Method::DELETE, "/x", Empty::<Bytes>::new()), false)
+            .await
+            .unwrap();
+        assert!(r.opened && !r.reused, "sent on a new connection");
+        assert_eq!(
+            r.response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_takes_its_connection_out_of_the_pool() {
+        let (addr, [accepted, _]) = echo_origin().await;
+        let p = pool(&addr);
+        p.send(&Method::GET, GET, 1024).await.unwrap();
+        let mut req = request(Method::GET, "/ws", Empty::<Bytes>::new());
+        req.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("echo"));
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let r = p.send_streaming(req, true).await.unwrap();
+        assert!(r.reused);
+        assert_eq!(r.response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(r.response).await.unwrap());
+        io.write_all(b"raw bytes").await.unwrap();
+        let mut b = [0u8; 9];
+        io.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"raw bytes");
+        assert_eq!(p.idle_len(), 0);
+        // The next request needs a connection of its own.
+        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        assert!(r.opened);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }

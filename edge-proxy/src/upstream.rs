@@ -2,11 +2,12 @@
 //!
 //! One process-wide pool keyed on the full upstream identity (scheme, address, SNI, ALPN, CA):
 //! services fronting the same origin share its connections, and a connection is never reused
-//! under another TLS identity (Pingora's lesson). Each identity is one hyper-util client whose
-//! connector always dials that identity's address, so the request URI can carry the client's
-//! host (HTTP/2 `:authority`) without steering the dial, plus, for HTTP/1.1 identities, the lean
-//! client (`h1client`) that carries safe requests without a body; the two keep separate idle
-//! connections to the same origin.
+//! under another TLS identity (Pingora's lesson). An HTTP/1.1 identity keeps one list of idle
+//! connections (`h1client::H1Pool`) for every request: safe ones without a body take the lean
+//! client, the rest (bodies, upgrades) hyper's HTTP/1 client on a connection from the same list.
+//! An HTTP/2 identity is one hyper-util client, which multiplexes; its connector always dials the
+//! identity's address, so the request URI can carry the client's host (`:authority`) without
+//! steering the dial.
 //!
 //! [`OriginHandle`] is one origin of one service: in-flight count, latency EWMA, active health
 //! verdict and breaker, kept across snapshots while the origin's settings are unchanged.
@@ -101,10 +102,37 @@ impl OriginKey {
 /// One upstream identity's client (and connection pool).
 pub(crate) struct OriginClient {
     pub(crate) key: OriginKey,
-    client: Client<OriginConnector, UpBody>,
-    /// HTTP/1.1 origins (plain or TLS): the lean client for safe requests without a body.
-    fast: Option<Arc<crate::h1client::H1Pool>>,
+    conns: Conns,
     stats: Arc<OriginPoolStats>,
+}
+
+/// How an identity's connections are held (one per identity, built on snapshot changes: the
+/// size of the HTTP/2 client does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Conns {
+    /// HTTP/1.1 (plain, or TLS offering only `http/1.1`): one idle list for every request.
+    H1(Arc<crate::h1client::H1Pool>),
+    /// HTTP/2 (h2c, or ALPN `h2`): hyper-util's client, which multiplexes on one connection.
+    H2(Client<OriginConnector, UpBody>),
+}
+
+/// Why a request to an origin failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OriginError {
+    #[error(transparent)]
+    H1(#[from] crate::h1client::H1Error),
+    #[error(transparent)]
+    H2(#[from] hyper_util::client::legacy::Error),
+}
+
+impl OriginError {
+    /// Whether the request certainly never reached the origin.
+    fn never_started(&self) -> bool {
+        match self {
+            Self::H1(e) => e.never_started(),
+            Self::H2(e) => e.is_connect(),
+        }
+    }
 }
 
 /// Connection reuse of the origin pool, by protocol (relaxed atomics).
@@ -142,46 +170,68 @@ impl OriginClient {
         } else {
             None
         };
-        // HTTP/1.1 identities (plain, or TLS whose config offers only http/1.1) also get the
-        // lean client for safe requests without a body.
-        let fast = (!key.h2).then(|| {
-            crate::h1client::H1Pool::new(
+        let conns = if key.h2 {
+            let connector = OriginConnector {
+                authority: key.authority.as_str().into(),
+                tls,
+                h2c: !key.tls,
+                stats: stats.clone(),
+            };
+            Conns::H2(
+                Client::builder(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(IDLE_TIMEOUT)
+                    .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+                    // The request carries the client's Host; the connector ignores the URI.
+                    .set_host(false)
+                    .http2_only(!key.tls)
+                    .build(connector),
+            )
+        } else {
+            Conns::H1(crate::h1client::H1Pool::new(
                 key.authority.as_str().into(),
-                tls.clone(),
+                tls,
                 MAX_IDLE_PER_HOST,
                 IDLE_TIMEOUT,
                 CONNECT_TIMEOUT,
-            )
-        });
-        let connector = OriginConnector {
-            authority: key.authority.as_str().into(),
-            tls,
-            h2c: key.h2 && !key.tls,
-            stats: stats.clone(),
+            ))
         };
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
-            // The request carries the client's Host; the connector ignores the URI.
-            .set_host(false)
-            .http2_only(key.h2 && !key.tls)
-            .build(connector);
-        Ok(Self {
-            key,
-            client,
-            fast,
-            stats,
-        })
+        Ok(Self { key, conns, stats })
     }
 
     /// Sends one request; the URI's authority is the virtual host, never where it is dialled.
+    /// `upgrade`: the request asks to switch protocols (its connection then goes to the upgrade).
     pub(crate) async fn send(
         &self,
-        req: Request<UpBody>,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        let resp = self.client.request(req).await?;
+        mut req: Request<UpBody>,
+        upgrade: bool,
+    ) -> Result<Response<crate::h1client::PooledBody>, OriginError> {
+        let client = match &self.conns {
+            Conns::H1(pool) => {
+                // HTTP/1 sends the target as given: origin-form, the host in `Host`.
+                if !req.headers().contains_key(header::HOST)
+                    && let Some(host) = req
+                        .uri()
+                        .authority()
+                        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                {
+                    req.headers_mut().insert(header::HOST, host);
+                }
+                if let Some(target) = req.uri().path_and_query().cloned() {
+                    *req.uri_mut() = Uri::from(target);
+                }
+                let r = pool.send_streaming(req, upgrade).await?;
+                let stats = self.stats.kind(false);
+                if r.opened {
+                    stats.opened();
+                }
+                stats.request(r.reused);
+                return Ok(r.response);
+            }
+            Conns::H2(client) => client,
+        };
+        let resp = client.request(req).await?;
         let reused = resp
             .extensions()
             .get::<Served>()
@@ -189,7 +239,7 @@ impl OriginClient {
         self.stats
             .kind(resp.version() == http::Version::HTTP_2)
             .request(reused);
-        Ok(resp)
+        Ok(resp.map(crate::h1client::PooledBody::unpooled))
     }
 }
 
@@ -492,7 +542,7 @@ impl OriginHandle {
             header::USER_AGENT,
             HeaderValue::from_static("meridian-health-check"),
         );
-        let resp = self.client.send(req).await?;
+        let resp = self.client.send(req, false).await?;
         let status = resp.status().as_u16();
         // Drain (bounded by the caller's timeout) so the connection can be reused.
         let _ = resp.into_body().collect().await;
@@ -639,7 +689,9 @@ fn fast_path<'a>(
     body: &Option<Incoming>,
     upgrade: &Option<hyper::upgrade::OnUpgrade>,
 ) -> Option<(&'a Arc<crate::h1client::H1Pool>, http::Method)> {
-    let fast = origin.client.fast.as_ref()?;
+    let Conns::H1(fast) = &origin.client.conns else {
+        return None;
+    };
     if upgrade.is_some()
         || body
             .as_ref()
@@ -766,7 +818,7 @@ pub(crate) async fn attempt(
         }
     };
     let started = Instant::now();
-    let resp = match origin.client.send(req).await {
+    let resp = match origin.client.send(req, upgrade.is_some()).await {
         Ok(r) => r,
         Err(e) => {
             if body_too_large(&e) {
@@ -781,8 +833,7 @@ pub(crate) async fn attempt(
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 return Ok(resp);
             }
-            // A connect error means nothing reached the origin.
-            let failure = if e.is_connect() {
+            let failure = if e.never_started() {
                 Failure::NeverStarted
             } else {
                 Failure::MaybeStarted

@@ -587,3 +587,143 @@ async fn metrics_show_backend_health_breaker_state_and_pool_reuse() {
     b.healthy.store(true, Ordering::SeqCst);
     wait_sample(&h, &format!("meridian_edge_backend_healthy{{{lb}}}"), 1.0).await;
 }
+
+/// An origin for bodies and upgrades: `POST` streams its body back, `/ws` switches to an echo of
+/// raw bytes, anything else answers `get`. Counts the connections it accepted.
+async fn echo_origin() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let svc =
+                hyper::service::service_fn(|mut req: Request<hyper::body::Incoming>| async move {
+                    use http_body_util::BodyExt;
+                    if req.uri().path() == "/ws" {
+                        let up = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            let mut io = TokioIo::new(up.await.unwrap());
+                            let mut b = [0u8; 64];
+                            let n = io.read(&mut b).await.unwrap();
+                            io.write_all(&b[..n]).await.unwrap();
+                        });
+                        let mut resp = Response::new(
+                            Full::new(Bytes::new())
+                                .map_err(|never| match never {})
+                                .boxed(),
+                        );
+                        *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+                        resp.headers_mut()
+                            .insert("upgrade", "echo".parse().unwrap());
+                        resp.headers_mut()
+                            .insert("connection", "upgrade".parse().unwrap());
+                        return Ok::<_, Infallible>(resp);
+                    }
+                    if req.method() == hyper::Method::POST {
+                        return Ok(Response::new(req.into_body().boxed()));
+                    }
+                    Ok(Response::new(
+                        Full::new(Bytes::from_static(b"get"))
+                            .map_err(|never| match never {})
+                            .boxed(),
+                    ))
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades(),
+            );
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn uploads_and_upgrades_reach_a_direct_origin_over_one_pool() {
+    use http_body_util::BodyExt;
+    let (addr, accepted) = echo_origin().await;
+    let h = edge(
+        snapshot(Service {
+            name: "web".into(),
+            origins: vec![Origin {
+                url: format!("http://{addr}"),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        None,
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        Request::get(path)
+            .header("host", "app.test")
+            .body(
+                http_body_util::Empty::<Bytes>::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap()
+    };
+    let r = client.send_request(get("/")).await.unwrap();
+    assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "get");
+
+    // 4 MiB streamed up in 64 KiB frames and streamed back.
+    let chunk = Bytes::from((0..65_536).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let frames = (0..64).map(move |_| Ok::<_, Infallible>(hyper::body::Frame::data(chunk.clone())));
+    let upload = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed();
+    let req = Request::post("/echo")
+        .header("host", "app.test")
+        .body(upload.map_err(|never| match never {}).boxed())
+        .unwrap();
+    let r = client.send_request(req).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let back = r.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(back.len(), 64 * 65_536);
+    assert!(
+        back.iter()
+            .enumerate()
+            .all(|(i, &b)| b == ((i % 65_536) % 251) as u8)
+    );
+
+    let r = client.send_request(get("/")).await.unwrap();
+    assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "get");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the GETs and the upload share one pooled origin connection"
+    );
+
+    // An upgrade: the origin's raw bytes come back through the edge.
+    let mut s = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    s.write_all(b"ping to a direct origin").await.unwrap();
+    let mut got = [0u8; 23];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"ping to a direct origin");
+}
