@@ -5,6 +5,7 @@
 #   ROUNDS=5 DURATION=20 CONNS=64 bench/edge.sh
 #   PROXIES="meridian haproxy" PROTOS=http SIZES=16 ROUNDS=5 DURATION=5 bench/edge.sh   # a subset
 #   MERIDIAN_BASE_BIN=/tmp/meridian-before bench/edge.sh   # also an edge from another build
+#   SIZES="16 post1024" bench/edge.sh   # `postN`: POST N bytes to the origin's /upload instead
 #
 # With MERIDIAN_BASE_BIN, an extra edge from that binary (region ams, 127.0.0.15, same coordinator,
 # same origin) runs as proxy `meridian_base` in the same rounds, and `ratio …_vs_meridian_base`
@@ -198,10 +199,15 @@ to_ms() { # wrk latency like 812.00us / 1.23ms / 2.01s → ms
 run() { # proxy proto size
   local proxy=$1 proto=$2 size=$3 port=8080
   [[ $proto == https ]] && port=8443
-  local url="$proto://${ADDR[$proxy]}:$port${PREFIX[$proxy]}/bytes/$size"
+  local url="$proto://${ADDR[$proxy]}:$port${PREFIX[$proxy]}/bytes/$size" script=()
+  if [[ $size == post* ]]; then # a request body: N bytes to /upload (answers ~90 B of JSON)
+    url="$proto://${ADDR[$proxy]}:$port${PREFIX[$proxy]}/upload"
+    printf 'wrk.method = "POST"\nwrk.body = string.rep("x", %d)\n' "${size#post}" >"$WORK/$size.lua"
+    script=(-s "$WORK/$size.lua")
+  fi
   local out t0 t1
   t0=$(cpu_ticks "${PID[$proxy]}")
-  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency \
+  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${script[@]}" \
     -H "Host: edge.meridian.test" "$url" 2>&1)
   t1=$(cpu_ticks "${PID[$proxy]}")
   local rps p99 errs reqs cpu
@@ -256,6 +262,7 @@ for proto in $PROTOS; do
     for size in $SIZES; do
       sfx=""
       [[ $size == 65536 ]] && sfx="_64k"
+      [[ $size == post* ]] && sfx="_$size"
       echo "ratio rps_${label}${sfx}_vs_${peer}=$(ratio "$(med meridian $proto $size 4)" "$(med $peer $proto $size 4)")"
       echo "ratio p99_${label}${sfx}_vs_${peer}=$(ratio "$(med meridian $proto $size 5)" "$(med $peer $proto $size 5)")"
       echo "ratio cpu_per_req_${label}${sfx}_vs_${peer}=$(ratio "$(med meridian $proto $size 6)" "$(med $peer $proto $size 6)")"
@@ -265,6 +272,7 @@ for proto in $PROTOS; do
   for size in $SIZES; do
     sfx=""
     [[ $size == 65536 ]] && sfx="_64k"
+    [[ $size == post* ]] && sfx="_$size"
     echo "extra rps_${label}${sfx}_tunnel_vs_haproxy=$(ratio "$(med meridian_tunnel $proto $size 4)" "$(med haproxy $proto $size 4)")"
   done
 done
