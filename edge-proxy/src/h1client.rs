@@ -251,6 +251,22 @@ impl H1Pool {
         None
     }
 
+    /// An idle connection on which nothing arrived while it waited (no close, no stray bytes).
+    fn checkout_open(&self, now: Instant) -> Option<Conn> {
+        while let Some(mut conn) = self.checkout(now) {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let mut byte = [0u8; 1];
+            let mut probe = ReadBuf::new(&mut byte);
+            if Pin::new(&mut conn.io)
+                .poll_read(&mut cx, &mut probe)
+                .is_pending()
+            {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
     /// Pools `conn` for the next request, unless the origin sent bytes past the response it
     /// just finished (broken framing: the next answer on it could not be trusted).
     fn checkin(&self, conn: Conn) {
@@ -282,20 +298,29 @@ impl H1Pool {
         })
     }
 
-    /// Sends `head` (an already encoded request without a body, see [`encode_head`]) and reads
-    /// the response head; bodies of at most `buffer_up_to` bytes are read whole.
+    /// Sends `head` (an already encoded request, see [`encode_request`]) and
+    /// reads the response head; bodies of at most `buffer_up_to` bytes are read whole.
     ///
-    /// A reused connection that the origin closed while it sat idle is retried once on a new one:
-    /// callers only send safe methods without a body here, so repeating them is harmless.
+    /// A reused connection that the origin closed while it sat idle is retried once on a new one
+    /// when the request is `idempotent` (repeating it is harmless). Otherwise idle connections are
+    /// first checked for a close that already arrived (one non-blocking read), and one that closes
+    /// after the request was written is a failure: the origin may have acted on it.
     pub(crate) async fn send(
         self: &Arc<Self>,
         method: &Method,
         head: &[u8],
         buffer_up_to: u64,
+        idempotent: bool,
     ) -> Result<H1Response, H1Error> {
-        if let Some(conn) = self.checkout(Instant::now()) {
+        let idle = if idempotent {
+            self.checkout(Instant::now())
+        } else {
+            self.checkout_open(Instant::now())
+        };
+        if let Some(conn) = idle {
             match self.exchange(conn, method, head, buffer_up_to).await {
-                Err(Exchange::Stale) => {}
+                Err(Exchange::Stale) if idempotent => {}
+                Err(Exchange::Stale) => return Err(H1Error::ClosedBeforeHead),
                 Err(Exchange::Failed(e)) => return Err(e),
                 Ok(r) => return Ok(r),
             }
@@ -610,14 +635,15 @@ async fn reap(pool: Weak<H1Pool>, idle_timeout: Duration) {
     }
 }
 
-/// Encodes a request head without a body: request line, the given headers (invalid names or
-/// values are dropped, as `HeaderValue` parsing would), and `Host: fallback_host` when the
-/// headers carry none.
-pub(crate) fn encode_head<'a>(
+/// Encodes a request: request line, the given headers (invalid names or values are dropped, as
+/// `HeaderValue` parsing would), and `Host: fallback_host` when the headers carry none. With `body`, it follows the head framed by a `Content-Length` of its own (the headers'
+/// `Content-Length` is dropped, so the framing always matches the bytes that follow).
+pub(crate) fn encode_request<'a>(
     method: &[u8],
     target: &[u8],
     headers: impl IntoIterator<Item = (&'a [u8], &'a [u8])> + Clone,
     fallback_host: &str,
+    body: Option<&[u8]>,
 ) -> Option<Vec<u8>> {
     if !method.iter().all(|&b| is_token(b)) || method.is_empty() || !valid_target(target) {
         return None;
@@ -627,14 +653,19 @@ pub(crate) fn encode_head<'a>(
         .into_iter()
         .map(|(n, v)| n.len() + v.len() + 4)
         .sum();
-    let mut out = Vec::with_capacity(method.len() + target.len() + size + 64);
+    let body_len = body.map_or(0, <[u8]>::len);
+    let mut out = Vec::with_capacity(method.len() + target.len() + size + 64 + body_len);
     out.extend_from_slice(method);
     out.push(b' ');
     out.extend_from_slice(target);
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut host = false;
     for (name, value) in headers {
-        if name.is_empty() || !name.iter().all(|&b| is_token(b)) || !valid_value(value) {
+        if name.is_empty()
+            || !name.iter().all(|&b| is_token(b))
+            || !valid_value(value)
+            || (body.is_some() && name.eq_ignore_ascii_case(b"content-length"))
+        {
             continue;
         }
         host |= name.eq_ignore_ascii_case(b"host");
@@ -648,7 +679,14 @@ pub(crate) fn encode_head<'a>(
         out.extend_from_slice(fallback_host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"\r\n");
+    if let Some(body) = body {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body_len.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(body);
+    } else {
+        out.extend_from_slice(b"\r\n");
+    }
     Some(out)
 }
 
@@ -1164,19 +1202,20 @@ mod tests {
             (b"x-bad", b"v\r\nInjected: 1"),
             (b"bad name", b"v"),
         ];
-        let out = encode_head(b"GET", b"/p?q=1", h.iter().copied(), "o:80").unwrap();
+        let out = encode_request(b"GET", b"/p?q=1", h.iter().copied(), "o:80", None).unwrap();
         assert_eq!(
             out,
             b"GET /p?q=1 HTTP/1.1\r\nhost: a.test\r\nx-ok: v\tw\r\n\r\n".to_vec()
         );
         let none: Vec<(&[u8], &[u8])> = vec![];
-        let out = encode_head(b"HEAD", b"/", none.iter().copied(), "10.0.0.1:8080").unwrap();
+        let out =
+            encode_request(b"HEAD", b"/", none.iter().copied(), "10.0.0.1:8080", None).unwrap();
         assert_eq!(
             out,
             b"HEAD / HTTP/1.1\r\nhost: 10.0.0.1:8080\r\n\r\n".to_vec()
         );
-        assert!(encode_head(b"GET", b"/a b", none.iter().copied(), "o").is_none());
-        assert!(encode_head(b"G T", b"/", none.iter().copied(), "o").is_none());
+        assert!(encode_request(b"GET", b"/a b", none.iter().copied(), "o", None).is_none());
+        assert!(encode_request(b"G T", b"/", none.iter().copied(), "o", None).is_none());
     }
 
     /// An origin that answers each request on a connection with the next canned response, and
@@ -1255,13 +1294,13 @@ mod tests {
         ])
         .await;
         let p = pool(&addr);
-        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
         assert!(r.opened && !r.reused);
         assert_eq!(r.parts.headers["x-a"], "1");
         assert!(matches!(r.body, H1Body::Full(ref b) if b == "hello"));
         assert_eq!(p.idle_len(), 1);
 
-        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
         assert!(r.reused && !r.opened);
         let H1Body::Stream(body) = r.body else {
             panic!("chunked bodies stream")
@@ -1270,7 +1309,7 @@ mod tests {
         assert_eq!(body.collect().await.unwrap().to_bytes(), "abc");
         assert_eq!(p.idle_len(), 1, "back once the body ended");
 
-        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
         assert!(matches!(r.body, H1Body::Full(ref b) if b == "end"));
         assert_eq!(p.idle_len(), 0, "connection: close is not pooled");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -1283,7 +1322,7 @@ mod tests {
             origin(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", b""]).await;
         let p = pool(&addr);
         for _ in 0..3 {
-            let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+            let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
             assert!(matches!(r.body, H1Body::Full(ref b) if b == "ok"));
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
@@ -1295,7 +1334,7 @@ mod tests {
             origin(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokJUNK"]).await;
         let p = pool(&addr);
         for _ in 0..2 {
-            let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+            let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
             assert!(matches!(r.body, H1Body::Full(ref b) if b == "ok"));
             assert!(
                 !r.reused,
@@ -1311,15 +1350,24 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         drop(l);
-        let e = pool(&addr).send(&Method::GET, GET, 1024).await.unwrap_err();
+        let e = pool(&addr)
+            .send(&Method::GET, GET, 1024, true)
+            .await
+            .unwrap_err();
         assert!(e.never_started(), "{e}");
 
         let (addr, _) = origin(vec![b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n"]).await;
-        let e = pool(&addr).send(&Method::GET, GET, 1024).await.unwrap_err();
+        let e = pool(&addr)
+            .send(&Method::GET, GET, 1024, true)
+            .await
+            .unwrap_err();
         assert!(!e.never_started() && e.to_string().contains("Content-Length"));
 
         let (addr, _) = origin(vec![b""]).await;
-        let e = pool(&addr).send(&Method::GET, GET, 1024).await.unwrap_err();
+        let e = pool(&addr)
+            .send(&Method::GET, GET, 1024, true)
+            .await
+            .unwrap_err();
         assert!(matches!(e, H1Error::ClosedBeforeHead), "{e}");
     }
 
@@ -1359,7 +1407,7 @@ mod tests {
             Duration::from_secs(1),
         );
         for i in 0..3 {
-            let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+            let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
             assert!(matches!(r.body, H1Body::Full(ref b) if b == "tls"));
             assert_eq!(r.reused, i > 0);
         }
@@ -1376,19 +1424,61 @@ mod tests {
         });
         let (addr, _) = origin(vec![big, big]).await;
         let p = pool(&addr);
-        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
         let H1Body::Stream(body) = r.body else {
             panic!("large bodies stream")
         };
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 200_000);
         assert_eq!(p.idle_len(), 1);
-        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
         drop(r);
         assert_eq!(
             p.idle_len(),
             0,
             "a half-read connection is closed, not reused"
         );
+    }
+
+    #[test]
+    fn a_small_body_goes_with_the_head_under_its_own_length() {
+        let h: &[(&[u8], &[u8])] = &[(b"host", b"h"), (b"content-length", b"999")];
+        let out = encode_request(b"POST", b"/u", h.iter().copied(), "o", Some(b"hello")).unwrap();
+        assert_eq!(
+            out,
+            b"POST /u HTTP/1.1\r\nhost: h\r\ncontent-length: 5\r\n\r\nhello".to_vec()
+        );
+        let out = encode_request(b"PUT", b"/u", h.iter().copied(), "o", Some(b"")).unwrap();
+        assert!(out.ends_with(b"content-length: 0\r\n\r\n"));
+    }
+
+    #[tokio::test]
+    async fn requests_that_cannot_be_repeated_are_never_sent_twice() {
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        const POST: &[u8] = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n";
+        // Closed while idle (after its one response): seen before writing, so the POST goes out on
+        // a new connection.
+        let (addr, accepted) = origin(vec![OK]).await;
+        let p = pool(&addr);
+        p.send(&Method::GET, GET, 1024, true).await.unwrap();
+        let idle = p.checkout(Instant::now()).unwrap();
+        let Stream::Plain(tcp) = &idle.io else {
+            panic!("plain")
+        };
+        let mut probe = [0u8; 1];
+        assert_eq!(tcp.peek(&mut probe).await.unwrap(), 0, "origin closed it");
+        p.checkin(idle);
+        let r = p.send(&Method::POST, POST, 1024, false).await.unwrap();
+        assert!(r.opened && matches!(r.body, H1Body::Full(ref b) if b == "ok"));
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        // Closed after reading the POST, without an answer: the origin may have acted on it, so
+        // it is an error, not a second copy on a new connection.
+        let (addr, accepted) = origin(vec![OK, b""]).await;
+        let p = pool(&addr);
+        p.send(&Method::GET, GET, 1024, true).await.unwrap();
+        let e = p.send(&Method::POST, POST, 1024, false).await.unwrap_err();
+        assert!(!e.never_started(), "{e}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     /// A hyper origin: `POST` echoes its body, `/ws` switches protocols and echoes raw bytes,
@@ -1468,7 +1558,7 @@ mod tests {
     async fn streamed_bodies_and_lean_requests_share_one_connection() {
         let (addr, [accepted, closed]) = echo_origin().await;
         let p = pool(&addr);
-        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
         assert!(matches!(r.body, H1Body::Full(ref b) if b == "get"));
         assert_eq!(p.idle_len(), 1);
 
@@ -1485,7 +1575,7 @@ mod tests {
         assert_eq!(echoed, "one,two,three");
         until_idle(&p, 1).await;
 
-        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
         assert!(r.reused && matches!(r.body, H1Body::Full(ref b) if b == "get"));
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 
@@ -1512,7 +1602,7 @@ mod tests {
         const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
         let (addr, accepted) = origin(vec![OK]).await;
         let p = pool(&addr);
-        p.send(&Method::GET, GET, 1024).await.unwrap();
+        p.send(&Method::GET, GET, 1024, true).await.unwrap();
         assert_eq!(p.idle_len(), 1);
         // Let the origin's close arrive: the next read on the idle connection sees it.
         tokio::time::timeout(Duration::from_secs(5), async {
@@ -1545,7 +1635,7 @@ mod tests {
     async fn an_upgrade_takes_its_connection_out_of_the_pool() {
         let (addr, [accepted, _]) = echo_origin().await;
         let p = pool(&addr);
-        p.send(&Method::GET, GET, 1024).await.unwrap();
+        p.send(&Method::GET, GET, 1024, true).await.unwrap();
         let mut req = request(Method::GET, "/ws", Empty::<Bytes>::new());
         req.headers_mut()
             .insert(header::UPGRADE, HeaderValue::from_static("echo"));
@@ -1561,7 +1651,7 @@ mod tests {
         assert_eq!(&b, b"raw bytes");
         assert_eq!(p.idle_len(), 0);
         // The next request needs a connection of its own.
-        let r = p.send(&Method::GET, GET, 1024).await.unwrap();
+        let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
         assert!(r.opened);
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }

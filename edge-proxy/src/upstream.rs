@@ -681,8 +681,10 @@ fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// The lean client and the method when a request can take the lean path (see `h1client`): a
-/// safe method, no request body, no upgrade, an HTTP/1.1 origin.
+/// The lean client and the method when a request can take the lean path (see `h1client`): an
+/// HTTP/1.1 origin, no upgrade, a common method, and no body or one whose `Content-Length` is at
+/// most [`BUFFER_SMALL`] (read whole first, as nginx buffers request bodies, then sent with the
+/// head in one write).
 fn fast_path<'a>(
     origin: &'a OriginHandle,
     head: &tunnel_proto::RequestHead,
@@ -692,39 +694,50 @@ fn fast_path<'a>(
     let Conns::H1(fast) = &origin.client.conns else {
         return None;
     };
-    if upgrade.is_some()
-        || body
-            .as_ref()
-            .is_some_and(|b| !http_body::Body::is_end_stream(b))
-    {
+    if upgrade.is_some() {
         return None;
+    }
+    if let Some(b) = body
+        && !http_body::Body::is_end_stream(b)
+    {
+        // A length hyper holds the client to: the body cannot run longer or end early unnoticed.
+        http_body::Body::size_hint(b)
+            .exact()
+            .filter(|&n| n <= BUFFER_SMALL)?;
     }
     let method = match &head.method[..] {
         b"GET" => http::Method::GET,
         b"HEAD" => http::Method::HEAD,
         b"OPTIONS" => http::Method::OPTIONS,
+        b"POST" => http::Method::POST,
+        b"PUT" => http::Method::PUT,
+        b"PATCH" => http::Method::PATCH,
+        b"DELETE" => http::Method::DELETE,
         _ => return None,
     };
     Some((fast, method))
 }
 
-/// One attempt on the lean path; the caller checked [`fast_path`].
+/// One attempt on the lean path; the caller checked [`fast_path`] and read the body, if any.
+#[allow(clippy::too_many_arguments)]
 async fn attempt_fast(
     fast: &Arc<crate::h1client::H1Pool>,
     lease: OriginLease,
     method: http::Method,
     service: &str,
     head: &tunnel_proto::RequestHead,
+    body: Option<Bytes>,
     idempotent: bool,
 ) -> Result<Response<crate::forward::RespBody>, AttemptError> {
     use crate::h1client::H1Body;
     use http::StatusCode;
     let origin = lease.origin().clone();
-    let Some(wire) = crate::h1client::encode_head(
+    let Some(wire) = crate::h1client::encode_request(
         &head.method,
         &head.uri,
         head.headers.iter().map(|(n, v)| (n.as_ref(), v.as_ref())),
         &origin.client.key.authority,
+        body.as_deref(),
     ) else {
         return Ok(crate::forward::text(
             StatusCode::BAD_REQUEST,
@@ -733,7 +746,7 @@ async fn attempt_fast(
     };
     let started = Instant::now();
     let buffer_up_to = if idempotent { BUFFER_SMALL } else { 0 };
-    let resp = match fast.send(&method, &wire, buffer_up_to).await {
+    let resp = match fast.send(&method, &wire, buffer_up_to, idempotent).await {
         Ok(r) => r,
         Err(e) => {
             let failure = if e.never_started() {
@@ -791,8 +804,19 @@ pub(crate) async fn attempt(
     use http::StatusCode;
     let origin = lease.origin().clone();
     if let Some((fast, method)) = fast_path(&origin, head, body, upgrade) {
-        body.take();
-        return attempt_fast(fast, lease, method, service, head, idempotent).await;
+        let data = match body.take() {
+            Some(b) if !http_body::Body::is_end_stream(&b) => match b.collect().await {
+                Ok(collected) => Some(collected.to_bytes()),
+                Err(e) => {
+                    return Ok(text(
+                        StatusCode::BAD_REQUEST,
+                        format!("reading the request body failed: {e}"),
+                    ));
+                }
+            },
+            _ => None,
+        };
+        return attempt_fast(fast, lease, method, service, head, data, idempotent).await;
     }
     let fail = |failure, msg: String| AttemptError {
         failure,

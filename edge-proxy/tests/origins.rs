@@ -692,12 +692,26 @@ async fn uploads_and_upgrades_reach_a_direct_origin_over_one_pool() {
             .all(|(i, &b)| b == ((i % 65_536) % 251) as u8)
     );
 
+    // A small form post (read whole, then sent with its head).
+    let req = Request::post("/form")
+        .header("host", "app.test")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(
+            http_body_util::Full::new(Bytes::from_static(b"a=1&b=2"))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap();
+    let r = client.send_request(req).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "a=1&b=2");
+
     let r = client.send_request(get("/")).await.unwrap();
     assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "get");
     assert_eq!(
         accepted.load(Ordering::SeqCst),
         1,
-        "the GETs and the upload share one pooled origin connection"
+        "the GETs and both uploads share one pooled origin connection"
     );
 
     // An upgrade: the origin's raw bytes come back through the edge.
