@@ -1,14 +1,14 @@
-//! The connection pool of an HTTP/1.1 origin (plain or TLS), and a lean client on it for safe
-//! requests without a body (GET, HEAD, OPTIONS: the bulk of edge traffic).
+//! The connection pool of an HTTP/1.1 origin (plain or TLS), and a lean client on it for
+//! requests without a body or with a small one (the bulk of edge traffic).
 //!
 //! Why not hyper-util's pooled client for these: it runs every connection in a task of its own
 //! and hands each request to it over a channel, so one proxied request costs several task
 //! switches and wake-ups on the edge's one worker, plus a pool checkout keyed by URI (the largest
 //! user-space cost after hyper's server in the profile in docs/benchmarks.md). Here the request's
 //! own task writes the head, parses the answer and, for small responses, reads the body whole;
-//! idle connections wait in a plain list. Requests with a body or an upgrade take hyper's HTTP/1
-//! client on a connection from the same list ([`H1Pool::send_streaming`]), so an origin has one
-//! pool whatever its requests are; HTTP/2 origins stay with hyper-util (see `upstream`).
+//! idle connections wait in a plain list. Larger or unsized bodies and upgrades take hyper's
+//! HTTP/1 client on a connection from the same list ([`H1Pool::send_streaming`]), so an origin
+//! has one pool whatever its requests are; HTTP/2 origins stay with hyper-util (see `upstream`).
 //!
 //! Framing of the response body is the sans-IO [`BodyDecoder`]; the IO around it is thin.
 
@@ -255,6 +255,15 @@ impl H1Pool {
     fn checkout_open(&self, now: Instant) -> Option<Conn> {
         while let Some(mut conn) = self.checkout(now) {
             let mut cx = Context::from_waker(std::task::Waker::noop());
+            let tcp = match &conn.io {
+                Stream::Plain(tcp) => tcp,
+                Stream::Tls(tls) => tls.get_ref().0,
+            };
+            // Not readable as far as the reactor knows: nothing arrived, no system call needed.
+            if tcp.poll_read_ready(&mut cx).is_pending() {
+                return Some(conn);
+            }
+            // Something may have: a read tells a close or stray bytes from a stale readiness.
             let mut byte = [0u8; 1];
             let mut probe = ReadBuf::new(&mut byte);
             if Pin::new(&mut conn.io)
@@ -636,8 +645,9 @@ async fn reap(pool: Weak<H1Pool>, idle_timeout: Duration) {
 }
 
 /// Encodes a request: request line, the given headers (invalid names or values are dropped, as
-/// `HeaderValue` parsing would), and `Host: fallback_host` when the headers carry none. With `body`, it follows the head framed by a `Content-Length` of its own (the headers'
-/// `Content-Length` is dropped, so the framing always matches the bytes that follow).
+/// `HeaderValue` parsing would), and `Host: fallback_host` when the headers carry none. `body`
+/// follows the head under a `Content-Length` of its own (the headers' `Content-Length` is
+/// dropped, so the framing always matches the bytes that follow).
 pub(crate) fn encode_request<'a>(
     method: &[u8],
     target: &[u8],

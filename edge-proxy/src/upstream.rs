@@ -3,8 +3,9 @@
 //! One process-wide pool keyed on the full upstream identity (scheme, address, SNI, ALPN, CA):
 //! services fronting the same origin share its connections, and a connection is never reused
 //! under another TLS identity (Pingora's lesson). An HTTP/1.1 identity keeps one list of idle
-//! connections (`h1client::H1Pool`) for every request: safe ones without a body take the lean
-//! client, the rest (bodies, upgrades) hyper's HTTP/1 client on a connection from the same list.
+//! connections (`h1client::H1Pool`) for every request: those without a body or with a small one
+//! take the lean client, the rest (large or unsized bodies, upgrades) hyper's HTTP/1 client on a
+//! connection from the same list.
 //! An HTTP/2 identity is one hyper-util client, which multiplexes; its connector always dials the
 //! identity's address, so the request URI can carry the client's host (`:authority`) without
 //! steering the dial.
