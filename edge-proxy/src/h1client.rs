@@ -307,13 +307,13 @@ impl H1Pool {
         })
     }
 
-    /// Sends `head` (an already encoded request, see [`encode_request`]) and
-    /// reads the response head; bodies of at most `buffer_up_to` bytes are read whole.
+    /// Sends `head` (an already encoded request, see [`encode_request`]) and reads the response
+    /// head; bodies of at most `buffer_up_to` bytes are read whole.
     ///
     /// A reused connection that the origin closed while it sat idle is retried once on a new one
     /// when the request is `idempotent` (repeating it is harmless). Otherwise idle connections are
-    /// first checked for a close that already arrived (one non-blocking read), and one that closes
-    /// after the request was written is a failure: the origin may have acted on it.
+    /// first checked for a close that already arrived ([`Self::checkout_open`]), and one that
+    /// closes after the request was written is a failure: the origin may have acted on it.
     pub(crate) async fn send(
         self: &Arc<Self>,
         method: &Method,
