@@ -19,8 +19,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "A self-hostable global edge network"
 )]
 struct Cli {
-    /// Log filter (tracing `EnvFilter` syntax); also `RUST_LOG`.
-    #[arg(long, global = true, env = "MERIDIAN_LOG", default_value = "info")]
+    /// Log filter (tracing `EnvFilter` syntax); also `RUST_LOG`. rustls logs a warning for every
+    /// handshake a client gets slightly wrong (e.g. an IP address as SNI, which it then ignores):
+    /// nothing an operator can act on, and a way for anyone to flood the edge's log.
+    #[arg(
+        long,
+        global = true,
+        env = "MERIDIAN_LOG",
+        default_value = "info,rustls=error"
+    )]
     log: String,
     /// Async worker threads: 0 = one per core; 1 = a single-threaded event loop (no work
     /// stealing or cross-thread wake-ups: the analogue of nginx's `worker_processes 1` or
