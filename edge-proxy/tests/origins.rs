@@ -2,6 +2,8 @@
 //! (across two edges sharing a node token), active health checks, and concurrency limits.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -721,15 +723,7 @@ async fn uploads_and_upgrades_reach_a_direct_origin_over_one_pool() {
     )
     .await
     .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        head.push(byte[0]);
-    }
+    let head = common::read_head(&mut s).await;
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: echo"), "{head}");

@@ -2,6 +2,8 @@
 //! quinn, and raw HTTP/1.1 clients.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -673,15 +675,7 @@ async fn upgrade_becomes_a_raw_byte_stream() {
     )
     .await
     .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        head.push(byte[0]);
-    }
+    let head = common::read_head(&mut s).await;
     let resp = parse(&head);
     assert_eq!(resp.status, 101, "{resp:?}");
     assert_eq!(resp.header("upgrade"), Some("echo"));
