@@ -191,10 +191,8 @@ pub(crate) struct H1Pool {
 pub(crate) struct H1Response {
     pub(crate) parts: http::response::Parts,
     pub(crate) body: H1Body,
-    /// The connection had served a request before this one.
+    /// The connection had served a request before this one (else it was opened for this one).
     pub(crate) reused: bool,
-    /// A new connection was opened for this request.
-    pub(crate) opened: bool,
 }
 
 #[derive(Debug)]
@@ -336,10 +334,7 @@ impl H1Pool {
         }
         let conn = self.connect().await?;
         match self.exchange(conn, method, head, buffer_up_to).await {
-            Ok(mut r) => {
-                r.opened = true;
-                Ok(r)
-            }
+            Ok(r) => Ok(r),
             Err(Exchange::Stale) => Err(H1Error::ClosedBeforeHead),
             Err(Exchange::Failed(e)) => Err(e),
         }
@@ -410,7 +405,6 @@ impl H1Pool {
             parts,
             body: H1Body::Full(Bytes::new()),
             reused,
-            opened: false,
         };
         match decoder {
             BodyDecoder::Done => {
@@ -473,8 +467,8 @@ enum Exchange {
 #[derive(Debug)]
 pub(crate) struct Streamed {
     pub(crate) response: http::Response<PooledBody>,
+    /// As in [`H1Response`].
     pub(crate) reused: bool,
-    pub(crate) opened: bool,
 }
 
 impl H1Pool {
@@ -533,11 +527,7 @@ impl H1Pool {
                 inner,
                 verdict: Some((keep, verdict_tx)),
             });
-            return Ok(Streamed {
-                response,
-                reused,
-                opened: !reused,
-            });
+            return Ok(Streamed { response, reused });
         }
     }
 }
@@ -1305,13 +1295,13 @@ mod tests {
         .await;
         let p = pool(&addr);
         let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
-        assert!(r.opened && !r.reused);
+        assert!(!r.reused);
         assert_eq!(r.parts.headers["x-a"], "1");
         assert!(matches!(r.body, H1Body::Full(ref b) if b == "hello"));
         assert_eq!(p.idle_len(), 1);
 
         let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
-        assert!(r.reused && !r.opened);
+        assert!(r.reused);
         let H1Body::Stream(body) = r.body else {
             panic!("chunked bodies stream")
         };
@@ -1478,7 +1468,7 @@ mod tests {
         assert_eq!(tcp.peek(&mut probe).await.unwrap(), 0, "origin closed it");
         p.checkin(idle);
         let r = p.send(&Method::POST, POST, 1024, false).await.unwrap();
-        assert!(r.opened && matches!(r.body, H1Body::Full(ref b) if b == "ok"));
+        assert!(!r.reused && matches!(r.body, H1Body::Full(ref b) if b == "ok"));
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
 
         // Closed after reading the POST, without an answer: the origin may have acted on it, so
@@ -1580,7 +1570,7 @@ mod tests {
             .send_streaming(request(Method::POST, "/echo", body), false)
             .await
             .unwrap();
-        assert!(r.reused && !r.opened);
+        assert!(r.reused);
         let echoed = r.response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(echoed, "one,two,three");
         until_idle(&p, 1).await;
@@ -1633,7 +1623,7 @@ mod tests {
             .send_streaming(request(Method::DELETE, "/x", Empty::<Bytes>::new()), false)
             .await
             .unwrap();
-        assert!(r.opened && !r.reused, "sent on a new connection");
+        assert!(!r.reused, "sent on a new connection");
         assert_eq!(
             r.response.into_body().collect().await.unwrap().to_bytes(),
             "ok"
@@ -1662,7 +1652,7 @@ mod tests {
         assert_eq!(p.idle_len(), 0);
         // The next request needs a connection of its own.
         let r = p.send(&Method::GET, GET, 1024, true).await.unwrap();
-        assert!(r.opened);
+        assert!(!r.reused);
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }

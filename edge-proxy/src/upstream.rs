@@ -224,7 +224,7 @@ impl OriginClient {
                 }
                 let r = pool.send_streaming(req, upgrade).await?;
                 let stats = self.stats.kind(false);
-                if r.opened {
+                if !r.reused {
                     stats.opened();
                 }
                 stats.request(r.reused);
@@ -766,7 +766,7 @@ async fn attempt_fast(
         }
     };
     let stats = origin.client.stats.kind(false);
-    if resp.opened {
+    if !resp.reused {
         stats.opened();
     }
     stats.request(resp.reused);
